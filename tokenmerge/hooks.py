@@ -1,0 +1,98 @@
+"""Attaching merges to modules with PyTorch hooks, never by rewriting a forward.
+
+Removing the hooks restores the module exactly: nothing else is touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from .plan import MergeMode, MergePlan
+
+__all__ = ["HookSet", "PlanSlot", "merge_around"]
+
+
+class HookSet:
+    """The hooks one `apply` registered, removable together."""
+
+    def __init__(self) -> None:
+        self.handles: list[RemovableHandle] = []
+
+    def add(self, handle: RemovableHandle) -> RemovableHandle:
+        """Keep ``handle`` for `remove`."""
+        self.handles.append(handle)
+        return handle
+
+    def pre(self, module: nn.Module, hook: Callable[..., Any], *, prepend: bool = False) -> RemovableHandle:
+        """Register a forward pre-hook with kwargs on ``module``."""
+        return self.add(module.register_forward_pre_hook(hook, with_kwargs=True, prepend=prepend))
+
+    def post(self, module: nn.Module, hook: Callable[..., Any], *, always_call: bool = False) -> RemovableHandle:
+        """Register a forward hook with kwargs on ``module``."""
+        return self.add(module.register_forward_hook(hook, with_kwargs=True, always_call=always_call))
+
+    def remove(self) -> None:
+        """Remove every hook, newest first."""
+        while self.handles:
+            self.handles.pop().remove()
+
+    def __len__(self) -> int:
+        return len(self.handles)
+
+
+class PlanSlot:
+    """Holds the plan of the block currently running, between its hooks."""
+
+    __slots__ = ("plan",)
+
+    def __init__(self) -> None:
+        self.plan: MergePlan | None = None
+
+
+def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> tuple[Tensor | None, bool]:
+    if args and isinstance(args[0], Tensor):
+        return args[0], True
+    value = kwargs.get(name)
+    return (value, False) if isinstance(value, Tensor) else (None, False)
+
+
+def merge_around(
+    hooks: HookSet,
+    module: nn.Module,
+    slot: PlanSlot,
+    mode: MergeMode = "mean",
+    input_name: str = "hidden_states",
+) -> None:
+    """Merge ``module``'s token input with ``slot.plan`` and unmerge its output.
+
+    The input is the first positional argument, or the keyword ``input_name``. The
+    output (or the first element of a tuple output) is unmerged back to N tokens.
+    A module called while ``slot.plan`` is None runs unchanged.
+    """
+
+    def merge_input(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        plan = slot.plan
+        x, positional = _first_tensor(args, kwargs, input_name)
+        if plan is None or x is None or x.dim() != 3 or x.shape[1] != plan.num_in:
+            return None
+        merged = plan.merge(x, mode=mode)
+        if positional:
+            return (merged, *args[1:]), kwargs
+        return args, {**kwargs, input_name: merged}
+
+    def unmerge_output(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        plan = slot.plan
+        if plan is None:
+            return None
+        if isinstance(output, Tensor):
+            return plan.unmerge(output) if output.dim() == 3 and output.shape[1] == plan.num_out else None
+        if isinstance(output, tuple) and output and isinstance(output[0], Tensor) and output[0].shape[1] == plan.num_out:
+            return (plan.unmerge(output[0]), *output[1:])
+        return None
+
+    hooks.pre(module, merge_input)
+    hooks.post(module, unmerge_output)

@@ -1,0 +1,244 @@
+"""Merge plans: the pure tensor core of tokenmerge.
+
+A `MergePlan` is computed once from a `Matching` and a merge count ``r``; it then
+merges any tensor with the same token layout ``(B, N, ...)`` down to ``N - r`` tokens
+and unmerges ``(B, N - r, ...)`` back to ``N``. Everything here is index arithmetic
+on tensors: no `nn.Module`, no host-device synchronisation, no data-dependent shapes
+(``r`` is a Python int), so it traces cleanly under `torch.compile`.
+
+Output layout of a merge: ``[protected prefix | unmerged sources | destinations]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import Tensor
+
+from .errors import TokenMergeError
+
+if TYPE_CHECKING:
+    from .policies.base import Matching
+
+__all__ = [
+    "MergeMode",
+    "MergePlan",
+    "proportional_attention_bias",
+    "source_matrix",
+    "identity_token_map",
+]
+
+MergeMode = Literal["mean", "weighted", "sum"]
+MERGE_MODES: tuple[str, ...] = ("mean", "weighted", "sum")
+
+
+def _expand_index(index: Tensor, x: Tensor) -> Tensor:
+    """Broadcast a token index (B, K) over the trailing feature dims of x (B, N, *F)."""
+    # (B, K) -> (B, K, *F)
+    view = index.reshape(*index.shape, *([1] * (x.dim() - 2)))
+    return view.expand(index.shape[0], index.shape[1], *x.shape[2:])
+
+
+@dataclass(frozen=True, eq=False)
+class MergePlan:
+    """Which tokens merge into which, as index tensors only.
+
+    Attributes:
+        slot: ``(B, N)`` output position of every input token; merged sources share
+            the slot of their destination. `unmerge` is a single gather with it.
+        keep_idx: ``(B, N - r)`` the input token that seeds each output position.
+        merged_idx: ``(B, r)`` input positions of the merged source tokens.
+        merged_slot: ``(B, r)`` output position each merged source is reduced into.
+    """
+
+    slot: Tensor
+    keep_idx: Tensor
+    merged_idx: Tensor
+    merged_slot: Tensor
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def identity(cls, batch: int, num_tokens: int, device: torch.device | str | None = None) -> MergePlan:
+        """A plan that merges nothing: ``merge`` and ``unmerge`` return their input."""
+        arange = torch.arange(num_tokens, device=device).expand(batch, num_tokens)  # (B, N)
+        empty = torch.zeros(batch, 0, dtype=torch.long, device=device)  # (B, 0)
+        return cls(slot=arange, keep_idx=arange, merged_idx=empty, merged_slot=empty)
+
+    @classmethod
+    def from_matching(cls, matching: Matching, r: int, protected: int = 0) -> MergePlan:
+        """Merge the ``r`` best-scoring sources of ``matching`` into their destinations.
+
+        Args:
+            matching: sources, destinations and best pairs over the mergeable tokens
+                (token positions counted after the protected prefix).
+            r: how many source tokens to merge, ``0 <= r <= matching.num_src``.
+            protected: number of prefix tokens (class, distillation, registers) that
+                are never merged; they keep output positions ``0 .. protected - 1``.
+        """
+        src_idx, dst_idx = matching.src_idx, matching.dst_idx  # (B, Ns), (B, Nd)
+        batch, num_src = src_idx.shape
+        num_dst = dst_idx.shape[1]
+        if not 0 <= r <= num_src:
+            raise TokenMergeError(f"r must be between 0 and the number of source tokens ({num_src}); got {r}")
+        device = src_idx.device
+        num_tokens = protected + num_src + num_dst
+        num_out = num_tokens - r
+
+        order = matching.score.argsort(dim=-1, descending=True)  # (B, Ns) best first
+        merged_src, unmerged_src = order[:, :r], order[:, r:]  # (B, r), (B, Ns - r)
+        prefix = torch.arange(protected, device=device).expand(batch, protected)  # (B, P)
+        unmerged_idx = src_idx.gather(1, unmerged_src) + protected  # (B, Ns - r)
+        keep_idx = torch.cat([prefix, unmerged_idx, dst_idx + protected], dim=1)  # (B, N - r)
+        merged_idx = src_idx.gather(1, merged_src) + protected  # (B, r)
+        first_dst_slot = protected + num_src - r
+        merged_slot = matching.best.gather(1, merged_src) + first_dst_slot  # (B, r)
+
+        out_positions = torch.arange(num_out, device=device).expand(batch, num_out)  # (B, N - r)
+        slot = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
+        slot = slot.scatter(1, keep_idx, out_positions).scatter(1, merged_idx, merged_slot)  # (B, N)
+        return cls(slot=slot, keep_idx=keep_idx, merged_idx=merged_idx, merged_slot=merged_slot)
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def batch(self) -> int:
+        """Batch size B the plan was built for."""
+        return self.slot.shape[0]
+
+    @property
+    def num_in(self) -> int:
+        """Number of tokens N before merging."""
+        return self.slot.shape[1]
+
+    @property
+    def num_out(self) -> int:
+        """Number of tokens ``N - r`` after merging."""
+        return self.keep_idx.shape[1]
+
+    @property
+    def r(self) -> int:
+        """Number of tokens removed by the merge."""
+        return self.merged_idx.shape[1]
+
+    def to(self, device: torch.device | str) -> MergePlan:
+        """The same plan with its index tensors on ``device``."""
+        return MergePlan(*(t.to(device) for t in (self.slot, self.keep_idx, self.merged_idx, self.merged_slot)))
+
+    # ------------------------------------------------------------------ applying
+    def _check_input(self, x: Tensor, num: int, what: str) -> None:
+        if x.dim() < 2 or x.shape[1] != num or x.shape[0] not in (self.batch, 1):
+            raise TokenMergeError(
+                f"{what} must have shape (B={self.batch}, N={num}, ...); got {tuple(x.shape)}"
+            )
+
+    def _reduce(self, x: Tensor, reduce: str) -> Tensor:
+        # x: (B, N, *F) -> (B, N - r, *F)
+        out = x.gather(1, _expand_index(self.keep_idx, x))  # (B, N - r, *F)
+        if self.r == 0:
+            return out
+        merged = x.gather(1, _expand_index(self.merged_idx, x))  # (B, r, *F)
+        return out.scatter_reduce(1, _expand_index(self.merged_slot, x), merged, reduce=reduce, include_self=True)
+
+    def merge(self, x: Tensor, mode: MergeMode = "mean", size: Tensor | None = None) -> Tensor:
+        """Merge ``x`` of shape ``(B, N, ...)`` to ``(B, N - r, ...)``.
+
+        Args:
+            x: tokens to merge, laid out like the metric the plan was built from.
+            mode: ``"mean"`` (tomesd: each output is the plain mean of its group, the
+                destination counted once), ``"weighted"`` (ToMe: the mean weighted by
+                ``size``) or ``"sum"``.
+            size: ``(B, N)`` or ``(B, N, 1)`` token sizes for ``"weighted"``; ones when
+                omitted. Merge the sizes themselves with `merge_size`.
+        """
+        self._check_input(x, self.num_in, "x")
+        if self.r == 0:
+            return x
+        if x.shape[0] != self.batch:
+            x = x.expand(self.batch, *x.shape[1:])
+        if mode == "mean":
+            return self._reduce(x, "mean")
+        if mode == "sum":
+            return self._reduce(x, "sum")
+        if mode == "weighted":
+            if size is None:
+                return self._reduce(x, "mean")
+            weight = _as_column(size, x)  # (B, N, 1...)
+            total = self._reduce(x * weight, "sum")  # (B, N - r, *F)
+            return total / self._reduce(weight, "sum")
+        raise TokenMergeError(f"mode must be one of {MERGE_MODES}; got {mode!r}")
+
+    def unmerge(self, y: Tensor) -> Tensor:
+        """Unmerge ``y`` of shape ``(B, N - r, ...)`` back to ``(B, N, ...)``.
+
+        Every merged source receives its destination's value; one gather.
+        """
+        self._check_input(y, self.num_out, "y")
+        if self.r == 0:
+            return y
+        if y.shape[0] != self.batch:
+            y = y.expand(self.batch, *y.shape[1:])
+        return y.gather(1, _expand_index(self.slot, y))  # (B, N, *F)
+
+    def merge_size(self, size: Tensor | None = None) -> Tensor:
+        """Token sizes after the merge: ``(B, N)`` -> ``(B, N - r)``; they still sum to the same total.
+
+        ``size=None`` stands for all ones (every token covers one original token).
+        """
+        if size is None:
+            size = torch.ones(self.batch, self.num_in, device=self.slot.device)
+        squeeze = size.dim() == 3
+        flat = size.squeeze(-1) if squeeze else size  # (B, N)
+        self._check_input(flat, self.num_in, "size")
+        if flat.shape[0] != self.batch:
+            flat = flat.expand(self.batch, -1)
+        out = flat.new_zeros(self.batch, self.num_out).scatter_add(1, self.slot, flat)  # (B, N - r)
+        return out.unsqueeze(-1) if squeeze else out
+
+    def merge_token_map(self, token_map: Tensor) -> Tensor:
+        """Follow original tokens through this merge.
+
+        ``token_map`` ``(B, N0)`` gives the current position (``< N``) of each of the N0
+        original tokens; the result gives their position after this merge (``< N - r``).
+        """
+        if token_map.shape[0] != self.batch:
+            token_map = token_map.expand(self.batch, -1)
+        return self.slot.gather(1, token_map)  # (B, N0)
+
+
+def _as_column(size: Tensor, x: Tensor) -> Tensor:
+    """Sizes (B, N) or (B, N, 1) as a weight that broadcasts over x (B, N, *F)."""
+    if size.dim() == 3:
+        size = size.squeeze(-1)
+    return size.reshape(*size.shape, *([1] * (x.dim() - 2))).to(x.dtype)
+
+
+def identity_token_map(batch: int, num_tokens: int, device: torch.device | str | None = None) -> Tensor:
+    """The token map before any merge: original token i sits at position i. Shape ``(B, N0)``."""
+    return torch.arange(num_tokens, device=device).expand(batch, num_tokens).clone()
+
+
+def source_matrix(token_map: Tensor, num_tokens: int) -> Tensor:
+    """Which original tokens each current token covers, as a ``(B, N, N0)`` bool matrix.
+
+    Every column has exactly one ``True``: the sources partition the original tokens.
+    """
+    positions = torch.arange(num_tokens, device=token_map.device)  # (N,)
+    return token_map[:, None, :] == positions[None, :, None]  # (B, N, N0)
+
+
+def proportional_attention_bias(size: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """ToMe's proportional attention: ``log(size)`` added to the attention logits.
+
+    Args:
+        size: token sizes ``(B, N)`` or ``(B, N, 1)``.
+        dtype: dtype of the result (the attention's dtype); defaults to ``size.dtype``.
+
+    Returns:
+        ``(B, 1, 1, N)``: an additive mask for `torch.nn.functional.scaled_dot_product_attention`,
+        broadcast over heads and queries, so fused attention kernels stay usable.
+    """
+    if size.dim() == 3:
+        size = size.squeeze(-1)
+    bias = size.log()[:, None, None, :]  # (B, 1, 1, N)
+    return bias if dtype is None else bias.to(dtype)

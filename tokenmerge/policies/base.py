@@ -1,0 +1,223 @@
+"""The three interfaces a merging policy is composed from.
+
+* `Matcher`: splits tokens into sources and destinations and pairs each source with
+  its most similar destination.
+* `ThresholdPolicy`: decides how many of those pairs are merged this time.
+* `PairCache`: decides whether a plan computed earlier for a layer is reused.
+
+A new policy is a subclass of one of them; nothing else in the library needs editing.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..plan import MergePlan
+
+__all__ = ["MergeContext", "Matching", "Matcher", "ThresholdPolicy", "PairCache", "CacheEntry"]
+
+
+@dataclass
+class MergeContext:
+    """What a policy may know about the call it is deciding for.
+
+    Attributes:
+        layer: a key naming the layer (unique within a model, e.g. its module path).
+        layer_index: 0-based position of the layer among the merged layers.
+        num_layers: how many layers merge in the model.
+        num_tokens: mergeable tokens N (the protected prefix excluded).
+        grid: ``(height, width)`` of the token grid when tokens are image patches.
+        step: 0-based denoising step of the current generation, or None outside a
+            sampling loop (ViTs, a bare forward).
+        num_steps: steps in the current generation when known.
+        call_index: which forward call within the current step (separate
+            classifier-free-guidance calls get 0 and 1), so each keeps its own cache.
+        generator: the seeded random generator of this model's merging state.
+    """
+
+    layer: str = "layer"
+    layer_index: int = 0
+    num_layers: int = 1
+    num_tokens: int = 0
+    grid: tuple[int, int] | None = None
+    step: int | None = None
+    num_steps: int | None = None
+    call_index: int = 0
+    generator: torch.Generator | None = None
+
+    @property
+    def progress(self) -> float | None:
+        """Fraction of the generation done, ``step / num_steps`` in [0, 1), or None."""
+        if self.step is None or not self.num_steps:
+            return None
+        return self.step / self.num_steps
+
+
+@dataclass(frozen=True, eq=False)
+class Matching:
+    """Sources, destinations and each source's best destination.
+
+    Token positions count from the first mergeable token. Every token is either a source
+    or a destination: ``num_src + num_dst == N``.
+
+    Attributes:
+        src_idx: ``(B, Ns)`` positions of the source tokens.
+        dst_idx: ``(B, Nd)`` positions of the destination tokens.
+        best: ``(B, Ns)`` for each source, the index into ``dst_idx`` of its destination.
+        score: ``(B, Ns)`` similarity of that pair (cosine for the built-in matchers);
+            the plan merges the highest scores first.
+    """
+
+    src_idx: Tensor
+    dst_idx: Tensor
+    best: Tensor
+    score: Tensor
+
+    @property
+    def num_src(self) -> int:
+        """Number of source tokens Ns: the most that can be merged."""
+        return self.src_idx.shape[1]
+
+    @property
+    def num_dst(self) -> int:
+        """Number of destination tokens Nd: the fewest tokens a full merge leaves."""
+        return self.dst_idx.shape[1]
+
+    @property
+    def max_merge(self) -> int:
+        """The most sources that can be merged: all of them, or none without a destination."""
+        return self.num_src if self.num_dst > 0 else 0
+
+    @classmethod
+    def by_similarity(cls, metric: Tensor, src_idx: Tensor, dst_idx: Tensor) -> Matching:
+        """Pair each source with its most cosine-similar destination (bipartite soft matching).
+
+        Args:
+            metric: ``(B, N, C)`` token features to compare.
+            src_idx: ``(Ns,)`` or ``(B, Ns)`` source positions.
+            dst_idx: ``(Nd,)`` or ``(B, Nd)`` destination positions.
+        """
+        batch, _, channels = metric.shape
+        src_idx = src_idx.expand(batch, -1) if src_idx.dim() == 1 else src_idx  # (B, Ns)
+        dst_idx = dst_idx.expand(batch, -1) if dst_idx.dim() == 1 else dst_idx  # (B, Nd)
+        unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(metric.dtype).tiny)
+        src = unit.gather(1, src_idx[..., None].expand(-1, -1, channels))  # (B, Ns, C)
+        dst = unit.gather(1, dst_idx[..., None].expand(-1, -1, channels))  # (B, Nd, C)
+        similarity = src @ dst.transpose(-1, -2)  # (B, Ns, Nd)
+        if similarity.shape[-1] == 0:
+            score = similarity.new_full(similarity.shape[:2], float("-inf"))
+            best = torch.zeros(similarity.shape[:2], dtype=torch.long, device=metric.device)
+        else:
+            score, best = similarity.max(dim=-1)  # (B, Ns), (B, Ns)
+        return cls(src_idx=src_idx, dst_idx=dst_idx, best=best, score=score)
+
+
+class Matcher(ABC):
+    """Splits tokens into sources and destinations and pairs them.
+
+    Subclasses implement `match`. `max_ratio` is the largest fraction of tokens the
+    matcher can ever merge (used to validate ratios before anything is applied).
+    """
+
+    #: Largest fraction of the tokens this matcher can merge (its sources' share).
+    max_ratio: float = 0.5
+
+    @abstractmethod
+    def match(self, metric: Tensor, ctx: MergeContext) -> Matching:
+        """Match the tokens of ``metric`` ``(B, N, C)``; see `Matching`."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({_fields(self)})"
+
+
+class ThresholdPolicy(ABC):
+    """Decides how many source tokens are merged for one call."""
+
+    @abstractmethod
+    def num_merged(self, matching: Matching, ctx: MergeContext) -> int:
+        """How many of ``matching``'s sources to merge, ``0 <= r <= matching.num_src``.
+
+        The plan merges the ``r`` highest-scoring sources of each batch element.
+        """
+
+    def validate(self, matcher: Matcher) -> None:  # noqa: B027 - optional hook
+        """Raise `TokenMergeError` if this policy asks for more than ``matcher`` allows."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({_fields(self)})"
+
+
+@dataclass
+class CacheEntry:
+    """A cached plan with what is needed to decide on its reuse.
+
+    Attributes:
+        plan: the merge plan (index tensors only).
+        step: denoising step it was computed at.
+        signature: batch size, token count and device it is valid for.
+        extra: whatever a `PairCache` subclass wants to keep beside it.
+    """
+
+    plan: MergePlan
+    step: int | None
+    signature: tuple[Any, ...]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class PairCache(ABC):
+    """Holds the plan computed for each layer and decides when to compute it afresh.
+
+    Entries are keyed per layer (and per call within a step). A plan is never reused
+    for a different batch size, token count or device. `reset` forgets everything; the
+    adapters call it at the start of every new generation.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[Any, CacheEntry] = {}
+
+    @abstractmethod
+    def should_recompute(self, entry: CacheEntry, metric: Tensor, ctx: MergeContext) -> bool:
+        """Whether the cached ``entry`` must be replaced for this call."""
+
+    def lookup(self, key: Any, metric: Tensor, ctx: MergeContext, protected: int = 0) -> MergePlan | None:
+        """The cached plan for ``key`` if it may be reused now, else None."""
+        entry = self._entries.get(key)
+        if entry is None or entry.signature != _signature(metric, protected):
+            return None
+        if self.should_recompute(entry, metric, ctx):
+            return None
+        return entry.plan
+
+    def store(self, key: Any, plan: MergePlan, metric: Tensor, ctx: MergeContext, protected: int = 0) -> CacheEntry:
+        """Remember ``plan`` for ``key``; returns the new entry."""
+        entry = CacheEntry(plan=plan, step=ctx.step, signature=_signature(metric, protected))
+        self._entries[key] = entry
+        return entry
+
+    def reset(self) -> None:
+        """Forget every cached plan."""
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def stateless(self) -> bool:
+        """True when this cache never reuses a plan (so it needs no state)."""
+        return False
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({_fields(self)})"
+
+
+def _signature(metric: Tensor, protected: int) -> tuple[Any, ...]:
+    return (metric.shape[0], metric.shape[1], protected, metric.device)
+
+
+def _fields(obj: object) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in vars(obj).items() if not k.startswith("_"))

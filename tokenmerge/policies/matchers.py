@@ -1,0 +1,172 @@
+"""Matchers: how tokens are split into sources and destinations, and paired.
+
+* `AlternatingBipartite` (ToMe): even tokens are sources, odd tokens destinations.
+* `RandomGrid` (ToMeSD): one destination per ``sx x sy`` cell of the token grid.
+* `StridedGrid` (ToDo): one destination per cell, every source paired with its own
+  cell's destination, so a full merge is average pooling.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..errors import TokenMergeError, check
+from .base import Matcher, MergeContext, Matching
+
+__all__ = ["AlternatingBipartite", "RandomGrid", "StridedGrid", "grid_partition", "infer_grid"]
+
+
+class AlternatingBipartite(Matcher):
+    """ToMe's bipartite soft matching: tokens 0, 2, 4, ... are sources, 1, 3, 5, ... destinations.
+
+    Each source is paired with its most cosine-similar destination.
+    """
+
+    max_ratio = 0.5
+
+    def match(self, metric: Tensor, ctx: MergeContext) -> Matching:
+        """Match ``metric`` ``(B, N, C)``: ``ceil(N / 2)`` sources, ``floor(N / 2)`` destinations."""
+        num_tokens = metric.shape[1]
+        src_idx = torch.arange(0, num_tokens, 2, device=metric.device)  # (ceil(N/2),)
+        dst_idx = torch.arange(1, num_tokens, 2, device=metric.device)  # (floor(N/2),)
+        return Matching.by_similarity(metric, src_idx, dst_idx)
+
+
+def infer_grid(num_tokens: int, ctx: MergeContext) -> tuple[int, int]:
+    """The token grid ``(h, w)``: ``ctx.grid`` when given, else a square grid."""
+    if ctx.grid is not None:
+        h, w = ctx.grid
+        check(h * w == num_tokens, f"grid {ctx.grid} does not cover {num_tokens} tokens")
+        return h, w
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise TokenMergeError(
+            f"grid must be given for {num_tokens} tokens, which do not form a square; "
+            "pass MergeContext(grid=(height, width))"
+        )
+    return side, side
+
+
+def grid_partition(
+    h: int, w: int, sx: int, sy: int, choice: Tensor | None, device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Split an ``h x w`` token grid into one destination per full ``sy x sx`` cell.
+
+    Shapes depend only on ``h, w, sx, sy``, never on values, so this traces under
+    `torch.compile` without a graph break.
+
+    Args:
+        h, w: grid height and width.
+        sx, sy: cell width and height.
+        choice: ``(h // sy, w // sx)`` index in ``[0, sx*sy)`` of each cell's destination
+            within the cell (row-major); None picks the top-left token of every cell.
+        device: where to build the indices.
+
+    Returns:
+        ``src_idx (Ns,)`` and ``dst_idx (Nd,)`` token positions (row-major over the grid),
+        with ``Nd = (h // sy) * (w // sx)`` destinations ordered by cell and sources by
+        position; and ``src_cell (Ns,)``: for each source, the index into ``dst_idx`` of
+        the nearest full cell's destination (its own cell, or for tokens in edge cells
+        that do not fill a stride, the adjoining full cell).
+    """
+    cells_y, cells_x = h // sy, w // sx  # full cells only
+    num_dst = cells_y * cells_x
+    rows = torch.arange(h, device=device)[:, None]  # (h, 1)
+    cols = torch.arange(w, device=device)[None, :]  # (1, w)
+    cell_y = (rows // sy).clamp_max(max(cells_y - 1, 0))  # (h, 1) nearest full cell row
+    cell_x = (cols // sx).clamp_max(max(cells_x - 1, 0))  # (1, w)
+    cell = (cell_y * cells_x + cell_x).reshape(-1)  # (N,) nearest full cell of every token
+    if num_dst == 0:
+        is_dst = torch.zeros(h * w, dtype=torch.bool, device=device)
+    else:
+        in_full_cell = (rows < cells_y * sy) & (cols < cells_x * sx)  # (h, w)
+        offset = ((rows % sy) * sx + (cols % sx)).reshape(-1)  # (N,) position inside its cell
+        if choice is None:
+            chosen = torch.zeros(num_dst, dtype=torch.long, device=device)
+        else:
+            chosen = choice.reshape(-1).to(device=device, dtype=torch.long)  # (Nd,)
+        is_dst = in_full_cell.reshape(-1) & (offset == chosen[cell])  # (N,)
+    position = torch.arange(h * w, device=device)  # (N,)
+    # Destinations first, by cell; then sources, by position. Fixed shapes, no nonzero().
+    sort_key = torch.where(is_dst, cell, num_dst + position)  # (N,)
+    order = sort_key.argsort()  # (N,)
+    dst_idx, src_idx = order[:num_dst], order[num_dst:]  # (Nd,), (Ns,)
+    return src_idx, dst_idx, cell[src_idx]
+
+
+class RandomGrid(Matcher):
+    """ToMeSD's matcher: one destination per ``sx x sy`` cell of the token grid.
+
+    The destination's place in each cell is drawn from the merging state's seeded
+    generator (``use_rand=True``, one draw shared by the whole batch), or is the
+    top-left token (``use_rand=False``). Tokens in edge cells that do not fill a
+    stride are all sources. Each source is paired with its most similar destination
+    anywhere in the grid.
+
+    Args:
+        sx: cell width.
+        sy: cell height.
+        use_rand: draw each cell's destination at random.
+    """
+
+    def __init__(self, sx: int = 2, sy: int = 2, use_rand: bool = True) -> None:
+        check(isinstance(sx, int) and sx >= 1, f"sx must be an int >= 1; got {sx!r}")
+        check(isinstance(sy, int) and sy >= 1, f"sy must be an int >= 1; got {sy!r}")
+        check(sx * sy > 1, f"sx * sy must be at least 2 so a cell has a source; got sx={sx}, sy={sy}")
+        self.sx, self.sy, self.use_rand = sx, sy, bool(use_rand)
+
+    @property
+    def max_ratio(self) -> float:  # type: ignore[override]
+        """``1 - 1 / (sx * sy)``: all but one token of every cell."""
+        return 1.0 - 1.0 / (self.sx * self.sy)
+
+    def draw_choice(self, h: int, w: int, ctx: MergeContext) -> Tensor | None:
+        """Each full cell's destination offset, ``(h // sy, w // sx)``, or None for top-left."""
+        if not self.use_rand:
+            return None
+        shape = (h // self.sy, w // self.sx)
+        gen = ctx.generator
+        device = gen.device if gen is not None else "cpu"
+        return torch.randint(self.sx * self.sy, shape, generator=gen, device=device)
+
+    def match(self, metric: Tensor, ctx: MergeContext) -> Matching:
+        """Match ``metric`` ``(B, N, C)`` laid out on ``ctx.grid`` (row-major)."""
+        h, w = infer_grid(metric.shape[1], ctx)
+        choice = self.draw_choice(h, w, ctx)
+        src_idx, dst_idx, _ = grid_partition(h, w, self.sx, self.sy, choice, metric.device)
+        return Matching.by_similarity(metric, src_idx, dst_idx)
+
+
+class StridedGrid(RandomGrid):
+    """ToDo's matcher: every source is paired with the destination of its own cell.
+
+    Merging every source (ratio ``1 - 1/(sx*sy)``) is average pooling over
+    ``sx x sy`` cells; a smaller ratio merges the sources most similar to their own
+    cell's destination first. Sources in edge cells that do not fill a stride pair with
+    the adjoining full cell. The destination is the top-left token of each cell unless
+    ``use_rand``.
+    """
+
+    def __init__(self, sx: int = 2, sy: int = 2, use_rand: bool = False) -> None:
+        super().__init__(sx=sx, sy=sy, use_rand=use_rand)
+
+    def match(self, metric: Tensor, ctx: MergeContext) -> Matching:
+        """Match ``metric`` ``(B, N, C)``; ``score`` is each source's cosine to its own cell's destination."""
+        batch, num_tokens, _ = metric.shape
+        h, w = infer_grid(num_tokens, ctx)
+        choice = self.draw_choice(h, w, ctx)
+        src_idx, dst_idx, src_cell = grid_partition(h, w, self.sx, self.sy, choice, metric.device)
+        unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(metric.dtype).tiny)
+        if dst_idx.numel() == 0:
+            score = metric.new_full((batch, src_idx.numel()), float("-inf"))
+        else:
+            score = (unit[:, src_idx] * unit[:, dst_idx[src_cell]]).sum(-1)  # (B, Ns)
+        return Matching(
+            src_idx=src_idx.expand(batch, -1),
+            dst_idx=dst_idx.expand(batch, -1),
+            best=src_cell.expand(batch, -1),
+            score=score,
+        )

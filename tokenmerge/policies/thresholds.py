@@ -1,0 +1,233 @@
+"""Threshold policies: how many source tokens merge in a call.
+
+* `FixedRatio` (ToMeSD): a fraction of the tokens.
+* `FixedCount` (ToMe): ``r`` tokens per layer, as an int, a per-layer list or ToMe's
+  ``(r, inflection)`` schedule.
+* `SimilarityThreshold` (CA-ToMe): every source whose best similarity is at least T.
+* `Scheduled`: any of these, changing with denoising progress.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+
+
+from ..errors import TokenMergeError, check
+from .base import Matcher, MergeContext, Matching, ThresholdPolicy
+
+__all__ = ["FixedRatio", "FixedCount", "SimilarityThreshold", "Scheduled", "layer_schedule"]
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class FixedRatio(ThresholdPolicy):
+    """Merge ``int(ratio * N)`` tokens, N the mergeable tokens of the call (tomesd's rule).
+
+    Capped by what the matcher allows in this call (its number of sources).
+
+    Args:
+        ratio: fraction of tokens to remove, in ``[0, 1)`` and at most the matcher's
+            ``max_ratio``.
+    """
+
+    def __init__(self, ratio: float) -> None:
+        check(_is_number(ratio) and 0.0 <= ratio < 1.0, f"ratio must be a number in [0, 1); got {ratio!r}")
+        self.ratio = float(ratio)
+
+    def validate(self, matcher: Matcher) -> None:
+        """Reject a ratio above the matcher's ``max_ratio``."""
+        if self.ratio > matcher.max_ratio + 1e-9:
+            raise TokenMergeError(
+                f"ratio must be at most {matcher.max_ratio:g} for {matcher!r} "
+                f"(1 - 1/(sx*sy) for grid matchers); got {self.ratio:g}"
+            )
+
+    def num_merged(self, matching: Matching, ctx: MergeContext) -> int:
+        """``min(int(ratio * N), matching.max_merge)``."""
+        num_tokens = ctx.num_tokens or (matching.num_src + matching.num_dst)
+        return min(int(num_tokens * self.ratio), matching.max_merge)
+
+
+def _is_inflection_schedule(r: object) -> bool:
+    """ToMe's ``(r, inflection)``: a 2-tuple whose second entry is a float."""
+    return isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], float)
+
+
+def layer_schedule(r: int | Sequence[int] | tuple[int, float], num_layers: int) -> list[int]:
+    """Expand ToMe's ``r`` argument to one count per layer.
+
+    Args:
+        r: an int (the same for every layer), a list with one int per layer, or ToMe's
+            ``(r, inflection)`` pair: a linear ramp from ``r * (1 - inflection)`` at the
+            first layer to ``r * (1 + inflection)`` at the last (negative inflection
+            ramps down), each rounded down. The ramp keeps the total near ``r * layers``.
+        num_layers: number of merging layers.
+    """
+    if _is_inflection_schedule(r):
+        base, inflection = r
+        first, last = base * (1.0 - inflection), base * (1.0 + inflection)
+        if num_layers == 1:
+            return [max(int(base), 0)]
+        step = (last - first) / (num_layers - 1)
+        return [max(int(first + step * i), 0) for i in range(num_layers)]
+    if isinstance(r, int) and not isinstance(r, bool):
+        return [r] * num_layers
+    counts = list(r)
+    if len(counts) != num_layers:
+        raise TokenMergeError(f"r as a list must have one entry per layer ({num_layers}); got {len(counts)}")
+    return counts
+
+
+class FixedCount(ThresholdPolicy):
+    """Merge ``r`` tokens in each layer (ToMe).
+
+    Args:
+        r: an int, a per-layer list, or ToMe's ``(r, inflection)`` schedule (see
+            `layer_schedule`). Counts above what a layer can merge are clamped to its
+            number of source tokens (ToMe's rule); negative counts are rejected.
+    """
+
+    def __init__(self, r: int | Sequence[int] | tuple[int, float]) -> None:
+        if _is_inflection_schedule(r):
+            check(isinstance(r[0], int) and r[0] >= 0, f"r must be a non-negative int in (r, inflection); got {r!r}")
+            check(-1.0 <= r[1] <= 1.0, f"inflection must be in [-1, 1]; got {r[1]!r}")
+        elif isinstance(r, int) and not isinstance(r, bool):
+            check(r >= 0, f"r must be >= 0; got {r}")
+        else:
+            check(
+                isinstance(r, Sequence) and all(isinstance(v, int) and not isinstance(v, bool) for v in r),
+                f"r must be an int, a list of ints or an (r, inflection) tuple; got {r!r}",
+            )
+            check(all(v >= 0 for v in r), f"r must be >= 0 in every layer; got {list(r)}")
+        self.r = r
+
+    def count_for(self, ctx: MergeContext) -> int:
+        """The requested count for the layer ``ctx.layer_index`` before clamping."""
+        return layer_schedule(self.r, ctx.num_layers)[ctx.layer_index]
+
+    def num_merged(self, matching: Matching, ctx: MergeContext) -> int:
+        """The layer's count, clamped to ``matching.max_merge``."""
+        return min(self.count_for(ctx), matching.max_merge)
+
+
+class SimilarityThreshold(ThresholdPolicy):
+    """CA-ToMe's adaptive count: merge every source whose best similarity is at least T.
+
+    The count is the largest over the batch, so the batch shares one ``r`` (the other
+    elements merge their ``r`` best pairs). It changes per image, layer and step.
+
+    Args:
+        threshold: T in ``[-1, 1]``; 1.0 merges only exact duplicates, -1 merges all.
+        max_ratio: optional cap on the fraction of tokens merged.
+        buckets: optional number of static counts: ``r`` is rounded *down* to a
+            multiple of ``max_merge / buckets``, so `torch.compile` sees at most
+            ``buckets + 1`` token counts per layer (never merging a pair below T).
+
+    Note:
+        Counting needs the scores on the host: one device synchronisation per
+        recomputed plan (a cached plan costs none).
+    """
+
+    def __init__(self, threshold: float = 0.7, max_ratio: float | None = None, buckets: int | None = None) -> None:
+        check(
+            _is_number(threshold) and -1.0 <= threshold <= 1.0,
+            f"threshold must be a number in [-1, 1]; got {threshold!r}",
+        )
+        check(
+            max_ratio is None or (_is_number(max_ratio) and 0.0 <= max_ratio < 1.0),
+            f"max_ratio must be None or a number in [0, 1); got {max_ratio!r}",
+        )
+        check(
+            buckets is None or (isinstance(buckets, int) and buckets >= 1),
+            f"buckets must be None or an int >= 1; got {buckets!r}",
+        )
+        self.threshold = float(threshold)
+        self.max_ratio = max_ratio
+        self.buckets = buckets
+
+    def num_merged(self, matching: Matching, ctx: MergeContext) -> int:
+        """``max over the batch of #(score >= T)``, capped, optionally bucketed."""
+        cap = matching.max_merge
+        if self.max_ratio is not None:
+            num_tokens = ctx.num_tokens or (matching.num_src + matching.num_dst)
+            cap = min(cap, int(num_tokens * self.max_ratio))
+        if cap == 0:
+            return 0
+        above = (matching.score >= self.threshold).sum(dim=-1)  # (B,)
+        r = min(int(above.max().item()), cap)
+        if self.buckets is not None:
+            width = cap / self.buckets
+            r = int(math.floor(r / width + 1e-9) * width)
+        return r
+
+
+PolicyFactory = Callable[[float], ThresholdPolicy]
+
+
+class Scheduled(ThresholdPolicy):
+    """Switch between threshold policies as denoising progresses.
+
+    Args:
+        stages: ``[(start, policy), ...]``: ``policy`` applies from progress ``start``
+            (fraction of steps done, in [0, 1)) until the next stage. The first stage
+            must start at 0. Alternatively a callable ``progress -> policy``.
+        default: policy used when progress is unknown (outside a sampling loop);
+            defaults to the first stage.
+
+    Example:
+        Merge more early, when the image is still noise::
+
+            Scheduled([(0.0, FixedRatio(0.6)), (0.5, FixedRatio(0.3))])
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[tuple[float, ThresholdPolicy]] | PolicyFactory,
+        default: ThresholdPolicy | None = None,
+    ) -> None:
+        if callable(stages):
+            self.stages: list[tuple[float, ThresholdPolicy]] | None = None
+            self.factory: PolicyFactory | None = stages
+        else:
+            stages = sorted(stages, key=lambda s: s[0])
+            check(len(stages) > 0, "stages must not be empty")
+            check(stages[0][0] == 0, f"stages must start at progress 0; got {stages[0][0]!r}")
+            for start, policy in stages:
+                check(0 <= start < 1, f"stage starts must be in [0, 1); got {start!r}")
+                check(isinstance(policy, ThresholdPolicy), f"stage policies must be ThresholdPolicy; got {policy!r}")
+            self.stages, self.factory = list(stages), None
+        self.default = default
+
+    def validate(self, matcher: Matcher) -> None:
+        """Validate every stage against ``matcher``."""
+        for _, policy in self.stages or []:
+            policy.validate(matcher)
+        if self.default is not None:
+            self.default.validate(matcher)
+
+    def policy_at(self, progress: float | None) -> ThresholdPolicy:
+        """The policy in force at ``progress`` (None: the default)."""
+        if progress is None:
+            if self.default is not None:
+                return self.default
+            progress = 0.0
+        if self.factory is not None:
+            policy = self.factory(progress)
+            check(isinstance(policy, ThresholdPolicy), f"the schedule callable must return a ThresholdPolicy; got {policy!r}")
+            return policy
+        assert self.stages is not None
+        current = self.stages[0][1]
+        for start, policy in self.stages:
+            if progress >= start:
+                current = policy
+        return current
+
+    def num_merged(self, matching: Matching, ctx: MergeContext) -> int:
+        """Delegate to the stage in force at ``ctx.progress``."""
+        return self.policy_at(ctx.progress).num_merged(matching, ctx)
+
+

@@ -1,0 +1,152 @@
+"""The classic methods, each a `MergeConfig` composed from the three interfaces."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from .config import MergeConfig
+from .errors import check
+from .policies.caches import CA_TOME_C3, NoCache, RecomputeAt
+from .policies.matchers import AlternatingBipartite, RandomGrid, StridedGrid
+from .policies.thresholds import FixedCount, FixedRatio, SimilarityThreshold
+
+__all__ = ["ToMe", "ToMeSD", "CAToMe", "ToDo"]
+
+
+def ToMe(
+    r: int | Sequence[int] | tuple[int, float] = 8,
+    *,
+    prop_attn: bool = True,
+    trace_source: bool = False,
+    seed: int | None = None,
+) -> MergeConfig:
+    """ToMe (Bolya et al., 2023): merge ``r`` tokens per block, residual stream kept merged.
+
+    Bipartite soft matching on alternating tokens, size-weighted averages, and
+    proportional attention. Made for ViTs.
+
+    Args:
+        r: tokens merged per layer: an int, a per-layer list, or ``(r, inflection)``.
+        prop_attn: proportional attention (``log(size)`` added to attention logits).
+        trace_source: keep which patches every token covers (for `tokenmerge.vis` and
+            dense outputs).
+        seed: unused by ToMe's deterministic matcher; kept for a uniform signature.
+    """
+    return MergeConfig(
+        matcher=AlternatingBipartite(),
+        threshold=FixedCount(r),
+        mode="weighted",
+        prop_attn=prop_attn,
+        trace_source=trace_source,
+        seed=seed,
+    )
+
+
+def ToMeSD(
+    ratio: float = 0.5,
+    max_downsample: int = 1,
+    sx: int = 2,
+    sy: int = 2,
+    use_rand: bool = True,
+    merge_attn: bool = True,
+    merge_crossattn: bool = False,
+    merge_mlp: bool = False,
+    *,
+    seed: int | None = None,
+) -> MergeConfig:
+    """ToMeSD (Bolya & Hoffman, 2023) with exactly tomesd's arguments.
+
+    Args:
+        ratio: fraction of tokens merged, at most ``1 - 1/(sx*sy)``.
+        max_downsample: merge in levels downsampled at most this much (1, 2, 4, 8),
+            counted from the model's highest-resolution level with attention.
+        sx, sy: stride of the destination grid.
+        use_rand: random destination inside each cell (seeded by ``seed``).
+        merge_attn, merge_crossattn, merge_mlp: which sub-layers merge.
+        seed: seed of the partition RNG.
+    """
+    return MergeConfig(
+        matcher=RandomGrid(sx=sx, sy=sy, use_rand=use_rand),
+        threshold=FixedRatio(ratio),
+        cache=NoCache(),
+        mode="mean",
+        seed=seed,
+        merge_attn=merge_attn,
+        merge_crossattn=merge_crossattn,
+        merge_mlp=merge_mlp,
+        max_downsample=max_downsample,
+    )
+
+
+def CAToMe(
+    threshold: float = 0.7,
+    recompute_at: Iterable[int] = CA_TOME_C3,
+    max_downsample: int = 1,
+    sx: int = 2,
+    sy: int = 2,
+    use_rand: bool = True,
+    merge_attn: bool = True,
+    merge_crossattn: bool = False,
+    merge_mlp: bool = False,
+    *,
+    buckets: int | None = None,
+    seed: int | None = None,
+) -> MergeConfig:
+    """CA-ToMe (arXiv 2501.00946): adaptive threshold plus a cache of matched pairs.
+
+    Every source whose best cosine similarity is at least ``threshold`` merges (the
+    batch maximum); plans are recomputed only at the ``recompute_at`` steps and reused
+    in between. The default steps are the paper's configuration C3 for 50 steps.
+
+    Args:
+        threshold: similarity threshold T in [-1, 1].
+        recompute_at: 0-based steps at which plans are recomputed.
+        max_downsample, sx, sy, use_rand, merge_attn, merge_crossattn, merge_mlp: as
+            in `ToMeSD`.
+        buckets: round the adaptive count down to this many static sizes
+            (compile-friendly; see `SimilarityThreshold`).
+        seed: seed of the partition RNG.
+    """
+    return MergeConfig(
+        matcher=RandomGrid(sx=sx, sy=sy, use_rand=use_rand),
+        threshold=SimilarityThreshold(threshold, buckets=buckets),
+        cache=RecomputeAt(recompute_at),
+        mode="mean",
+        seed=seed,
+        merge_attn=merge_attn,
+        merge_crossattn=merge_crossattn,
+        merge_mlp=merge_mlp,
+        max_downsample=max_downsample,
+    )
+
+
+def ToDo(
+    downsample: int = 2,
+    max_downsample: int = 1,
+    *,
+    ratio: float | None = None,
+    seed: int | None = None,
+) -> MergeConfig:
+    """ToDo (Smith et al., 2024): token downsampling of keys and values.
+
+    Queries keep every token; keys and values are average-pooled over
+    ``downsample x downsample`` cells, so attention costs ``1/downsample**2`` as much
+    and nothing needs unmerging.
+
+    Args:
+        downsample: pooling factor per side, >= 2.
+        max_downsample: as in `ToMeSD`.
+        ratio: fraction of tokens pooled away; defaults to all but one per cell,
+            ``1 - 1/downsample**2`` (plain average pooling).
+        seed: unused by the fixed top-left grid; kept for a uniform signature.
+    """
+    check(isinstance(downsample, int) and downsample >= 2, f"downsample must be an int >= 2; got {downsample!r}")
+    full = 1.0 - 1.0 / (downsample * downsample)
+    return MergeConfig(
+        matcher=StridedGrid(sx=downsample, sy=downsample),
+        threshold=FixedRatio(full if ratio is None else ratio),
+        mode="mean",
+        seed=seed,
+        max_downsample=max_downsample,
+        kv_only=True,
+    )

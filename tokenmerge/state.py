@@ -1,0 +1,173 @@
+"""`MergeState`: the runtime of one config on one model.
+
+It holds what changes while a model runs: the pair cache, the seeded generator,
+the denoising step of the current generation, and counters a test or a user can
+read. Everything in it is reset at the start of every generation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .config import MergeConfig
+from .errors import check
+from .plan import MergePlan
+from .policies.base import MergeContext
+
+__all__ = ["MergeState"]
+
+
+class MergeState:
+    """Caches, generator and step tracking for one applied config.
+
+    Args:
+        config: the merging policy.
+
+    Attributes:
+        step: 0-based step of the current generation, None when unknown.
+        num_steps: number of steps of the current generation when known.
+        call_index: forward call within the current step (separate CFG calls).
+        generation: how many generations have started since `apply`.
+        plans_computed: plans matched afresh (cache misses) since the last reset.
+        plans_reused: plans taken from the cache since the last reset.
+    """
+
+    def __init__(self, config: MergeConfig) -> None:
+        self.config = config
+        self.cache = config.fresh_cache()
+        self.generator = torch.Generator()
+        self.step: int | None = None
+        self.num_steps: int | None = None
+        self.call_index = 0
+        self.generation = 0
+        self.plans_computed = 0
+        self.plans_reused = 0
+        self.merged_tokens: dict[str, tuple[int, int]] = {}
+        self._last_timestep: float | None = None
+        self._seed_generator()
+
+    def _seed_generator(self) -> None:
+        if self.config.seed is None:
+            self.generator.seed()  # fresh entropy; never the global RNG
+        else:
+            self.generator.manual_seed(self.config.seed)
+
+    # ------------------------------------------------------------------ lifecycle
+    def reset(self) -> None:
+        """Forget cached plans, re-seed the generator and clear the step counter."""
+        self.cache.reset()
+        self._seed_generator()
+        self.step = None
+        self.num_steps = None
+        self.call_index = 0
+        self.plans_computed = 0
+        self.plans_reused = 0
+        self._last_timestep = None
+
+    def start_generation(self, num_steps: int | None = None) -> None:
+        """Begin a new generation at step 0: caches and generator start afresh."""
+        check(num_steps is None or (isinstance(num_steps, int) and num_steps >= 1), f"num_steps must be None or >= 1; got {num_steps!r}")
+        self.reset()
+        self.step = 0
+        self.num_steps = num_steps
+        self.generation += 1
+
+    def set_step(self, step: int, num_steps: int | None = None) -> None:
+        """Tell the state which denoising step runs next (0-based); step 0 starts a generation."""
+        check(isinstance(step, int) and step >= 0, f"step must be an int >= 0; got {step!r}")
+        if step == 0 or self.step is None:
+            self.start_generation(num_steps if num_steps is not None else self.num_steps)
+        elif num_steps is not None:
+            self.num_steps = num_steps
+        self.step = step
+        self.call_index = 0
+
+    def observe_timestep(self, timestep: float, num_steps: int | None = None) -> None:
+        """Track steps from the timesteps a denoiser is called with.
+
+        A timestep below the last one is the next step; the same timestep again is a
+        further call within the step (classifier-free guidance run separately); a
+        timestep above the last one, or the first ever, starts a new generation.
+        """
+        last = self._last_timestep
+        if last is None or timestep > last:
+            self.start_generation(num_steps)
+        elif timestep < last:
+            assert self.step is not None
+            self.step += 1
+            self.call_index = 0
+        else:
+            self.call_index += 1
+        self._last_timestep = timestep
+
+    # ------------------------------------------------------------------ planning
+    def context(self, layer: str, layer_index: int, num_layers: int, num_tokens: int, grid: tuple[int, int] | None) -> MergeContext:
+        """The `MergeContext` the policies see for one layer call."""
+        return MergeContext(
+            layer=layer,
+            layer_index=layer_index,
+            num_layers=num_layers,
+            num_tokens=num_tokens,
+            grid=grid,
+            step=self.step,
+            num_steps=self.num_steps,
+            call_index=self.call_index,
+            generator=self.generator,
+        )
+
+    def plan(
+        self,
+        layer: str,
+        metric: Tensor,
+        *,
+        layer_index: int = 0,
+        num_layers: int = 1,
+        grid: tuple[int, int] | None = None,
+        protected: int = 0,
+    ) -> MergePlan:
+        """The merge plan for one layer call, from the cache or matched afresh.
+
+        Args:
+            layer: the layer's key.
+            metric: ``(B, N, C)`` features the matching compares (protected prefix included).
+            layer_index, num_layers: the layer's place among the merging layers.
+            grid: ``(h, w)`` of the mergeable tokens when they are image patches.
+            protected: prefix tokens that are never merged.
+        """
+        check(metric.dim() == 3, f"metric must be 3-D (B, N, C); got shape {tuple(metric.shape)}")
+        ctx = self.context(layer, layer_index, num_layers, metric.shape[1] - protected, grid)
+        key = (layer, self.call_index)
+        plan = self.cache.lookup(key, metric, ctx, protected)
+        if plan is not None:
+            self.plans_reused += 1
+            return plan
+        with torch.no_grad():
+            plan = compute_plan(self.config, metric, ctx, protected)
+        self.cache.store(key, plan, metric, ctx, protected)
+        self.plans_computed += 1
+        self.merged_tokens[layer] = (plan.num_in, plan.num_out)
+        return plan
+
+    def __repr__(self) -> str:
+        return f"MergeState(step={self.step}, generation={self.generation}, cached={len(self.cache)})"
+
+
+def compute_plan(config: MergeConfig, metric: Tensor, ctx: MergeContext, protected: int = 0) -> MergePlan:
+    """Match ``metric`` ``(B, N, C)`` with ``config`` and build the plan (no cache)."""
+    matching = config.matcher.match(metric[:, protected:], ctx)
+    r = config.threshold.num_merged(matching, ctx)
+    return MergePlan.from_matching(matching, r, protected=protected)
+
+
+def describe(state: MergeState) -> dict[str, Any]:
+    """A summary of the state for logs and the CLI."""
+    return {
+        "step": state.step,
+        "generation": state.generation,
+        "plans_computed": state.plans_computed,
+        "plans_reused": state.plans_reused,
+        "tokens": dict(state.merged_tokens),
+    }
