@@ -17,8 +17,8 @@ __all__ = ["Adapter", "register_adapter", "find_adapter", "supported_targets"]
 
 # (top-level package the target's class must come from, "module:Class" of the adapter)
 _LAZY: list[tuple[str, str]] = [
-    ("diffusers", "tokenmerge.adapters.diffusers:DiffusersAdapter"),
-    ("timm", "tokenmerge.adapters.timm:TimmViTAdapter"),
+    ("diffusers", "tokenmerge.adapters.diffusion:DiffusersAdapter"),
+    ("timm", "tokenmerge.adapters.vit:TimmViTAdapter"),
 ]
 _LOADED: dict[str, Adapter] = {}
 _USER: list[Adapter] = []
