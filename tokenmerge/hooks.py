@@ -74,7 +74,9 @@ def merge_around(
     A module called while ``slot.plan`` is None runs unchanged.
     """
 
-    def merge_input(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    def merge_input(
+        _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         plan = slot.plan
         x, positional = _first_tensor(args, kwargs, input_name)
         if plan is None or x is None or x.dim() != 3 or x.shape[1] != plan.num_in:
@@ -90,7 +92,12 @@ def merge_around(
             return None
         if isinstance(output, Tensor):
             return plan.unmerge(output) if output.dim() == 3 and output.shape[1] == plan.num_out else None
-        if isinstance(output, tuple) and output and isinstance(output[0], Tensor) and output[0].shape[1] == plan.num_out:
+        if (
+            isinstance(output, tuple)
+            and output
+            and isinstance(output[0], Tensor)
+            and output[0].shape[1] == plan.num_out
+        ):
             return (plan.unmerge(output[0]), *output[1:])
         return None
 

@@ -73,17 +73,21 @@ class MergePlan:
         Args:
             matching: sources, destinations and best pairs over the mergeable tokens
                 (token positions counted after the protected prefix).
-            r: how many source tokens to merge, ``0 <= r <= matching.num_src``.
+            r: how many source tokens to merge, ``0 <= r <= matching.max_merge``.
             protected: number of prefix tokens (class, distillation, registers) that
                 are never merged; they keep output positions ``0 .. protected - 1``.
         """
         src_idx, dst_idx = matching.src_idx, matching.dst_idx  # (B, Ns), (B, Nd)
         batch, num_src = src_idx.shape
         num_dst = dst_idx.shape[1]
-        if not 0 <= r <= num_src:
-            raise TokenMergeError(f"r must be between 0 and the number of source tokens ({num_src}); got {r}")
+        if not 0 <= r <= matching.max_merge:
+            raise TokenMergeError(
+                f"r must be between 0 and the number of mergeable sources ({matching.max_merge}); got {r}"
+            )
         device = src_idx.device
         num_tokens = protected + num_src + num_dst
+        if r == 0:  # nothing merges: keep the original order, so merge/unmerge are the identity
+            return cls.identity(batch, num_tokens, device)
         num_out = num_tokens - r
 
         order = matching.score.argsort(dim=-1, descending=True)  # (B, Ns) best first
@@ -128,9 +132,7 @@ class MergePlan:
     # ------------------------------------------------------------------ applying
     def _check_input(self, x: Tensor, num: int, what: str) -> None:
         if x.dim() < 2 or x.shape[1] != num or x.shape[0] not in (self.batch, 1):
-            raise TokenMergeError(
-                f"{what} must have shape (B={self.batch}, N={num}, ...); got {tuple(x.shape)}"
-            )
+            raise TokenMergeError(f"{what} must have shape (B={self.batch}, N={num}, ...); got {tuple(x.shape)}")
 
     def _reduce(self, x: Tensor, reduce: str) -> Tensor:
         # x: (B, N, *F) -> (B, N - r, *F)

@@ -69,7 +69,10 @@ class MergeState:
 
     def start_generation(self, num_steps: int | None = None) -> None:
         """Begin a new generation at step 0: caches and generator start afresh."""
-        check(num_steps is None or (isinstance(num_steps, int) and num_steps >= 1), f"num_steps must be None or >= 1; got {num_steps!r}")
+        check(
+            num_steps is None or (isinstance(num_steps, int) and num_steps >= 1),
+            f"num_steps must be None or >= 1; got {num_steps!r}",
+        )
         self.reset()
         self.step = 0
         self.num_steps = num_steps
@@ -104,7 +107,9 @@ class MergeState:
         self._last_timestep = timestep
 
     # ------------------------------------------------------------------ planning
-    def context(self, layer: str, layer_index: int, num_layers: int, num_tokens: int, grid: tuple[int, int] | None) -> MergeContext:
+    def context(
+        self, layer: str, layer_index: int, num_layers: int, num_tokens: int, grid: tuple[int, int] | None
+    ) -> MergeContext:
         """The `MergeContext` the policies see for one layer call."""
         return MergeContext(
             layer=layer,

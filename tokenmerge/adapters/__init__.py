@@ -63,9 +63,8 @@ def find_adapter(target: Any) -> Adapter:
     assert generic is not None
     if generic.accepts(target):
         return generic
-    raise TokenMergeError(
-        f"target must be one of: {', '.join(supported_targets())}; got {type(target).__module__}.{type(target).__qualname__}"
-    )
+    got = f"{type(target).__module__}.{type(target).__qualname__}"
+    raise TokenMergeError(f"target must be one of: {', '.join(supported_targets())}; got {got}")
 
 
 def supported_targets() -> list[str]:

@@ -28,7 +28,10 @@ def block_stack(target: Any) -> list[nn.Module] | None:
     if not isinstance(stack, (nn.ModuleList, nn.Sequential)) or len(stack) == 0:
         return None
     blocks = list(stack)
-    if all(isinstance(getattr(b, "attn", None), nn.Module) and isinstance(getattr(b, "mlp", None), nn.Module) for b in blocks):
+    if all(
+        isinstance(getattr(b, "attn", None), nn.Module) and isinstance(getattr(b, "mlp", None), nn.Module)
+        for b in blocks
+    ):
         return blocks
     return None
 
@@ -50,11 +53,17 @@ class BlockStackAdapter(Adapter):
 
     def check(self, target: Any, config: MergeConfig) -> None:
         """Reject options a plain block stack cannot honour."""
-        check(not config.merge_crossattn, "merge_crossattn must be False: plain transformer blocks have no cross-attention")
+        check(
+            not config.merge_crossattn,
+            "merge_crossattn must be False: plain transformer blocks have no cross-attention",
+        )
         check(not config.kv_only, "kv_only is not supported by the generic block adapter; use merge_attn/merge_mlp")
         check(config.blocks is None, "blocks (residual-stream merging) is not supported by the generic block adapter")
         protected = config.options.get("protected", 0)
-        check(isinstance(protected, int) and protected >= 0, f"options['protected'] must be an int >= 0; got {protected!r}")
+        check(
+            isinstance(protected, int) and protected >= 0,
+            f"options['protected'] must be an int >= 0; got {protected!r}",
+        )
         if not (config.merge_attn or config.merge_mlp):
             raise TokenMergeError("merge_attn or merge_mlp must be True: otherwise nothing merges")
 

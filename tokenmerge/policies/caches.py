@@ -114,7 +114,10 @@ class DriftTriggered(PairCache):
             isinstance(tolerance, (int, float)) and 0 < tolerance <= 2,
             f"tolerance must be a number in (0, 2]; got {tolerance!r}",
         )
-        check(max_age is None or (isinstance(max_age, int) and max_age >= 1), f"max_age must be None or an int >= 1; got {max_age!r}")
+        check(
+            max_age is None or (isinstance(max_age, int) and max_age >= 1),
+            f"max_age must be None or an int >= 1; got {max_age!r}",
+        )
         super().__init__()
         self.tolerance = float(tolerance)
         self.max_age = max_age

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..errors import TokenMergeError, check
-from .base import Matcher, MergeContext, Matching
+from .base import Matcher, Matching, MergeContext
 
 __all__ = ["AlternatingBipartite", "RandomGrid", "StridedGrid", "grid_partition", "infer_grid"]
 

@@ -12,10 +12,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-
-
 from ..errors import TokenMergeError, check
-from .base import Matcher, MergeContext, Matching, ThresholdPolicy
+from .base import Matcher, Matching, MergeContext, ThresholdPolicy
 
 __all__ = ["FixedRatio", "FixedCount", "SimilarityThreshold", "Scheduled", "layer_schedule"]
 
@@ -217,7 +215,10 @@ class Scheduled(ThresholdPolicy):
             progress = 0.0
         if self.factory is not None:
             policy = self.factory(progress)
-            check(isinstance(policy, ThresholdPolicy), f"the schedule callable must return a ThresholdPolicy; got {policy!r}")
+            check(
+                isinstance(policy, ThresholdPolicy),
+                f"the schedule callable must return a ThresholdPolicy; got {policy!r}",
+            )
             return policy
         assert self.stages is not None
         current = self.stages[0][1]
@@ -229,5 +230,3 @@ class Scheduled(ThresholdPolicy):
     def num_merged(self, matching: Matching, ctx: MergeContext) -> int:
         """Delegate to the stage in force at ``ctx.progress``."""
         return self.policy_at(ctx.progress).num_merged(matching, ctx)
-
-
