@@ -32,6 +32,8 @@ class FixedRatio(ThresholdPolicy):
             ``max_ratio``.
     """
 
+    traceable = True
+
     def __init__(self, ratio: float) -> None:
         check(_is_number(ratio) and 0.0 <= ratio < 1.0, f"ratio must be a number in [0, 1); got {ratio!r}")
         self.ratio = float(ratio)
@@ -60,16 +62,17 @@ def layer_schedule(r: int | Sequence[int] | tuple[int, float], num_layers: int) 
 
     Args:
         r: an int (the same for every layer), a list with one int per layer, or ToMe's
-            ``(r, inflection)`` pair: a linear ramp from ``r * (1 - inflection)`` at the
-            first layer to ``r * (1 + inflection)`` at the last (negative inflection
-            ramps down), each rounded down. The ramp keeps the total near ``r * layers``.
+            ``(r, inflection)`` pair: ToMe's linear ramp from ``a = int(r * (1 - inflection))``
+            at the first layer to ``2 * r - a`` at the last (negative inflection ramps
+            down), each rounded down. The ramp keeps the total near ``r * layers``.
         num_layers: number of merging layers.
     """
     if _is_inflection_schedule(r):
         base, inflection = r
-        first, last = base * (1.0 - inflection), base * (1.0 + inflection)
         if num_layers == 1:
             return [max(int(base), 0)]
+        first = int(base * (1.0 - inflection))  # ToMe's parse_r: round the start, mirror the end
+        last = 2 * base - first
         step = (last - first) / (num_layers - 1)
         return [max(int(first + step * i), 0) for i in range(num_layers)]
     if isinstance(r, int) and not isinstance(r, bool):
@@ -88,6 +91,8 @@ class FixedCount(ThresholdPolicy):
             `layer_schedule`). Counts above what a layer can merge are clamped to its
             number of source tokens (ToMe's rule); negative counts are rejected.
     """
+
+    traceable = True
 
     def __init__(self, r: int | Sequence[int] | tuple[int, float]) -> None:
         if _is_inflection_schedule(r):
