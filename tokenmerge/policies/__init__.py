@@ -2,6 +2,7 @@
 
 from .base import CacheEntry, Matcher, Matching, MergeContext, PairCache, ThresholdPolicy
 from .caches import CA_TOME_C3, DriftTriggered, EveryK, NoCache, RecomputeAt
+from .ideal import IdealMatcher, IdealPlan, TokenCounts
 from .matchers import AlternatingBipartite, RandomGrid, StridedGrid, grid_partition
 from .thresholds import FixedCount, FixedRatio, Scheduled, SimilarityThreshold, layer_schedule
 
@@ -26,4 +27,7 @@ __all__ = [
     "EveryK",
     "DriftTriggered",
     "CA_TOME_C3",
+    "IdealMatcher",
+    "IdealPlan",
+    "TokenCounts",
 ]

@@ -37,7 +37,14 @@ class MergeContext:
         num_steps: steps in the current generation when known.
         call_index: which forward call within the current step (separate
             classifier-free-guidance calls get 0 and 1), so each keeps its own cache.
-        generator: the seeded random generator of this model's merging state.
+        generator: the seeded random generator of this model's merging state (for
+            custom policies; the built-in matchers draw with `seed` instead).
+        seed: the merging state's seed. When set, random matchers draw with the
+            counter-based `tokenmerge.policies.rng` keyed by ``(seed, layer_index,
+            timestep)``: no `torch.Generator`, so the draw traces under `torch.compile`
+            and replays in CUDA graphs.
+        timestep: the timestep the denoiser was called with (a tensor, kept on its
+            device), or None outside a sampling loop. Keys the random draws.
     """
 
     layer: str = "layer"
@@ -49,6 +56,8 @@ class MergeContext:
     num_steps: int | None = None
     call_index: int = 0
     generator: torch.Generator | None = None
+    seed: int | None = None
+    timestep: Tensor | float | None = None
 
     @property
     def progress(self) -> float | None:
@@ -126,10 +135,28 @@ class Matcher(ABC):
 
     #: Largest fraction of the tokens this matcher can merge (its sources' share).
     max_ratio: float = 0.5
+    #: True when `match` is pure tensor code with shapes fixed by the input's shape (no
+    #: host reads, no `torch.Generator`, no Python state): `torch.compile` then traces
+    #: planning inline. False (the safe default for custom matchers) runs planning
+    #: outside the compiled graph.
+    traceable: bool = False
 
     @abstractmethod
     def match(self, metric: Tensor, ctx: MergeContext) -> Matching:
         """Match the tokens of ``metric`` ``(B, N, C)``; see `Matching`."""
+
+    def build_plan(
+        self, metric: Tensor, ctx: MergeContext, threshold: ThresholdPolicy, protected: int = 0
+    ) -> MergePlan:
+        """Match ``metric`` ``(B, N, C)`` (protected prefix included) and build the plan.
+
+        The default matches the mergeable tokens, asks ``threshold`` how many merge and
+        builds a `MergePlan`. A matcher that can build its plan more directly (the
+        zero-overhead reference in `tokenmerge.policies.ideal`) overrides this.
+        """
+        matching = self.match(metric[:, protected:], ctx)
+        r = threshold.num_merged(matching, ctx)
+        return MergePlan.from_matching(matching, r, protected=protected)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({_fields(self)})"
@@ -137,6 +164,11 @@ class Matcher(ABC):
 
 class ThresholdPolicy(ABC):
     """Decides how many source tokens are merged for one call."""
+
+    #: True when `num_merged` depends only on shapes and static context (layer, token
+    #: count), never on tensor values or the denoising step: `torch.compile` then traces
+    #: planning inline without a graph break or a recompile per step.
+    traceable: bool = False
 
     @abstractmethod
     def num_merged(self, matching: Matching, ctx: MergeContext) -> int:

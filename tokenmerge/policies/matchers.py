@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..errors import TokenMergeError, check
 from .base import Matcher, Matching, MergeContext
+from .rng import hash_int, hash_randint, timestep_key
 
 __all__ = ["AlternatingBipartite", "RandomGrid", "StridedGrid", "grid_partition", "infer_grid"]
 
@@ -26,6 +27,7 @@ class AlternatingBipartite(Matcher):
     """
 
     max_ratio = 0.5
+    traceable = True
 
     def match(self, metric: Tensor, ctx: MergeContext) -> Matching:
         """Match ``metric`` ``(B, N, C)``: ``ceil(N / 2)`` sources, ``floor(N / 2)`` destinations."""
@@ -112,6 +114,8 @@ class RandomGrid(Matcher):
         use_rand: draw each cell's destination at random.
     """
 
+    traceable = True
+
     def __init__(self, sx: int = 2, sy: int = 2, use_rand: bool = True) -> None:
         check(isinstance(sx, int) and sx >= 1, f"sx must be an int >= 1; got {sx!r}")
         check(isinstance(sy, int) and sy >= 1, f"sy must be an int >= 1; got {sy!r}")
@@ -124,10 +128,21 @@ class RandomGrid(Matcher):
         return 1.0 - 1.0 / (self.sx * self.sy)
 
     def draw_choice(self, h: int, w: int, ctx: MergeContext) -> Tensor | None:
-        """Each full cell's destination offset, ``(h // sy, w // sx)``, or None for top-left."""
+        """Each full cell's destination offset, ``(h // sy, w // sx)``, or None for top-left.
+
+        With ``ctx.seed`` set (always, under `tokenmerge.apply`) the draw is the
+        counter-based hash of ``(seed, layer_index, timestep)`` from
+        `tokenmerge.policies.rng`: pure tensor ops on the timestep's device, so it traces
+        under `torch.compile`, replays in CUDA graphs and is the same on every backend.
+        Without a seed it draws from ``ctx.generator``.
+        """
         if not self.use_rand:
             return None
         shape = (h // self.sy, w // self.sx)
+        if ctx.seed is not None:
+            static = hash_int(hash_int(ctx.seed) + ctx.layer_index)
+            step_key = timestep_key(ctx.timestep) if ctx.timestep is not None else (ctx.step or 0)
+            return hash_randint(self.sx * self.sy, shape, step_key + static)
         gen = ctx.generator
         device = gen.device if gen is not None else "cpu"
         return torch.randint(self.sx * self.sy, shape, generator=gen, device=device)

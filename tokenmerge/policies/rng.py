@@ -1,0 +1,76 @@
+"""A counter-based random number generator made of plain integer tensor ops.
+
+Random partitions (ToMeSD's random destination in every cell) must not draw from a
+`torch.Generator` inside a model's forward: `torch.compile` cannot trace one (a graph
+break) and CUDA graphs cannot replay one. Here a draw is a pure function of a key —
+the config's seed, the layer, and the denoising timestep the model was called with —
+so it is the same in eager mode, under `torch.compile` and in a CUDA-graph replay,
+on every device, and it never touches the global RNG.
+
+All arithmetic stays in ``[0, 2**31)`` on int64 tensors, so no product overflows and
+every backend computes the same bits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["hash_int", "hash_randint", "timestep_key"]
+
+_MASK = 0x7FFFFFFF  # 31 bits: every product below fits in int64
+_MUL = 0x45D9F3B  # 27-bit odd multiplier of a well-mixing integer hash
+
+
+def hash_int(value: int) -> int:
+    """The 31-bit hash of a Python int (the same function as on tensors)."""
+    x = value & _MASK
+    x = ((x ^ (x >> 16)) * _MUL) & _MASK
+    x = ((x ^ (x >> 16)) * _MUL) & _MASK
+    return x ^ (x >> 16)
+
+
+def _hash_tensor(x: Tensor) -> Tensor:
+    """`hash_int` element-wise on an int64 tensor with values in ``[0, 2**31)``."""
+    x = ((x ^ (x >> 16)) * _MUL) & _MASK
+    x = ((x ^ (x >> 16)) * _MUL) & _MASK
+    return x ^ (x >> 16)
+
+
+def timestep_key(timestep: Tensor | float | int | None) -> Tensor | int:
+    """A 31-bit key from a timestep: a Python int, or an int64 tensor of shape ``(1,)``.
+
+    A tensor timestep (scalar or one per batch element; the first is used) stays on its
+    device: reading it on the host would synchronise. Timesteps are keyed to 1/1024, so
+    flow-matching sigmas in [0, 1] give distinct keys too.
+    """
+    if timestep is None:
+        return 0
+    if isinstance(timestep, Tensor):
+        first = timestep.detach().reshape(-1)[:1].to(torch.float32)  # (1,)
+        return (first * 1024.0).round().to(torch.int64) & _MASK  # (1,)
+    return int(round(float(timestep) * 1024.0)) & _MASK
+
+
+def hash_randint(
+    high: int, shape: tuple[int, ...], key: Tensor | int, device: torch.device | str | None = None
+) -> Tensor:
+    """Integers uniform in ``[0, high)`` of ``shape``, a pure function of ``key``.
+
+    Args:
+        high: exclusive upper bound, ``1 <= high < 2**16`` (cells are small).
+        shape: output shape.
+        key: a Python int or an int64 tensor of one element (as from `timestep_key`
+            combined with `hash_int` of the other key parts); a tensor key keeps the
+            draw on its device without a host read.
+        device: where to build the result (a tensor key's device wins).
+    """
+    if isinstance(key, Tensor):
+        device = key.device
+    numel = 1
+    for size in shape:
+        numel *= size
+    counter = torch.arange(numel, device=device, dtype=torch.int64)  # (numel,)
+    mixed_key = _hash_tensor(key.reshape(-1)[:1] & _MASK) if isinstance(key, Tensor) else hash_int(key)
+    bits = _hash_tensor((_hash_tensor(counter) + mixed_key) & _MASK)  # (numel,)
+    return (bits % high).reshape(shape)
