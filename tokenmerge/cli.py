@@ -1,0 +1,234 @@
+"""The ``tokenmerge`` command: ``demo``, ``visualize`` and ``bench``.
+
+Every command has ``--help``. A user error (a bad argument, a file that cannot be read,
+a config a model cannot honour, a missing optional dependency) prints one line on
+stderr and exits with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .errors import TokenMergeError
+
+__all__ = ["main", "build_parser", "EXIT_USAGE"]
+
+#: Exit status of a user error (the same as argparse's).
+EXIT_USAGE = 2
+
+#: Optional dependencies and the extra that installs each.
+_EXTRAS = {
+    "diffusers": "diffusers",
+    "transformers": "diffusers",
+    "accelerate": "diffusers",
+    "timm": "timm",
+    "PIL": "timm",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """An `ArgumentParser` whose errors are one line on stderr, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0; got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0; got {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    if text == "auto" or text == "cpu" or text.startswith("cuda") or text == "mps":
+        return text
+    raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda, cuda:N or mps; got {text!r}")
+
+
+def _csv(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    lowered = {c.lower(): c for c in choices}
+
+    def parse(text: str) -> list[str]:
+        names = [part.strip() for part in text.split(",") if part.strip()]
+        if not names:
+            raise argparse.ArgumentTypeError(f"must name at least one of {', '.join(choices)}")
+        unknown = [n for n in names if n.lower() not in lowered]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; choose from {', '.join(choices)}")
+        return [lowered[n.lower()] for n in names]
+
+    return parse
+
+
+# ---------------------------------------------------------------------- demo
+def _add_demo(sub: Any) -> None:
+    from .demo import MODEL_NAMES, PRESET_NAMES
+
+    parser = sub.add_parser(
+        "demo",
+        help="merge tokens in small built-in models and print what it buys",
+        description=(
+            "Build small models (a diffusion UNet, a DiT and a ViT) without downloading anything, apply each "
+            "preset, and print per model: tokens per merged layer, time against the plain model and how close the "
+            "output stays to the plain output. Writes a PNG of merged token groups. Uses the GPU when there is one."
+        ),
+    )
+    parser.add_argument(
+        "--models",
+        type=_csv(MODEL_NAMES),
+        default=list(MODEL_NAMES),
+        metavar="LIST",
+        help=f"comma-separated models to run (default: {','.join(MODEL_NAMES)})",
+    )
+    parser.add_argument(
+        "--presets",
+        type=_csv(PRESET_NAMES),
+        default=list(PRESET_NAMES),
+        metavar="LIST",
+        help=f"comma-separated presets (default: all that apply: {','.join(PRESET_NAMES)})",
+    )
+    parser.add_argument("--device", type=_device, default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
+    parser.add_argument("--steps", type=_positive_int, default=None, help="denoising steps per generation")
+    parser.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per config; the median is shown")
+    parser.add_argument("--seed", type=_non_negative_int, default=0, help="seed of weights, inputs and merging")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("tokenmerge-demo.png"),
+        help="where to write the picture of merged tokens (default: ./tokenmerge-demo.png)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="do not show progress bars")
+    parser.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(
+        models=args.models,
+        presets=args.presets,
+        device=args.device,
+        steps=args.steps,
+        repeats=args.repeats,
+        seed=args.seed,
+        out=args.out,
+        progress=not args.no_progress,
+        stream=sys.stdout,
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------- bench
+def _add_bench(sub: Any) -> None:
+    if importlib.util.find_spec("tokenmerge.bench") is None:
+        return
+    parser = sub.add_parser(
+        "bench",
+        help="time merging against plain models (speed, memory, fidelity)",
+        description="Benchmark token merging against the plain model; see docs/explanation/performance.md.",
+    )
+    bench = importlib.import_module("tokenmerge.bench")
+    bench.add_bench_arguments(parser)
+    parser.set_defaults(run=bench.bench_main)
+
+
+# ---------------------------------------------------------------------- visualize
+def _add_visualize(sub: Any) -> None:
+    if importlib.util.find_spec("tokenmerge.vis") is None:
+        return
+    parser = sub.add_parser(
+        "visualize",
+        help="draw the token groups a ViT merges over an image",
+        description=(
+            "Run a Vision Transformer with ToMe over IMAGE, keeping which patches each merged token covers, and "
+            "write a PNG with every group in one colour."
+        ),
+    )
+    parser.add_argument("image", type=Path, metavar="IMAGE", help="an image file (PNG, JPEG, ...)")
+    parser.add_argument("--r", type=_non_negative_int, default=None, help="tokens merged per block (ToMe's r)")
+    parser.add_argument("--out", type=Path, default=None, help="output PNG (default: IMAGE-merged.png beside it)")
+    parser.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the model's weights")
+    parser.add_argument("--device", type=_device, default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
+    parser.set_defaults(run=_run_visualize)
+
+
+def _run_visualize(args: argparse.Namespace) -> int:
+    from .demo import visualize_image
+
+    if not args.image.is_file():
+        raise TokenMergeError(f"IMAGE must be an existing image file; got {str(args.image)!r} (no such file)")
+    out = args.out if args.out is not None else args.image.with_name(f"{args.image.stem}-merged.png")
+    written = visualize_image(args.image, out, r=args.r, seed=args.seed, device=args.device)
+    print(f"wrote {written}")
+    return 0
+
+
+# ---------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    """The ``tokenmerge`` argument parser with every available sub-command."""
+    from . import __version__
+
+    parser = _Parser(
+        prog="tokenmerge",
+        description="Token merging (ToMe, ToMeSD, CA-ToMe, ToDo) for diffusers and timm models.",
+        epilog="Start with 'tokenmerge demo'. Each command has --help.",
+    )
+    parser.add_argument("--version", action="version", version=f"tokenmerge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_demo, _add_visualize, _add_bench):
+        add(sub)
+    return parser
+
+
+def _missing_dependency(error: ModuleNotFoundError) -> str | None:
+    top = (error.name or "").split(".")[0]
+    if top in _EXTRAS:
+        return f"this command needs {top}: pip install 'tokenmerge[{_EXTRAS[top]}]'"
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``tokenmerge`` command; returns the exit status.
+
+    Args:
+        argv: the arguments (without the program name); ``sys.argv[1:]`` when None.
+
+    Returns:
+        0 on success, 2 on a user error (one line on stderr), 130 when interrupted.
+    """
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        return int(args.run(args) or 0)
+    except TokenMergeError as error:
+        print(f"tokenmerge: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except ModuleNotFoundError as error:
+        message = _missing_dependency(error)
+        if message is None:
+            raise
+        print(f"tokenmerge: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("tokenmerge: interrupted", file=sys.stderr)
+        return 130

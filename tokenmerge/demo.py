@@ -1,0 +1,458 @@
+"""``tokenmerge demo``: merging on small built-in models, measured against the plain models.
+
+Nothing is downloaded: the models are built from configs with seeded random weights.
+Each preset that applies to a model is timed against the plain model, and its output
+compared with the plain output. Weights do not change the speed; they do change which
+tokens look alike, so the fidelity column of random-weight models says how much
+merging perturbs a network, not image quality.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from torch import Tensor
+
+from .api import apply
+from .config import MergeConfig
+from .errors import TokenMergeError, check
+from .presets import CAToMe, ToDo, ToMe, ToMeSD
+
+__all__ = [
+    "MODEL_NAMES",
+    "PRESET_NAMES",
+    "DemoModel",
+    "DemoRow",
+    "DemoResult",
+    "build_model",
+    "measure",
+    "run_demo",
+    "format_table",
+    "summarize_tokens",
+    "cosine_to_reference",
+    "resolve_device",
+]
+
+#: Models the demo can build, in the order it runs them.
+MODEL_NAMES: tuple[str, ...] = ("unet", "dit", "vit")
+#: Presets the demo tries on every model they apply to.
+PRESET_NAMES: tuple[str, ...] = ("ToMeSD", "CAToMe", "ToDo", "ToMe")
+
+
+@dataclass
+class DemoModel:
+    """A built model, the job that runs it, and the presets that apply to it.
+
+    Attributes:
+        key: short name (one of `MODEL_NAMES`).
+        title: heading of its table.
+        setup: one line saying what runs (architecture, sizes, steps, device).
+        target: what `tokenmerge.apply` is given.
+        job: runs one generation (or forward) and returns its output tensor.
+        configs: preset name -> `MergeConfig`, for the presets that apply.
+    """
+
+    key: str
+    title: str
+    setup: str
+    target: Any
+    job: Callable[[], Tensor]
+    configs: dict[str, MergeConfig]
+
+
+@dataclass
+class DemoRow:
+    """One line of a demo table.
+
+    Attributes:
+        preset: the preset's name, or ``"plain"``.
+        tokens: tokens per merged layer, ``"in→out"`` (see `summarize_tokens`).
+        seconds: median time of one job.
+        speedup: plain time / this time (1.0 for the plain row).
+        fidelity: cosine similarity of the output to the plain output (1.0 is identical).
+        plans: ``"computed/reused"`` merge plans in the last job.
+    """
+
+    preset: str
+    tokens: str
+    seconds: float
+    speedup: float
+    fidelity: float
+    plans: str = ""
+
+
+@dataclass
+class DemoResult:
+    """The table of one model."""
+
+    model: DemoModel
+    rows: list[DemoRow] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------- devices and timing
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"`` is the GPU when there is one, else the CPU; anything else is checked."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise TokenMergeError(f"device must be auto, cpu, cuda or cuda:N; got {device!r}") from None
+    if resolved.type == "cuda":
+        check(torch.cuda.is_available(), f"device must be a present device; got {device!r} but CUDA is not available")
+        check(
+            resolved.index is None or resolved.index < torch.cuda.device_count(),
+            f"device must be a present device; got {device!r} with {torch.cuda.device_count()} GPU(s)",
+        )
+    return resolved
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(job: Callable[[], Tensor], device: torch.device, repeats: int = 3) -> tuple[float, Tensor]:
+    """Median wall time of ``repeats`` runs of ``job`` after one warm-up, and its last output."""
+    with torch.inference_mode():
+        output = job()
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            output = job()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times), output
+
+
+def cosine_to_reference(output: Tensor, reference: Tensor) -> float:
+    """Mean over the batch of the cosine similarity of flattened outputs (1.0: same direction)."""
+    a = output.detach().float().flatten(1)  # (B, D)
+    b = reference.detach().float().flatten(1)  # (B, D)
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=1).mean())
+
+
+def summarize_tokens(merged: dict[str, tuple[int, int]]) -> str:
+    """Tokens per merged layer in a short form.
+
+    Consecutive layers that merge the residual stream are chained (``65→57→49``); layers
+    that merge to the same count are grouped (``1024→512 ×4``); adaptive counts that differ
+    between layers of one size show their range (``1024→620..790 ×4``).
+    """
+    if not merged:
+        return "nothing merged"
+    pairs = list(merged.values())
+    chained = all(pairs[i][1] == pairs[i + 1][0] for i in range(len(pairs) - 1)) and len(pairs) > 1
+    if chained and len({n for n, _ in pairs}) == len(pairs):
+        return "→".join([str(pairs[0][0]), *(str(out) for _, out in pairs)])
+    groups: dict[int, list[int]] = {}
+    for num_in, num_out in pairs:
+        groups.setdefault(num_in, []).append(num_out)
+    parts = []
+    for num_in, outs in groups.items():
+        low, high = min(outs), max(outs)
+        out = str(low) if low == high else f"{low}..{high}"
+        parts.append(f"{num_in}→{out}" + (f" ×{len(outs)}" if len(outs) > 1 else ""))
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------- progress
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@contextmanager
+def _progress(total: int, desc: str, enabled: bool) -> Iterator[Any]:
+    """A tqdm bar on stderr (shown on a terminal only), or nothing."""
+    bar: Any = _NoBar()
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # tqdm comes with the diffusers and timm extras
+            pass
+        else:
+            bar = tqdm(total=total, desc=desc, unit="run", file=sys.stderr, leave=False, disable=None)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+# ---------------------------------------------------------------------- models
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch inside, leave the caller's global RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _denoise_job(call: Callable[[Tensor, Tensor], Tensor], noise: Tensor, steps: int) -> Callable[[], Tensor]:
+    """A DDIM sampling loop of ``steps`` steps calling ``call(latents, timestep)`` -> noise prediction."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+
+    def job() -> Tensor:
+        scheduler.set_timesteps(steps)
+        latents = noise.clone()  # (B, C, H, W)
+        for t in scheduler.timesteps:
+            timestep = t.to(noise.device).expand(noise.shape[0])  # (B,)
+            eps = call(latents, timestep)[:, : noise.shape[1]]  # (B, C, H, W); DiT also predicts variance
+            latents = scheduler.step(eps, t, latents).prev_sample
+        return latents
+
+    return job
+
+
+def _build_unet(device: torch.device, seed: int, steps: int) -> DemoModel:
+    from diffusers import UNet2DConditionModel
+
+    size = 32  # latent side: 1024 tokens in the top-level attention
+    with _seeded(seed):
+        unet = UNet2DConditionModel(
+            sample_size=size,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            layers_per_block=1,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        )
+        noise = torch.randn(1, 4, size, size)  # (B, C, H, W)
+        text = torch.randn(1, 8, 32)  # (B, L, D) stands in for a prompt's embedding
+    unet = unet.to(device).eval()
+    noise, text = noise.to(device), text.to(device)
+    job = _denoise_job(lambda x, t: unet(x, t, encoder_hidden_states=text).sample, noise, steps)
+    return DemoModel(
+        key="unet",
+        title="UNet (Stable Diffusion layout)",
+        setup=(
+            f"diffusers UNet2DConditionModel, random weights, 2 levels (32, 64 channels), {size}x{size} latent "
+            f"({size * size} tokens at the top level), batch 1, {steps} DDIM steps, {device.type}"
+        ),
+        target=unet,
+        job=job,
+        configs={
+            "ToMeSD": ToMeSD(ratio=0.5, seed=seed),
+            "CAToMe": CAToMe(threshold=0.7, seed=seed),
+            "ToDo": ToDo(downsample=2, seed=seed),
+        },
+    )
+
+
+def _build_dit(device: torch.device, seed: int, steps: int) -> DemoModel:
+    from diffusers import DiTTransformer2DModel
+
+    size, patch = 32, 2  # 16 x 16 = 256 tokens
+    with _seeded(seed):
+        dit = DiTTransformer2DModel(
+            num_attention_heads=4,
+            attention_head_dim=16,
+            in_channels=4,
+            out_channels=8,
+            num_layers=4,
+            sample_size=size,
+            patch_size=patch,
+            num_embeds_ada_norm=1000,
+            norm_num_groups=8,
+        )
+        noise = torch.randn(1, 4, size, size)  # (B, C, H, W)
+    dit = dit.to(device).eval()
+    noise = noise.to(device)
+    label = torch.zeros(1, dtype=torch.long, device=device)  # (B,) class 0
+    job = _denoise_job(lambda x, t: dit(x, timestep=t, class_labels=label).sample, noise, steps)
+    tokens = (size // patch) ** 2
+    return DemoModel(
+        key="dit",
+        title="DiT (class-conditional transformer)",
+        setup=(
+            f"diffusers DiTTransformer2DModel, random weights, 4 blocks, 64 wide, {size}x{size} latent, patch {patch} "
+            f"({tokens} tokens), batch 1, {steps} DDIM steps, {device.type}"
+        ),
+        target=dit,
+        job=job,
+        configs={
+            "ToMeSD": ToMeSD(ratio=0.5, seed=seed),
+            "CAToMe": CAToMe(threshold=0.7, seed=seed),
+            "ToDo": ToDo(downsample=2, seed=seed),
+        },
+    )
+
+
+def _build_vit(device: torch.device, seed: int, steps: int) -> DemoModel:
+    import timm
+
+    size, depth = 128, 6  # 8 x 8 patches + class token
+    with _seeded(seed):
+        vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=size, depth=depth)
+        images = torch.randn(4, 3, size, size)  # (B, 3, H, W)
+    vit = vit.to(device).eval()
+    images = images.to(device)
+    tokens = (size // 16) ** 2 + 1
+    return DemoModel(
+        key="vit",
+        title="ViT (timm)",
+        setup=(
+            f"timm vit_tiny_patch16 (192 wide), random weights, {depth} blocks, {size}x{size} px ({tokens} tokens), "
+            f"batch 4, {device.type}"
+        ),
+        target=vit,
+        job=lambda: vit(images),
+        configs={"ToMe": ToMe(r=8, seed=seed)},
+    )
+
+
+_BUILDERS: dict[str, Callable[[torch.device, int, int], DemoModel]] = {
+    "unet": _build_unet,
+    "dit": _build_dit,
+    "vit": _build_vit,
+}
+
+
+def build_model(name: str, device: torch.device | str = "cpu", seed: int = 0, steps: int = 4) -> DemoModel:
+    """Build one of the demo's models (see `MODEL_NAMES`) with seeded random weights.
+
+    Args:
+        name: ``"unet"``, ``"dit"`` or ``"vit"``.
+        device: where the model runs.
+        seed: seed of weights and inputs.
+        steps: denoising steps of one job (diffusion models).
+    """
+    check(name in _BUILDERS, f"model must be one of {', '.join(MODEL_NAMES)}; got {name!r}")
+    check(isinstance(steps, int) and steps >= 1, f"steps must be an int >= 1; got {steps!r}")
+    return _BUILDERS[name](torch.device(device), seed, steps)
+
+
+# ---------------------------------------------------------------------- running
+def run_model(model: DemoModel, presets: Sequence[str], device: torch.device, repeats: int, bar: Any) -> DemoResult:
+    """Time the plain model and each applicable preset; one `DemoRow` each."""
+    result = DemoResult(model)
+    bar.set_postfix_str(f"{model.key} plain")
+    base_time, reference = measure(model.job, device, repeats)
+    bar.update()
+    result.rows.append(DemoRow("plain", "-", base_time, 1.0, 1.0))
+    for name in presets:
+        config = model.configs.get(name)
+        if config is None:
+            continue
+        bar.set_postfix_str(f"{model.key} {name}")
+        handle = apply(model.target, config)
+        try:
+            seconds, output = measure(model.job, device, repeats)
+            state = handle.state
+            tokens = summarize_tokens(state.merged_tokens)
+            plans = f"{state.plans_computed}/{state.plans_reused}"
+        finally:
+            handle.remove()
+        bar.update()
+        result.rows.append(
+            DemoRow(name, tokens, seconds, base_time / seconds, cosine_to_reference(output, reference), plans)
+        )
+    return result
+
+
+def format_table(result: DemoResult) -> str:
+    """The table of one model as aligned text."""
+    header = ("preset", "tokens per merged layer", "time", "vs plain", "cosine to plain", "plans new/reused")
+    lines = [
+        (
+            row.preset,
+            row.tokens,
+            f"{row.seconds * 1000:.0f} ms",
+            f"{row.speedup:.2f}x",
+            f"{row.fidelity:.4f}",
+            row.plans or "-",
+        )
+        for row in result.rows
+    ]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *lines)]
+
+    def fmt(cells: Iterable[str]) -> str:
+        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt(header), rule, *(fmt(line) for line in lines)])
+
+
+def run_demo(
+    models: Sequence[str] = MODEL_NAMES,
+    presets: Sequence[str] = PRESET_NAMES,
+    device: str = "auto",
+    steps: int | None = None,
+    repeats: int = 3,
+    seed: int = 0,
+    out: Path | str | None = None,
+    progress: bool = True,
+    stream: TextIO | None = None,
+) -> list[DemoResult]:
+    """Run the demo: build each model, time every applicable preset against it, print the tables.
+
+    Args:
+        models: which of `MODEL_NAMES` to run.
+        presets: which of `PRESET_NAMES` to try (each only where it applies).
+        device: ``"auto"`` (GPU when present), ``"cpu"``, ``"cuda"``, ...
+        steps: denoising steps per generation (default 4).
+        repeats: timed runs per config (median shown), after one warm-up run.
+        seed: seed of weights, inputs and merging.
+        out: where to write the picture of merged tokens; None writes none.
+        progress: show a progress bar on stderr.
+        stream: where the tables go (stdout by default).
+
+    Returns:
+        One `DemoResult` per model.
+    """
+    stream = stream if stream is not None else sys.stdout
+    for name in models:
+        check(name in MODEL_NAMES, f"models must be among {', '.join(MODEL_NAMES)}; got {name!r}")
+    for name in presets:
+        check(name in PRESET_NAMES, f"presets must be among {', '.join(PRESET_NAMES)}; got {name!r}")
+    check(isinstance(repeats, int) and repeats >= 1, f"repeats must be an int >= 1; got {repeats!r}")
+    resolved = resolve_device(device)
+    steps = 4 if steps is None else steps
+    results = []
+    built = []
+    with _progress(len(models), "building models", progress) as bar:
+        for name in models:
+            bar.set_postfix_str(name)
+            built.append(build_model(name, resolved, seed, steps))
+            bar.update()
+    total = sum(1 + sum(p in m.configs for p in presets) for m in built)
+    print(f"tokenmerge demo on {_device_name(resolved)} (torch {torch.__version__})", file=stream)
+    with _progress(total, "timing", progress) as bar:
+        for model in built:
+            result = run_model(model, presets, resolved, repeats, bar)
+            results.append(result)
+            print(f"\n{model.title}\n{model.setup}\n{format_table(result)}", file=stream, flush=True)
+    print(
+        f"\ntime: median of {repeats} runs after a warm-up; cosine to plain: 1.0 means the output is unchanged. "
+        "Small models on a CPU are not where merging pays off: see the docs' explanation of where it does.",
+        file=stream,
+    )
+    return results
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (cuda)"
+    threads = torch.get_num_threads()
+    return f"CPU ({threads} thread{'s' if threads != 1 else ''})"
