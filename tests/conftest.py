@@ -73,3 +73,38 @@ def block_stack() -> BlockStack:
     """A seeded tiny `BlockStack` in eval mode."""
     torch.manual_seed(0)
     return BlockStack().eval()
+
+
+# ---------------------------------------------------------------------------- timm ViTs
+TIMM_TINY_VIT_KWARGS: dict = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, num_classes=10)
+
+
+@pytest.fixture
+def timm_tiny_vit():
+    """Builder of seeded, random-weight timm ViTs: 32 px images, 4 px patches (an 8x8 grid), width 64, depth 4.
+
+    Call it as ``timm_tiny_vit(arch="vit_tiny_patch16_224", **overrides)``; the model is in eval mode.
+    """
+    import timm
+
+    def build(arch: str = "vit_tiny_patch16_224", **overrides: object) -> nn.Module:
+        torch.manual_seed(0)
+        return timm.create_model(arch, pretrained=False, **{**TIMM_TINY_VIT_KWARGS, **overrides}).eval()
+
+    return build
+
+
+@pytest.fixture
+def timm_image_folder(tmp_path):
+    """An ImageNet-style folder: ``root/<class>/<image>.png``, 2 classes of 3 random 40x40 images."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for label in ("class_a", "class_b"):
+        (root / label).mkdir(parents=True)
+        for index in range(3):
+            pixels = rng.integers(0, 256, size=(40, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / label / f"{index}.png")
+    return root

@@ -1,0 +1,505 @@
+"""timm Vision Transformers: ToMe in the residual stream, attached with hooks only.
+
+How a timm 1.0 ``Block`` computes, and where the hooks sit (none of timm's code is
+copied or replaced; its ``forward`` runs as written)::
+
+    x = x + drop_path1(ls1(attn(norm1(x), attn_mask=...)))   # N tokens
+    x = x + drop_path2(ls2(mlp(norm2(x))))                   # N tokens (timm) / N - r (ToMe)
+
+* ``attn`` pre-hook: proportional attention. ``log(size)`` ``(B, 1, 1, N)`` is added to
+  the ``attn_mask`` keyword timm already forwards to ``scaled_dot_product_attention``,
+  so the fused kernel stays in use. Nothing is added before the first merge.
+* ``attn.k_norm`` post-hook: the matching metric, the keys attention really uses
+  (after qk-norm when the model has it; ``k_norm`` is an ``nn.Identity`` otherwise,
+  which makes the metric exactly ToMe's ``k.mean(heads)``).
+* ``norm2`` pre-hook: the plan (``state.plan``, prefix tokens protected) and the merge
+  of the residual stream, size-weighted: the MLP runs on ``N - r`` tokens.
+* ``mlp`` post-hook: unmerge the MLP output back to N (a gather; ``ls2`` and
+  ``drop_path2`` act per channel and per sample, so they commute with it).
+* ``Block`` post-hook: merge the block output with the same plan. For size-weighted
+  (or plain) means ``merge(x + unmerge(m)) == merge(x) + m``, so the block returns
+  exactly ToMe's ``x_merged + ls2(mlp(norm2(x_merged)))`` (up to float rounding),
+  whatever timm adds to the block around those lines. Sizes and sources then advance.
+
+Model-level hooks: ``patch_embed`` records the patch grid; block 0's pre-hook starts a
+new forward (sizes, sources, masks reset; this also covers direct calls of
+``forward_features`` or ``forward_intermediates``); the final ``norm`` post-hook
+unmerges the tokens back to the full layout through the source map when the pooling
+reads more than the class token (``avg``, ``avgmax``, ``max``, ``map``, ``''``) or when
+``options['dense']`` is set. A plain mean over the unmerged tokens *is* the
+size-weighted mean over the merged ones, so ``global_pool='avg'`` is weighted by token
+size without touching timm's ``forward_head``.
+
+Rules:
+
+* ``r`` above what a block can merge is clamped by the threshold policy to the block's
+  number of source tokens (`Matching.max_merge`; ``ceil(n / 2)`` of the ``n`` patch
+  tokens for `AlternatingBipartite`), so every block keeps at least ``floor(n / 2)``
+  patch tokens and all prefix tokens. (ToMe's own clamp is ``floor(n / 2)``.)
+* A user ``attn_mask`` given to the model (SDPA layout, broadcast to ``(B, H, N, N)``)
+  follows the merges: along keys a group gets ``log(weighted mean(exp(mask)))`` of its
+  members (so an unmasked group gets 0 and proportional attention adds ``log(size)``),
+  along queries the weighted mean of its members' rows. ``is_causal=True`` cannot be
+  combined with merging (``TokenMergeError``).
+* Grid matchers (`RandomGrid`, `StridedGrid`) see the patch grid only in blocks before
+  the first merge; restrict them to one block with ``MergeConfig(blocks=(i, i))``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor, nn
+
+from ..config import MergeConfig
+from ..errors import TokenMergeError, check
+from ..hooks import HookSet
+from ..plan import MergeMode, MergePlan, identity_token_map, proportional_attention_bias, source_matrix
+from ..policies.thresholds import FixedCount, layer_schedule
+from ..state import MergeState
+from .base import Adapter
+
+__all__ = ["TimmViTAdapter", "ViTMergeRecord", "merge_record", "unmerge_to_patches", "SUPPORTED_FAMILIES"]
+
+#: The model families this adapter handles, as shown in error messages.
+SUPPORTED_FAMILIES: tuple[str, ...] = (
+    "timm VisionTransformer whose blocks are vision_transformer.Block with timm.layers.Attention "
+    "(vit_*, deit_*, deit3_*, register-token and LayerScale/qk-norm variants)",
+    "timm VisionTransformerDistilled (deit_*_distilled_*)",
+)
+
+#: Keys of ``MergeConfig.options`` this adapter reads.
+OPTIONS: tuple[str, ...] = ("dense",)
+
+#: ``global_pool`` values that read only the class token, so merged tokens need no unmerge.
+_TOKEN_POOLS: tuple[str, ...] = ("token",)
+
+
+# ---------------------------------------------------------------------------- records
+@dataclass(frozen=True)
+class ViTMergeRecord:
+    """What merging did in a model's last forward.
+
+    Attributes:
+        num_prefix: prefix tokens (class, distillation, registers); never merged.
+        grid: ``(h, w)`` patch grid of the last input, None when the patch tokens did not
+            form it (patch dropout).
+        num_input: tokens entering the first block, prefix included (N0).
+        num_tokens: tokens leaving the last block that ran, prefix included.
+        sizes: ``(B, num_tokens)`` float32: how many input tokens each token covers;
+            None when nothing merged.
+        token_map: ``(B, N0)`` position of every input token after the last block; None
+            unless sources were tracked (``trace_source``, ``options['dense']`` or a
+            pooling that reads every token) and something merged.
+    """
+
+    num_prefix: int
+    grid: tuple[int, int] | None
+    num_input: int
+    num_tokens: int
+    sizes: Tensor | None
+    token_map: Tensor | None
+
+    def full_token_map(self, batch: int = 1) -> Tensor:
+        """``token_map``, or the identity map ``(batch, N0)`` when nothing merged."""
+        if self.token_map is not None:
+            return self.token_map
+        check(self.num_tokens == self.num_input, "token_map was not tracked: apply with trace_source=True")
+        return identity_token_map(batch, self.num_input)
+
+    def source_matrix(self, batch: int = 1) -> Tensor:
+        """``(B, num_tokens, N0)`` bool: which input tokens each token covers (a partition)."""
+        return source_matrix(self.full_token_map(batch), self.num_tokens)
+
+    def patch_groups(self, batch: int = 1) -> Tensor:
+        """``(B, N0 - num_prefix)``: for every patch, the index of the merged token covering it.
+
+        Indices count from the first non-prefix token, so they lie in
+        ``[0, num_tokens - num_prefix)``.
+        """
+        return self.full_token_map(batch)[:, self.num_prefix :] - self.num_prefix
+
+
+_RUNS: weakref.WeakKeyDictionary[nn.Module, _Run] = weakref.WeakKeyDictionary()
+
+
+def merge_record(model: nn.Module) -> ViTMergeRecord | None:
+    """The `ViTMergeRecord` of ``model``'s last forward; None if no config is applied or it has not run."""
+    run = _RUNS.get(model)
+    if run is None or run.num_input == 0:
+        return None
+    return ViTMergeRecord(
+        num_prefix=run.protected,
+        grid=run.grid,
+        num_input=run.num_input,
+        num_tokens=run.num_tokens,
+        sizes=run.sizes,
+        token_map=run.token_map,
+    )
+
+
+def unmerge_tokens(tokens: Tensor, token_map: Tensor) -> Tensor:
+    """Copy every merged token back to the positions of the input tokens it covers.
+
+    Args:
+        tokens: ``(B, N, C)`` merged tokens.
+        token_map: ``(B, N0)`` position (``< N``) of each input token.
+
+    Returns:
+        ``(B, N0, C)`` in input order, prefix first.
+    """
+    index = token_map[..., None].expand(-1, -1, tokens.shape[-1])  # (B, N0, C)
+    return tokens.expand(token_map.shape[0], -1, -1).gather(1, index)  # (B, N0, C)
+
+
+def unmerge_to_patches(tokens: Tensor, record: ViTMergeRecord, *, as_grid: bool = False) -> Tensor:
+    """Dense patch features from the final tokens of a merged forward.
+
+    Args:
+        tokens: ``(B, num_tokens, C)`` tokens of the last block's layout (e.g. from
+            ``forward_features``), or ``(B, N0, C)`` tokens already in input layout.
+        record: `merge_record` of the same forward.
+        as_grid: return ``(B, C, h, w)`` on the patch grid instead of ``(B, h*w, C)``.
+
+    Returns:
+        ``(B, N0 - num_prefix, C)`` (or the grid): each patch gets the features of the
+        merged token that covers it; prefix tokens are dropped.
+    """
+    check(tokens.dim() == 3, f"tokens must be (B, N, C); got shape {tuple(tokens.shape)}")
+    if tokens.shape[1] == record.num_tokens and record.num_tokens != record.num_input:
+        tokens = unmerge_tokens(tokens, record.full_token_map(tokens.shape[0]))  # (B, N0, C)
+    check(
+        tokens.shape[1] == record.num_input,
+        f"tokens must have {record.num_tokens} (merged) or {record.num_input} (input) tokens; got {tokens.shape[1]}",
+    )
+    patches = tokens[:, record.num_prefix :]  # (B, h*w, C)
+    if not as_grid:
+        return patches
+    check(record.grid is not None, "as_grid needs the patch grid, which the last input did not form")
+    h, w = record.grid  # type: ignore[misc]
+    return patches.transpose(1, 2).reshape(patches.shape[0], -1, h, w)  # (B, C, h, w)
+
+
+# ---------------------------------------------------------------------------- runtime
+def _attn_dtype(x: Tensor) -> torch.dtype:
+    """The dtype attention runs in for input ``x`` (the autocast dtype under autocast)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """An SDPA mask as an additive float bias: bool True -> 0, False -> -inf."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def carry_mask(mask: Tensor, plan: MergePlan, mode: MergeMode, size: Tensor | None) -> Tensor:
+    """Follow an additive attention mask through a merge of its tokens.
+
+    Args:
+        mask: additive bias broadcastable to ``(B, H, N, N)`` (queries, keys).
+        plan: the merge of the N tokens.
+        mode: the token merge mode; ``size`` weights as in `MergePlan.merge`.
+        size: ``(B, N)`` token sizes before the merge, None for ones.
+
+    Returns:
+        ``(b, h, q, k)`` with every dim of length N merged: keys to the log of the
+        mean of ``exp(mask)`` over a group, queries to the mean of the group's rows.
+    """
+    mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))  # (b, h, q, k)
+    if mask.shape[-1] == plan.num_in:
+        keys = mask.movedim(-1, 1).exp()  # (b, k, h, q)
+        mask = plan.merge(keys, mode, size).log().movedim(1, -1)  # (B, h, q, k - r)
+    if mask.shape[-2] == plan.num_in:
+        rows = mask.movedim(-2, 1)  # (b, q, h, k)
+        mask = plan.merge(rows, mode, size).movedim(1, -2)  # (B, h, q - r, k)
+    return mask
+
+
+class _Run:
+    """Per-forward bookkeeping of one applied model: sizes, sources, mask, grid."""
+
+    def __init__(self, model: nn.Module, config: MergeConfig) -> None:
+        self.model = weakref.ref(model)
+        self.mode: MergeMode = config.mode
+        self.dense = bool(config.options.get("dense", False))
+        self.trace_source = config.trace_source
+        self.protected = int(getattr(model, "num_prefix_tokens", 0))
+        self.grid: tuple[int, int] | None = None
+        self.batch = 0
+        self.num_input = 0
+        self.num_tokens = 0
+        self.merged = False
+        self.track = False
+        self.is_causal = False
+        self.sizes: Tensor | None = None  # (B, N) float32 once something merged
+        self.token_map: Tensor | None = None  # (B, N0) once something merged and tracked
+        self.user_mask: Tensor | None = None
+        self.mask: Tensor | None = None  # the user mask in the current layout, additive
+        self.dtype: torch.dtype = torch.float32
+
+    def pool_reads_all(self) -> bool:
+        """Whether the model's head reads more than the class token (so it needs every token)."""
+        model = self.model()
+        if model is None:
+            return False
+        pool = getattr(model, "global_pool", "token")
+        return getattr(model, "attn_pool", None) is not None or pool not in _TOKEN_POOLS
+
+    def begin(self, x: Tensor) -> None:
+        """Start a new forward with block input ``x`` ``(B, N0, C)``."""
+        model = self.model()
+        if model is not None and getattr(model, "grad_checkpointing", False) and torch.is_grad_enabled():
+            raise TokenMergeError(
+                "grad_checkpointing must be off while tokens merge: the recomputed blocks would merge twice "
+                "(call model.set_grad_checkpointing(False))"
+            )
+        self.batch, self.num_input = x.shape[0], x.shape[1]
+        self.num_tokens = self.num_input
+        if self.grid is not None and self.grid[0] * self.grid[1] != self.num_input - self.protected:
+            self.grid = None
+        self.merged = False
+        self.track = self.trace_source or self.dense or self.pool_reads_all()
+        self.is_causal = False
+        self.sizes = self.token_map = self.user_mask = self.mask = None
+        self.dtype = _attn_dtype(x)
+
+    def follows(self, x: Tensor) -> bool:
+        """Whether ``x`` is laid out as the current forward expects."""
+        return x.shape[0] == self.batch and x.shape[1] == self.num_tokens
+
+    def advance(self, plan: MergePlan) -> None:
+        """Account for ``plan`` having merged the tokens (call after merging with the old sizes)."""
+        if self.user_mask is not None:
+            current = self.mask if self.mask is not None else _additive(self.user_mask, self.dtype)
+            self.mask = carry_mask(current, plan, self.mode, self.sizes)
+        if self.track:
+            previous = self.token_map
+            if previous is None:
+                previous = identity_token_map(plan.batch, self.num_input, device=plan.slot.device)  # (B, N0)
+            self.token_map = plan.merge_token_map(previous)  # (B, N0)
+        self.sizes = plan.merge_size(self.sizes)  # (B, N - r)
+        self.num_tokens = plan.num_out
+        self.merged = True
+
+
+class _Unregister:
+    """Removes a model's run from the registry when the hooks are removed."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = weakref.ref(model)
+
+    def remove(self) -> None:
+        model = self.model()
+        if model is not None:
+            _RUNS.pop(model, None)
+
+
+def _mask_arg(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
+    if "attn_mask" in kwargs:
+        return kwargs["attn_mask"]
+    return args[1] if len(args) > 1 else None
+
+
+def _with_mask(args: tuple[Any, ...], kwargs: dict[str, Any], mask: Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if "attn_mask" in kwargs or len(args) <= 1:
+        return args, {**kwargs, "attn_mask": mask}
+    return (args[0], mask, *args[2:]), kwargs
+
+
+class _BlockHooks:
+    """The hooks of one ``Block``; ``layer`` is None for a block that does not merge."""
+
+    def __init__(self, run: _Run, state: MergeState, index: int, layer: tuple[int, int] | None) -> None:
+        self.run = run
+        self.state = state
+        self.index = index
+        self.layer = layer  # (index among merging blocks, number of merging blocks)
+        self.key = f"blocks.{index}"
+        self.metric: Tensor | None = None
+        self.plan: MergePlan | None = None
+
+    def attach(self, hooks: HookSet, block: nn.Module, prop_attn: bool) -> None:
+        hooks.pre(block, self.block_pre)
+        if prop_attn:
+            hooks.pre(block.attn, self.attn_pre)
+        if self.layer is None:
+            return
+        hooks.post(block.attn.k_norm, self.keys_post)
+        hooks.pre(block.norm2, self.norm2_pre)
+        hooks.post(block.mlp, self.mlp_post)
+        hooks.post(block, self.block_post)
+
+    def block_pre(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        x = args[0] if args else kwargs["x"]  # (B, N, C)
+        run = self.run
+        if self.index == 0 or not run.follows(x):
+            run.begin(x)
+        run.is_causal = bool(kwargs.get("is_causal", args[2] if len(args) > 2 else False))
+        mask = _mask_arg(args, kwargs)
+        if mask is None:
+            return None
+        if not run.merged:
+            run.user_mask = mask
+            return None
+        return _with_mask(args, kwargs, run.mask)
+
+    def attn_pre(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        sizes = self.run.sizes
+        x = args[0] if args else kwargs["x"]  # (B, N, C)
+        if sizes is None or sizes.shape[1] != x.shape[1]:
+            return None
+        bias = proportional_attention_bias(sizes, dtype=_attn_dtype(x))  # (B, 1, 1, N)
+        mask = _mask_arg(args, kwargs)
+        if mask is not None:
+            bias = _additive(mask, bias.dtype) + bias  # broadcast to (B, H, N, N) at most
+        return _with_mask(args, kwargs, bias)
+
+    def keys_post(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], keys: Tensor) -> None:
+        self.metric = keys.detach().mean(dim=1)  # (B, H, N, d) -> (B, N, d)
+
+    def norm2_pre(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        run, metric = self.run, self.metric
+        self.metric, self.plan = None, None
+        x = args[0]  # (B, N, C)
+        if metric is None or metric.shape[:2] != x.shape[:2]:
+            return None
+        assert self.layer is not None
+        grid = run.grid if not run.merged else None
+        try:
+            index, count = self.layer
+            plan = self.state.plan(
+                self.key, metric, layer_index=index, num_layers=count, grid=grid, protected=run.protected
+            )
+        except TokenMergeError as error:
+            if not run.merged:
+                raise
+            raise TokenMergeError(
+                f"{self.key}: {error}. After a merge a ViT's tokens no longer form the patch grid, so grid "
+                "matchers can merge in one block only: MergeConfig(..., blocks=(i, i))"
+            ) from error
+        if plan.r == 0:
+            return None
+        if run.is_causal:
+            raise TokenMergeError("is_causal must be False while tokens merge: merged tokens have no causal order")
+        self.plan = plan
+        return (plan.merge(x, run.mode, run.sizes), *args[1:]), kwargs  # (B, N - r, C)
+
+    def mlp_post(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> Any:
+        plan = self.plan
+        if plan is None or out.shape[1] != plan.num_out:
+            return None
+        return plan.unmerge(out)  # (B, N, C)
+
+    def block_post(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> Any:
+        plan, run = self.plan, self.run
+        if plan is None:
+            return None
+        self.plan = None
+        merged = plan.merge(out, run.mode, run.sizes)  # (B, N - r, C)
+        run.advance(plan)
+        return merged
+
+
+def _norm_post(run: _Run) -> Any:
+    def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> Any:
+        if run.token_map is None or out.dim() != 3 or not run.follows(out):
+            return None
+        if run.dense or run.pool_reads_all():
+            return unmerge_tokens(out, run.token_map)  # (B, N0, C)
+        return None
+
+    return hook
+
+
+def _patch_embed_post(run: _Run) -> Any:
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        if isinstance(out, Tensor) and out.dim() == 4:  # NHWC (dynamic image size)
+            run.grid = (int(out.shape[1]), int(out.shape[2]))
+            return
+        grid = getattr(module, "grid_size", None)
+        run.grid = (int(grid[0]), int(grid[1])) if grid is not None else None
+
+    return hook
+
+
+# ---------------------------------------------------------------------------- adapter
+def _unsupported(target: Any) -> str | None:
+    """Why ``target`` cannot be merged, or None when it can."""
+    if not isinstance(target, VisionTransformer):
+        return f"got {type(target).__module__}.{type(target).__qualname__}"
+    for index, block in enumerate(target.blocks):
+        if type(block) is not Block:
+            return f"blocks.{index} is a {type(block).__qualname__}, not a vision_transformer.Block"
+        if type(block.attn) is not Attention:
+            return f"blocks.{index}.attn is a {type(block.attn).__qualname__}, not a timm.layers.Attention"
+    return None
+
+
+def _merging_blocks(config: MergeConfig, depth: int) -> range:
+    first, last = config.blocks if config.blocks is not None else (0, depth - 1)
+    return range(first, last + 1)
+
+
+class TimmViTAdapter(Adapter):
+    """ToMe merging for timm Vision Transformers (`VisionTransformer` and its distilled variant).
+
+    Every block in ``config.blocks`` (all blocks by default) merges its residual stream
+    between attention and MLP, with any `Matcher`/`ThresholdPolicy`; the module
+    docstring of `tokenmerge.adapters.vit` describes the hooks and the rules (clamping
+    of ``r``, masks, pooling).
+
+    Reads from the config: ``matcher``, ``threshold``, ``cache``, ``mode``
+    (``"weighted"`` for ToMe, or ``"mean"``), ``prop_attn``, ``trace_source``, ``blocks``
+    (``(first, last)``, the blocks that merge), ``seed``, and ``options['dense']``
+    (``forward_features`` returns every input token, unmerged). ``merge_attn``,
+    ``merge_mlp`` and ``max_downsample`` are diffusion settings and are ignored;
+    ``merge_crossattn``, ``kv_only`` and ``mode="sum"`` are rejected.
+    """
+
+    name = "timm-vit"
+    supported = SUPPORTED_FAMILIES
+
+    def accepts(self, target: Any) -> bool:
+        """True for any timm module: `check` names the supported families for the others."""
+        return isinstance(target, nn.Module)
+
+    def check(self, target: Any, config: MergeConfig) -> None:
+        """Reject unsupported models and settings; changes nothing."""
+        reason = _unsupported(target)
+        if reason is not None:
+            raise TokenMergeError(
+                f"target must be one of: {'; '.join(SUPPORTED_FAMILIES)}; {reason}. Not supported: EVA (rotary "
+                "embeddings), BEiT (relative position bias), Swin (windowed attention) and other timm models"
+            )
+        check(config.mode != "sum", "mode must be 'weighted' or 'mean' on a ViT: summed tokens would grow each block")
+        check(not config.merge_crossattn, "merge_crossattn must be False: a ViT has no cross-attention")
+        check(not config.kv_only, "kv_only is not supported on ViTs: tokens merge in the residual stream (ToMe)")
+        unknown = sorted(set(config.options) - set(OPTIONS))
+        check(not unknown, f"options for a ViT may only contain {list(OPTIONS)}; got {unknown}")
+        dense = config.options.get("dense", False)
+        check(isinstance(dense, bool), f"options['dense'] must be a bool; got {dense!r}")
+        depth = len(target.blocks)
+        if config.blocks is not None:
+            check(config.blocks[1] < depth, f"blocks must lie within the model's {depth} blocks; got {config.blocks}")
+        if isinstance(config.threshold, FixedCount):
+            layer_schedule(config.threshold.r, len(_merging_blocks(config, depth)))
+
+    def attach(self, target: Any, config: MergeConfig, state: MergeState, hooks: HookSet) -> None:
+        """Hook the patch embedding, every block and the final norm of ``target``."""
+        run = _Run(target, config)
+        merging = _merging_blocks(config, len(target.blocks))
+        hooks.post(target.patch_embed, _patch_embed_post(run))
+        for index, block in enumerate(target.blocks):
+            layer = (merging.index(index), len(merging)) if index in merging else None
+            _BlockHooks(run, state, index, layer).attach(hooks, block, config.prop_attn)
+        hooks.post(target.norm, _norm_post(run))
+        _RUNS[target] = run
+        hooks.add(_Unregister(target))  # type: ignore[arg-type]
