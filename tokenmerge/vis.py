@@ -1,0 +1,166 @@
+"""Pictures of merged tokens: every group of patches filled with its mean colour and outlined.
+
+Pure numpy; PNGs are written with `zlib`, so neither matplotlib nor PIL is needed to draw
+or save (PIL is needed only to *read* `load_sample_image`). Typical use with a timm ViT::
+
+    handle = tokenmerge.apply(model, tokenmerge.ToMe(r=16, trace_source=True))
+    model(batch)
+    record = tokenmerge.adapters.vit.merge_record(model)
+    picture = tokenmerge.vis.visualize(image, record)   # (H, W, 3) uint8
+    tokenmerge.vis.save_png("merged.png", picture)
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from torch import Tensor
+
+from .errors import TokenMergeError, check
+
+__all__ = ["draw_groups", "visualize", "save_png", "load_sample_image", "SAMPLE_IMAGE"]
+
+#: Name of the demo image shipped in ``tokenmerge/assets`` (224x224 RGB, from scikit-image's ``astronaut``).
+SAMPLE_IMAGE = "sample.png"
+
+
+class _Record(Protocol):
+    """What `visualize` needs from a merge record (`tokenmerge.adapters.vit.ViTMergeRecord`)."""
+
+    grid: tuple[int, int] | None
+
+    def patch_groups(self, batch: int = 1) -> Tensor: ...
+
+
+def _as_rgb(image: Any) -> np.ndarray:
+    """An image as ``(H, W, 3)`` float64 in [0, 255].
+
+    Accepts a PIL image, a numpy array or a torch tensor, ``(H, W, 3)`` or ``(3, H, W)``,
+    as uint8 or as floats in [0, 1].
+    """
+    if isinstance(image, Tensor):
+        image = image.detach().cpu().numpy()
+    array = np.asarray(image)
+    integer = np.issubdtype(array.dtype, np.integer)
+    if array.ndim == 3 and array.shape[0] == 3 and array.shape[-1] != 3:
+        array = array.transpose(1, 2, 0)  # (3, H, W) -> (H, W, 3)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    check(array.ndim == 3 and array.shape[-1] in (3, 4), f"image must be (H, W, 3) or (3, H, W); got {array.shape}")
+    array = array[..., :3].astype(np.float64)
+    if not integer:
+        array = array * 255.0
+    return np.clip(array, 0.0, 255.0)
+
+
+def draw_groups(
+    image: Any,
+    groups: Any,
+    grid: tuple[int, int],
+    *,
+    outline: tuple[int, int, int] | None = (255, 255, 255),
+) -> np.ndarray:
+    """Fill every group of patches with its mean colour and outline it.
+
+    Args:
+        image: the model's input picture (not normalised), ``(H, W, 3)`` or ``(3, H, W)``,
+            uint8 or floats in [0, 1]; a PIL image works too.
+        groups: ``(h * w,)`` or ``(h, w)`` group id of every patch (row-major), e.g.
+            ``record.patch_groups()[0]``.
+        grid: ``(h, w)`` patch grid; pixel row ``y`` belongs to patch row ``y * h // H``.
+        outline: RGB colour of the one-pixel group borders, or None for no outline.
+
+    Returns:
+        ``(H, W, 3)`` uint8.
+    """
+    rgb = _as_rgb(image)  # (H, W, 3)
+    height, width = rgb.shape[:2]
+    h, w = grid
+    labels = np.asarray(groups.detach().cpu() if isinstance(groups, Tensor) else groups).reshape(-1)
+    check(labels.size == h * w, f"groups must have one entry per patch of the {h}x{w} grid; got {labels.size}")
+    check(height >= h and width >= w, f"image ({height}x{width}) must have at least one pixel per patch ({h}x{w})")
+    _, labels = np.unique(labels, return_inverse=True)  # ids 0 .. G-1
+    rows = np.arange(height) * h // height  # (H,) patch row of each pixel row
+    cols = np.arange(width) * w // width  # (W,)
+    pixels = labels.reshape(h, w)[rows[:, None], cols[None, :]]  # (H, W) group of every pixel
+    flat = pixels.reshape(-1)
+    count = np.bincount(flat)  # (G,)
+    mean = np.stack([np.bincount(flat, weights=rgb[..., c].reshape(-1)) for c in range(3)], axis=-1)  # (G, 3)
+    out = (mean / count[:, None])[pixels]  # (H, W, 3)
+    if outline is not None:
+        edge = np.zeros((height, width), dtype=bool)
+        edge[:, :-1] |= pixels[:, :-1] != pixels[:, 1:]
+        edge[:-1, :] |= pixels[:-1, :] != pixels[1:, :]
+        out[edge] = outline
+    return np.rint(out).astype(np.uint8)
+
+
+def visualize(
+    image: Any, record: _Record, *, index: int = 0, outline: tuple[int, int, int] | None = (255, 255, 255)
+) -> np.ndarray:
+    """Draw the merged groups of one image of a forward from its merge record.
+
+    Args:
+        image: that image, as the model saw it (resized, not normalised).
+        record: `tokenmerge.adapters.vit.merge_record` of the forward (apply with
+            ``trace_source=True``).
+        index: which image of the batch.
+        outline: border colour, or None.
+
+    Returns:
+        ``(H, W, 3)`` uint8.
+    """
+    if record.grid is None:
+        raise TokenMergeError("record.grid is None: the patch tokens of that forward did not form a grid")
+    groups = record.patch_groups(index + 1)[index]  # (h * w,)
+    return draw_groups(image, groups, record.grid, outline=outline)
+
+
+def _chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+
+def save_png(path: str | Path, image: Any) -> Path:
+    """Write an image as an 8-bit RGB PNG (pure Python, zlib only).
+
+    Args:
+        path: where to write; parent folders are created.
+        image: ``(H, W, 3)`` or ``(3, H, W)``, uint8 or floats in [0, 1].
+
+    Returns:
+        The path written.
+    """
+    rgb = np.rint(_as_rgb(image)).astype(np.uint8)  # (H, W, 3)
+    height, width = rgb.shape[:2]
+    raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(height))  # filter type 0 per row
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit, truecolour
+    data = (
+        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw, 9)) + _chunk(b"IEND", b"")
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def load_sample_image(size: int | None = None) -> np.ndarray:
+    """The demo photo shipped with tokenmerge, ``(224, 224, 3)`` uint8 (needs PIL).
+
+    Args:
+        size: resize to ``size x size`` (bicubic) when given.
+    """
+    try:
+        from PIL import Image
+    except ImportError as error:  # pragma: no cover - pillow comes with tokenmerge[timm]
+        raise ImportError("load_sample_image needs Pillow: pip install 'tokenmerge[timm]'") from error
+    with (resources.files("tokenmerge") / "assets" / SAMPLE_IMAGE).open("rb") as handle:
+        picture = Image.open(handle).convert("RGB")
+        if size is not None:
+            check(isinstance(size, int) and size >= 1, f"size must be None or an int >= 1; got {size!r}")
+            picture = picture.resize((size, size), Image.Resampling.BICUBIC)
+        return np.asarray(picture).copy()
