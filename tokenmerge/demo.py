@@ -77,8 +77,9 @@ class DemoRow:
         tokens: tokens per merged layer, ``"in→out"`` (see `summarize_tokens`).
         seconds: median time of one job.
         speedup: plain time / this time (1.0 for the plain row).
-        fidelity: cosine similarity of the output to the plain output (1.0 is identical).
-        plans: ``"computed/reused"`` merge plans in the last job.
+        fidelity: cosine similarity of the output to the plain output (1.0 is identical); for
+            diffusion models the output is every step's noise prediction.
+        plans: ``"computed/reused"`` merge plans in the last job (reset before each job).
     """
 
     preset: str
@@ -120,12 +121,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(job: Callable[[], Tensor], device: torch.device, repeats: int = 3) -> tuple[float, Tensor]:
-    """Median wall time of ``repeats`` runs of ``job`` after one warm-up, and its last output."""
+def measure(
+    job: Callable[[], Tensor], device: torch.device, repeats: int = 3, before: Callable[[], object] | None = None
+) -> tuple[float, Tensor]:
+    """Median wall time of ``repeats`` runs of ``job`` after one warm-up, and its last output.
+
+    ``before`` (untimed) runs before every run, e.g. a merge handle's ``reset``.
+    """
     with torch.inference_mode():
         output = job()
         times = []
         for _ in range(repeats):
+            if before is not None:
+                before()
             _sync(device)
             start = time.perf_counter()
             output = job()
@@ -204,21 +212,49 @@ def _seeded(seed: int) -> Iterator[None]:
 
 
 def _denoise_job(call: Callable[[Tensor, Tensor], Tensor], noise: Tensor, steps: int) -> Callable[[], Tensor]:
-    """A DDIM sampling loop of ``steps`` steps calling ``call(latents, timestep)`` -> noise prediction."""
+    """A DDIM sampling loop of ``steps`` steps calling ``call(latents, timestep)`` -> noise prediction.
+
+    The job returns every step's noise prediction, ``(B, steps * C, H, W)``: what merging
+    changes in the network, step by step (the final latents are mostly the initial noise
+    for a random-weight model, so they would hide it).
+    """
     from diffusers import DDIMScheduler
 
-    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    # Stable Diffusion's DDIM settings, without clipping.
+    scheduler = DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
 
     def job() -> Tensor:
         scheduler.set_timesteps(steps)
         latents = noise.clone()  # (B, C, H, W)
+        predictions = []
         for t in scheduler.timesteps:
             timestep = t.to(noise.device).expand(noise.shape[0])  # (B,)
             eps = call(latents, timestep)[:, : noise.shape[1]]  # (B, C, H, W); DiT also predicts variance
+            predictions.append(eps)
             latents = scheduler.step(eps, t, latents).prev_sample
-        return latents
+        return torch.cat(predictions, dim=1)  # (B, steps * C, H, W)
 
     return job
+
+
+def _wake_zero_init(model: torch.nn.Module, std: float = 0.02) -> torch.nn.Module:
+    """Give small random values to weights initialised to zero (DiT's adaLN-Zero, output layers).
+
+    A random-weight model with those at zero computes a constant, so merging could not
+    change its output. Draws from the global RNG (seeded by the caller).
+    """
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1 and not param.any():
+                param.normal_(0.0, std)
+    return model
 
 
 def _build_unet(device: torch.device, seed: int, steps: int) -> DemoModel:
@@ -226,17 +262,19 @@ def _build_unet(device: torch.device, seed: int, steps: int) -> DemoModel:
 
     size = 32  # latent side: 1024 tokens in the top-level attention
     with _seeded(seed):
-        unet = UNet2DConditionModel(
-            sample_size=size,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32,
-            layers_per_block=1,
-            attention_head_dim=8,
-            norm_num_groups=8,
+        unet = _wake_zero_init(
+            UNet2DConditionModel(
+                sample_size=size,
+                in_channels=4,
+                out_channels=4,
+                block_out_channels=(32, 64),
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                cross_attention_dim=32,
+                layers_per_block=1,
+                attention_head_dim=8,
+                norm_num_groups=8,
+            )
         )
         noise = torch.randn(1, 4, size, size)  # (B, C, H, W)
         text = torch.randn(1, 8, 32)  # (B, L, D) stands in for a prompt's embedding
@@ -265,16 +303,18 @@ def _build_dit(device: torch.device, seed: int, steps: int) -> DemoModel:
 
     size, patch = 32, 2  # 16 x 16 = 256 tokens
     with _seeded(seed):
-        dit = DiTTransformer2DModel(
-            num_attention_heads=4,
-            attention_head_dim=16,
-            in_channels=4,
-            out_channels=8,
-            num_layers=4,
-            sample_size=size,
-            patch_size=patch,
-            num_embeds_ada_norm=1000,
-            norm_num_groups=8,
+        dit = _wake_zero_init(
+            DiTTransformer2DModel(
+                num_attention_heads=4,
+                attention_head_dim=16,
+                in_channels=4,
+                out_channels=8,
+                num_layers=4,
+                sample_size=size,
+                patch_size=patch,
+                num_embeds_ada_norm=1000,
+                norm_num_groups=8,
+            )
         )
         noise = torch.randn(1, 4, size, size)  # (B, C, H, W)
     dit = dit.to(device).eval()
@@ -358,7 +398,7 @@ def run_model(model: DemoModel, presets: Sequence[str], device: torch.device, re
         bar.set_postfix_str(f"{model.key} {name}")
         handle = apply(model.target, config)
         try:
-            seconds, output = measure(model.job, device, repeats)
+            seconds, output = measure(model.job, device, repeats, before=handle.reset)
             state = handle.state
             tokens = summarize_tokens(state.merged_tokens)
             plans = f"{state.plans_computed}/{state.plans_reused}"

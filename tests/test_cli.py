@@ -1,0 +1,149 @@
+"""The ``tokenmerge`` command: help everywhere, one-line user errors with status 2, a working demo."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tokenmerge import TokenMergeError, cli, demo
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _commands() -> list[str]:
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return sorted(sub.choices)
+
+
+def test_demo_is_a_command() -> None:
+    assert "demo" in _commands()
+
+
+@pytest.mark.parametrize("argv", [["--help"], *([c, "--help"] for c in _commands())], ids=lambda a: " ".join(a))
+def test_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: tokenmerge")
+    if argv == ["--help"]:
+        for command in _commands():
+            assert command in out
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exited:
+        status = cli.main(argv)
+        raise SystemExit(status)
+    assert exited.value.code == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert "Traceback" not in captured.err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], "the following arguments are required: COMMAND"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["demo", "--models", "unet,resnet"], "unknown resnet; choose from unet, dit, vit"),
+        (["demo", "--presets", ""], "must name at least one of"),
+        (["demo", "--repeats", "0"], "must be a positive integer; got '0'"),
+        (["demo", "--steps", "two"], "must be a positive integer; got 'two'"),
+        (["demo", "--device", "tpu"], "must be auto, cpu, cuda, cuda:N or mps; got 'tpu'"),
+        (["demo", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ],
+)
+def test_argument_errors_are_one_line_status_2(
+    argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    line = _one_line_error(capsys, argv)
+    assert expected in line
+    assert line.startswith("tokenmerge")
+
+
+def test_tokenmerge_error_is_one_line_status_2(capsys: pytest.CaptureFixture[str]) -> None:
+    # No machine has 100 GPUs: resolve_device raises TokenMergeError, main turns it into one line.
+    line = _one_line_error(capsys, ["demo", "--device", "cuda:99", "--no-progress"])
+    assert line.startswith("tokenmerge: error: device must be")
+
+
+def test_missing_optional_dependency_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    def run(args: object) -> int:
+        raise ModuleNotFoundError("No module named 'diffusers'", name="diffusers")
+
+    monkeypatch.setattr(cli, "_run_demo", run)
+    line = _one_line_error(capsys, ["demo"])
+    assert line == "tokenmerge: error: this command needs diffusers: pip install 'tokenmerge[diffusers]'"
+
+
+def test_other_bugs_are_not_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
+    def run(args: object) -> int:
+        raise ModuleNotFoundError("No module named 'tokenmerge.nothing'", name="tokenmerge.nothing")
+
+    monkeypatch.setattr(cli, "_run_demo", run)
+    with pytest.raises(ModuleNotFoundError):
+        cli.main(["demo"])
+
+
+def test_python_dash_m_tokenmerge() -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-m", "tokenmerge", "demo", "--help"], capture_output=True, text=True, env=env, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: tokenmerge demo")
+    bad = subprocess.run(
+        [sys.executable, "-m", "tokenmerge", "demo", "--repeats", "-1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_summarize_tokens() -> None:
+    assert demo.summarize_tokens({}) == "nothing merged"
+    assert demo.summarize_tokens({"a": (65, 57), "b": (57, 49), "c": (49, 41)}) == "65→57→49→41"
+    assert demo.summarize_tokens({"a": (1024, 512), "b": (1024, 512), "c": (256, 128)}) == "1024→512 ×2, 256→128"
+    assert demo.summarize_tokens({"a": (1024, 600), "b": (1024, 700)}) == "1024→600..700 ×2"
+
+
+def test_demo_runs_every_model_and_preset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "groups.png"
+    status = cli.main(
+        ["demo", "--device", "cpu", "--steps", "2", "--repeats", "1", "--no-progress", "--out", str(out)]
+    )
+    assert status == 0
+    text = capsys.readouterr().out
+    for title in ("UNet", "DiT", "ViT"):
+        assert title in text
+    for preset in ("ToMeSD", "CAToMe", "ToDo", "ToMe"):
+        assert f"\n{preset} " in text
+    assert "tokens per merged layer" in text and "vs plain" in text
+    assert "nothing merged" not in text  # every preset merged something in every model
+
+
+def test_run_demo_results(capsys: pytest.CaptureFixture[str]) -> None:
+    results = demo.run_demo(models=["dit"], presets=["ToMeSD", "ToMe"], device="cpu", steps=1, repeats=1, progress=False)
+    (result,) = results
+    assert [row.preset for row in result.rows] == ["plain", "ToMeSD"]  # ToMe is not offered for the DiT
+    plain, merged = result.rows
+    assert plain.speedup == 1.0 and plain.fidelity == 1.0
+    assert merged.tokens == "256→128 ×4"
+    assert 0.9 < merged.fidelity < 1.0
+    assert merged.plans == "4/0"  # one step, four blocks, plans counted for the last job only
+
+
+def test_run_demo_rejects_unknown_names() -> None:
+    with pytest.raises(TokenMergeError, match="models must be among"):
+        demo.run_demo(models=["resnet"], progress=False)
