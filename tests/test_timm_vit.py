@@ -427,11 +427,17 @@ def test_timm_vit_trains_through_merges(timm_tiny_vit: Callable[..., nn.Module])
 def test_timm_vit_dense_outputs_cover_the_patch_grid(timm_tiny_vit: Callable[..., nn.Module]) -> None:
     model = timm_tiny_vit(reg_tokens=4)
     images = torch.randn(2, 3, 32, 32)
-    with tokenmerge.apply(model, tokenmerge.ToMe(r=8, trace_source=True)):
+    with tokenmerge.apply(model, tokenmerge.ToMe(r=8).replace(options={"dense": False})):
         with torch.no_grad():
-            tokens = model.forward_features(images)  # token pooling: the merged tokens
+            tokens = model.forward_features(images)  # token pooling, dense=False: the merged tokens
         record = merge_record(model)
-        assert tokens.shape == (2, 5 + 64 - 32, 64) and record.num_tokens == tokens.shape[1]
+        assert record is not None and record.token_map is None  # nothing asked for the sources
+    assert tokens.shape == (2, 5 + 64 - 32, 64) and record.num_tokens == tokens.shape[1]
+
+    with tokenmerge.apply(model, tokenmerge.ToMe(r=8, trace_source=True).replace(options={"dense": False})):
+        with torch.no_grad():
+            tokens = model.forward_features(images)
+        record = merge_record(model)
         patches = unmerge_to_patches(tokens, record)  # (B, 64, C)
         grid = unmerge_to_patches(tokens, record, as_grid=True)  # (B, C, 8, 8)
     assert patches.shape == (2, 64, 64) and grid.shape == (2, 64, 8, 8)
@@ -439,12 +445,16 @@ def test_timm_vit_dense_outputs_cover_the_patch_grid(timm_tiny_vit: Callable[...
     assert torch.equal(patches, tokens[:, 5:].gather(1, groups[..., None].expand(-1, -1, 64)))
     assert torch.equal(grid.flatten(2).transpose(1, 2), patches)
 
-    with tokenmerge.apply(model, tokenmerge.ToMe(r=8).replace(options={"dense": True})):
-        with torch.no_grad():
-            dense = model.forward_features(images)
+    with tokenmerge.apply(model, tokenmerge.ToMe(r=8)), torch.no_grad():  # dense by default: the unpatched shapes
+        dense = model.forward_features(images)
+        _, intermediates = model.forward_intermediates(images, norm=True, output_fmt="NCHW")
+        _, merged_intermediates = model.forward_intermediates(images, output_fmt="NLC")
     assert dense.shape == (2, 5 + 64, 64)
     torch.testing.assert_close(dense, unmerge_tokens(tokens, record.token_map))
     torch.testing.assert_close(unmerge_to_patches(dense, record), patches)
+    assert [tuple(t.shape) for t in intermediates] == [(2, 64, 8, 8)] * 4
+    torch.testing.assert_close(intermediates[-1], grid)
+    assert [t.shape[1] for t in merged_intermediates] == [64 - 8 * i for i in range(1, 5)]
 
 
 def test_timm_vit_average_pooling_reads_every_token_weighted_by_size(timm_tiny_vit: Callable[..., nn.Module]) -> None:

@@ -24,11 +24,13 @@ copied or replaced; its ``forward`` runs as written)::
 Model-level hooks: ``patch_embed`` records the patch grid; block 0's pre-hook starts a
 new forward (sizes, sources, masks reset; this also covers direct calls of
 ``forward_features`` or ``forward_intermediates``); the final ``norm`` post-hook
-unmerges the tokens back to the full layout through the source map when the pooling
-reads more than the class token (``avg``, ``avgmax``, ``max``, ``map``, ``''``) or when
-``options['dense']`` is set. A plain mean over the unmerged tokens *is* the
-size-weighted mean over the merged ones, so ``global_pool='avg'`` is weighted by token
-size without touching timm's ``forward_head``.
+unmerges the tokens back to the full input layout through the source map (one gather),
+so ``forward_features`` keeps the unpatched model's shape: dense outputs by default.
+With ``options['dense'] = False`` it returns the merged tokens instead, except when the
+pooling reads more than the class token (``avg``, ``avgmax``, ``max``, ``map``, ``''``).
+A plain mean over the unmerged tokens *is* the size-weighted mean over the merged ones,
+so ``global_pool='avg'`` is weighted by token size without touching timm's
+``forward_head``.
 
 Rules:
 
@@ -43,6 +45,12 @@ Rules:
   combined with merging (``TokenMergeError``).
 * Grid matchers (`RandomGrid`, `StridedGrid`) see the patch grid only in blocks before
   the first merge; restrict them to one block with ``MergeConfig(blocks=(i, i))``.
+* ``forward_intermediates``: with ``norm=True`` every intermediate goes through the
+  final ``norm`` and comes back unmerged (so ``output_fmt='NCHW'`` works); with
+  ``norm=False`` intermediates keep their merged length: use ``output_fmt='NLC'`` then
+  (timm's NCHW reshape assumes the full token count and would scramble them).
+* Gradient checkpointing is refused while tokens merge (the recomputation would run
+  the stateful hooks twice).
 """
 
 from __future__ import annotations
@@ -94,8 +102,8 @@ class ViTMergeRecord:
         sizes: ``(B, num_tokens)`` float32: how many input tokens each token covers;
             None when nothing merged.
         token_map: ``(B, N0)`` position of every input token after the last block; None
-            unless sources were tracked (``trace_source``, ``options['dense']`` or a
-            pooling that reads every token) and something merged.
+            unless sources were tracked (``options['dense']``, the default, ``trace_source``
+            or a pooling that reads every token) and something merged.
     """
 
     num_prefix: int
@@ -229,7 +237,7 @@ class _Run:
     def __init__(self, model: nn.Module, config: MergeConfig) -> None:
         self.model = weakref.ref(model)
         self.mode: MergeMode = config.mode
-        self.dense = bool(config.options.get("dense", False))
+        self.dense = bool(config.options.get("dense", True))
         self.trace_source = config.trace_source
         self.protected = int(getattr(model, "num_prefix_tokens", 0))
         self.grid: tuple[int, int] | None = None
@@ -459,7 +467,8 @@ class TimmViTAdapter(Adapter):
     Reads from the config: ``matcher``, ``threshold``, ``cache``, ``mode``
     (``"weighted"`` for ToMe, or ``"mean"``), ``prop_attn``, ``trace_source``, ``blocks``
     (``(first, last)``, the blocks that merge), ``seed``, and ``options['dense']``
-    (``forward_features`` returns every input token, unmerged). ``merge_attn``,
+    (default True: ``forward_features`` returns every input token, unmerged; False:
+    the merged tokens, for token-pooling models). ``merge_attn``,
     ``merge_mlp`` and ``max_downsample`` are diffusion settings and are ignored;
     ``merge_crossattn``, ``kv_only`` and ``mode="sum"`` are rejected.
     """
@@ -484,7 +493,7 @@ class TimmViTAdapter(Adapter):
         check(not config.kv_only, "kv_only is not supported on ViTs: tokens merge in the residual stream (ToMe)")
         unknown = sorted(set(config.options) - set(OPTIONS))
         check(not unknown, f"options for a ViT may only contain {list(OPTIONS)}; got {unknown}")
-        dense = config.options.get("dense", False)
+        dense = config.options.get("dense", True)
         check(isinstance(dense, bool), f"options['dense'] must be a bool; got {dense!r}")
         depth = len(target.blocks)
         if config.blocks is not None:
