@@ -67,9 +67,16 @@ def above_threshold(threshold: float) -> CountRule:
 
 
 def reference_merge(
-    x: Tensor, metric: Tensor, size: Tensor, key_mask: Tensor | None, protected: int, split: Split, count: CountRule
+    x: Tensor,
+    metric: Tensor,
+    size: Tensor,
+    key_mask: Tensor | None,
+    protected: int,
+    split: Split,
+    count: CountRule,
+    weighted: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-    """Bipartite soft matching and a size-weighted merge, one image at a time.
+    """Bipartite soft matching and a size-weighted (or plain) merge, one image at a time.
 
     Returns the merged tokens (B, n', C), sizes (B, n'), key mask (B, n') and every old token's new position (B, n).
     """
@@ -94,9 +101,9 @@ def reference_merge(
         for j in order[:r]:
             into[int(dst[best[b][j]])].append(int(src[j]))
         groups += [into[int(d)] for d in dst]
-        weight = [size[b, g] for g in groups]
+        weight = [size[b, g] if weighted else torch.ones(len(g)) for g in groups]
         tokens.append(torch.stack([(w[:, None] * x[b, g]).sum(0) / w.sum() for g, w in zip(groups, weight)]))
-        sizes.append(torch.stack([w.sum() for w in weight]))
+        sizes.append(torch.stack([size[b, g].sum() for g in groups]))
         if key_mask is not None:
             mean_exp = [(w * key_mask[b, g].exp()).sum() / w.sum() for g, w in zip(groups, weight)]
             masks.append(torch.stack(mean_exp).log())
@@ -124,6 +131,7 @@ def reference_forward(
     prop_attn: bool = True,
     key_mask: Tensor | None = None,
     split: Split = alternating_split,
+    weighted: bool = True,
 ) -> Reference:
     """ToMe's forward of a timm ViT, with float32 softmax attention."""
     protected = model.num_prefix_tokens
@@ -146,7 +154,9 @@ def reference_forward(
             logits = logits + key_mask[:, None, None, :]
         heads = (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(batch, num, -1)
         x = x + block.drop_path1(block.ls1(attn.proj(attn.norm(heads))))
-        x_new, size_new, mask_new, position = reference_merge(x, k.mean(1), size, key_mask, protected, split, count)
+        x_new, size_new, mask_new, position = reference_merge(
+            x, k.mean(1), size, key_mask, protected, split, count, weighted
+        )
         if x_new.shape[1] < num:
             x, size, key_mask = x_new, size_new, mask_new
             token_map = position.gather(1, token_map)
@@ -323,11 +333,12 @@ class HalfSplit(Matcher):
             alternating_split,
             above_threshold(0.9),
         ),
+        (MergeConfig(matcher=AlternatingBipartite(), threshold=FixedCount(6), mode="mean"), alternating_split, None),
     ],
-    ids=["user_matcher", "similarity_threshold"],
+    ids=["user_matcher", "similarity_threshold", "plain_mean_mode"],
 )
 def test_timm_vit_other_policies_follow_the_reference(
-    config: MergeConfig, split: Split, count: CountRule, timm_tiny_vit: Callable[..., nn.Module]
+    config: MergeConfig, split: Split, count: CountRule | None, timm_tiny_vit: Callable[..., nn.Module]
 ) -> None:
     model = timm_tiny_vit(reg_tokens=2)
     unpatched = copy.deepcopy(model)
@@ -338,7 +349,8 @@ def test_timm_vit_other_policies_follow_the_reference(
         assert record is not None and record.num_tokens < record.num_input
         assert_partition(record, batch=2)
     with torch.no_grad():
-        reference = reference_forward(unpatched, images, [count] * len(model.blocks), split=split)
+        counts = [count or fixed_count(6)] * len(model.blocks)
+        reference = reference_forward(unpatched, images, counts, split=split, weighted=config.mode == "weighted")
     assert reference.counts[-1] == record.num_tokens
     torch.testing.assert_close(merged, reference.logits, atol=2e-5, rtol=1e-4)
 
