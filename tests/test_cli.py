@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from tokenmerge import TokenMergeError, cli, demo
 
@@ -120,9 +122,7 @@ def test_summarize_tokens() -> None:
 
 def test_demo_runs_every_model_and_preset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "groups.png"
-    status = cli.main(
-        ["demo", "--device", "cpu", "--steps", "2", "--repeats", "1", "--no-progress", "--out", str(out)]
-    )
+    status = cli.main(["demo", "--device", "cpu", "--steps", "2", "--repeats", "1", "--no-progress", "--out", str(out)])
     assert status == 0
     text = capsys.readouterr().out
     for title in ("UNet", "DiT", "ViT"):
@@ -131,10 +131,54 @@ def test_demo_runs_every_model_and_preset(tmp_path: Path, capsys: pytest.Capture
         assert f"\n{preset} " in text
     assert "tokens per merged layer" in text and "vs plain" in text
     assert "nothing merged" not in text  # every preset merged something in every model
+    assert f"wrote {out.resolve()}" in text
+    with Image.open(out) as picture:
+        assert picture.size == (2 * (3 * 224 + 2 * 6), 2 * 224)  # photo, r=8, r=12 with gaps, scaled 2x
+
+
+SAMPLE = ROOT / "tokenmerge" / "assets" / "sample.png"
+
+
+def test_visualize_writes_the_groups(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "groups.png"
+    assert cli.main(["visualize", str(SAMPLE), "--r", "10", "--out", str(out), "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {out.resolve()}"
+    with Image.open(out) as picture:
+        pixels = np.asarray(picture.convert("RGB"))
+    assert pixels.shape == (2 * 224, 2 * (2 * 224 + 6), 3)
+    photo, groups = pixels[:, : 2 * 224], pixels[:, 2 * 230 :]
+    assert not np.array_equal(photo, groups)
+    assert len(np.unique(groups.reshape(-1, 3), axis=0)) < len(np.unique(photo.reshape(-1, 3), axis=0))
+
+
+def test_visualize_default_output_beside_the_image(tmp_path: Path) -> None:
+    image = tmp_path / "photo.png"
+    image.write_bytes(SAMPLE.read_bytes())
+    assert cli.main(["visualize", str(image), "--r", "4"]) == 0
+    assert (tmp_path / "photo-merged.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["visualize", "no-such-image.png"], "IMAGE must be an existing image file; got 'no-such-image.png'"),
+        (["visualize", str(ROOT / "README.md")], "IMAGE must be an image file Pillow can read"),
+        (["visualize", str(SAMPLE), "--arch", "resnet18"], "arch must be a timm Vision Transformer"),
+        (["visualize", str(SAMPLE), "--arch", "no_such_model"], "Unknown model (no_such_model)"),
+        (["visualize", str(SAMPLE), "--checkpoint", "missing.pth"], "--checkpoint must be an existing file"),
+        (["visualize", str(SAMPLE), "--r", "-3"], "must be an integer >= 0; got '-3'"),
+    ],
+)
+def test_visualize_user_errors(argv: list[str], expected: str, tmp_path: Path, capsys) -> None:
+    line = _one_line_error(capsys, [*argv, "--out", str(tmp_path / "x.png")])
+    assert expected in line
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_run_demo_results(capsys: pytest.CaptureFixture[str]) -> None:
-    results = demo.run_demo(models=["dit"], presets=["ToMeSD", "ToMe"], device="cpu", steps=1, repeats=1, progress=False)
+    results = demo.run_demo(
+        models=["dit"], presets=["ToMeSD", "ToMe"], device="cpu", steps=1, repeats=1, progress=False
+    )
     (result,) = results
     assert [row.preset for row in result.rows] == ["plain", "ToMeSD"]  # ToMe is not offered for the DiT
     plain, merged = result.rows

@@ -1,14 +1,24 @@
 """Every script in examples/ runs: ``--help``, and its tiny-model path.
 
-Examples are discovered, so a new one is covered without editing this file. The tiny
-path is ``--tiny`` when the example's help offers it, else the script with no arguments.
-Each runs in a fresh interpreter in a temporary folder (whatever it writes lands there),
-with the repository on ``PYTHONPATH`` and nothing downloaded.
+Examples are discovered, so a new one is covered without editing this file. Its tiny
+path is, in this order of preference:
+
+1. ``--tiny``, when the example's ``--help`` offers it;
+2. the arguments in a module-level ``TINY_ARGS = [...]`` literal of the script (read
+   without importing it); ``{tmp}`` and ``{images}`` in them are replaced by a temporary
+   folder and a generated ImageNet-style image folder;
+3. the entry for the script in `TINY_PATHS` below (for examples that declare neither).
+
+An example with none of these fails the test, saying so. Each runs in a fresh
+interpreter in a temporary folder (whatever it writes lands there), with the repository
+on ``PYTHONPATH`` and the Hugging Face hub offline.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +29,54 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.py") if not p.name.startswith("_"))
+
+
+#: A tiny timm ViT: 32 px images, 4 px patches, width 32, two blocks.
+_TINY_VIT = json.dumps({"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 2})
+#: Tiny paths of the examples that offer no ``--tiny`` and declare no ``TINY_ARGS``.
+TINY_PATHS: dict[str, list[str]] = {
+    "vit_visualize.py": ["--model", "vit_tiny_patch16_224", "--model-kwargs", _TINY_VIT, "--r", "10"],
+    "vit_eval.py": [
+        *("--model", "vit_tiny_patch16_224", "--model-kwargs", _TINY_VIT, "--data", "{images}", "--r", "8"),
+        *("--batch-size", "4", "--workers", "0", "--warmup", "1", "--device", "cpu"),
+    ],
+}
+
+
+def declared_tiny_args(script: Path) -> list[str] | None:
+    """The literal ``TINY_ARGS`` list of ``script``, or None."""
+    tree = ast.parse(script.read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, ast.AnnAssign):
+            targets = [node.target]
+        else:
+            continue
+        if any(isinstance(t, ast.Name) and t.id == "TINY_ARGS" for t in targets) and node.value is not None:
+            return [str(arg) for arg in ast.literal_eval(node.value)]
+    return None
+
+
+def tiny_args(script: Path, help_text: str) -> list[str] | None:
+    """How to run ``script`` on its tiny model (see the module docstring), or None."""
+    if "--tiny" in help_text:
+        return ["--tiny"]
+    declared = declared_tiny_args(script)
+    return declared if declared is not None else TINY_PATHS.get(script.name)
+
+
+def _image_folder(root: Path) -> Path:
+    """An ImageNet-style folder: two classes of three random 40x40 images."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label in ("class_a", "class_b"):
+        (root / label).mkdir(parents=True)
+        for index in range(3):
+            Image.fromarray(rng.integers(0, 256, size=(40, 40, 3), dtype=np.uint8)).save(root / label / f"{index}.png")
+    return root
 
 
 def _env() -> dict[str, str]:
@@ -47,6 +105,15 @@ def test_examples_exist() -> None:
     assert ROOT / "examples" / "custom_policy.py" in EXAMPLES
 
 
+def test_tiny_args_discovery(tmp_path: Path) -> None:
+    script = tmp_path / "x.py"
+    script.write_text('"""Doc."""\nTINY_ARGS = ["--model", "tiny", "--out", "{tmp}/a.png"]\n', encoding="utf-8")
+    assert tiny_args(script, "usage: x.py [--model M]") == ["--model", "tiny", "--out", "{tmp}/a.png"]
+    assert tiny_args(script, "usage: x.py [--tiny]") == ["--tiny"]
+    script.write_text("import sys\n", encoding="utf-8")
+    assert tiny_args(script, "usage: x.py") is None
+
+
 @pytest.mark.parametrize("script", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_example_help_then_tiny_path(script: Path, tmp_path: Path) -> None:
     helped = _run(script, ["--help"], tmp_path)
@@ -54,7 +121,13 @@ def test_example_help_then_tiny_path(script: Path, tmp_path: Path) -> None:
     assert "usage:" in helped.stdout.lower()
     if "--model" in script.read_text(encoding="utf-8"):
         assert "--model" in helped.stdout, "an example that loads checkpoints takes --model"
-    args = ["--tiny"] if "--tiny" in helped.stdout else []
+    args = tiny_args(script, helped.stdout)
+    assert args is not None, f"{script.name}: offer --tiny, or declare TINY_ARGS = [...], so CI can run it"
+    places = {"{tmp}": str(tmp_path)}
+    if any("{images}" in arg for arg in args):
+        places["{images}"] = str(_image_folder(tmp_path / "images"))
+    for key, value in places.items():
+        args = [arg.replace(key, value) for arg in args]
     ran = _run(script, args, tmp_path)
     assert ran.returncode == 0, f"{script.name} {' '.join(args)} failed:\n{ran.stdout[-2000:]}\n{ran.stderr[-3000:]}"
     assert "Traceback" not in ran.stderr

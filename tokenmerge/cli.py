@@ -154,20 +154,21 @@ def _add_bench(sub: Any) -> None:
 
 # ---------------------------------------------------------------------- visualize
 def _add_visualize(sub: Any) -> None:
-    if importlib.util.find_spec("tokenmerge.vis") is None:
-        return
     parser = sub.add_parser(
         "visualize",
         help="draw the token groups a ViT merges over an image",
         description=(
-            "Run a Vision Transformer with ToMe over IMAGE, keeping which patches each merged token covers, and "
-            "write a PNG with every group in one colour."
+            "Run a timm Vision Transformer with ToMe over IMAGE, keeping which patches each merged token covers, "
+            "and write a PNG: the image beside its merged groups, each filled with its mean colour. The ViT has "
+            "seeded random weights unless --checkpoint gives a local state dict; nothing is downloaded."
         ),
     )
     parser.add_argument("image", type=Path, metavar="IMAGE", help="an image file (PNG, JPEG, ...)")
-    parser.add_argument("--r", type=_non_negative_int, default=None, help="tokens merged per block (ToMe's r)")
+    parser.add_argument("--r", type=_non_negative_int, default=None, help="tokens merged per block (default: 8 and 12)")
+    parser.add_argument("--arch", default="vit_tiny_patch16_224", help="timm architecture (default: %(default)s)")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="local state dict for --arch")
     parser.add_argument("--out", type=Path, default=None, help="output PNG (default: IMAGE-merged.png beside it)")
-    parser.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the model's weights")
+    parser.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the random weights")
     parser.add_argument("--device", type=_device, default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
     parser.set_defaults(run=_run_visualize)
 
@@ -177,9 +178,13 @@ def _run_visualize(args: argparse.Namespace) -> int:
 
     if not args.image.is_file():
         raise TokenMergeError(f"IMAGE must be an existing image file; got {str(args.image)!r} (no such file)")
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        raise TokenMergeError(f"--checkpoint must be an existing file; got {str(args.checkpoint)!r} (no such file)")
     out = args.out if args.out is not None else args.image.with_name(f"{args.image.stem}-merged.png")
-    written = visualize_image(args.image, out, r=args.r, seed=args.seed, device=args.device)
-    print(f"wrote {written}")
+    written = visualize_image(
+        args.image, out, args.r, arch=args.arch, checkpoint=args.checkpoint, seed=args.seed, device=args.device
+    )
+    print(f"wrote {written.resolve()}")
     return 0
 
 
