@@ -30,13 +30,18 @@ from torch import Tensor
 import tokenmerge
 from tokenmerge.policies import CacheEntry, Matcher, Matching, MergeContext, PairCache, ThresholdPolicy
 
+# The `--8<--` comments mark the parts that docs/how-to/custom-policy.md shows.
 
+
+# --8<-- [start:matcher]
 class EveryKthDestination(Matcher):
     """Every ``k``-th token is a destination; the others are sources, paired by cosine similarity.
 
     Args:
         k: one destination in every ``k`` tokens, ``k >= 2``.
     """
+
+    traceable = True  # pure tensor code, shapes fixed by the input: torch.compile traces it inline
 
     def __init__(self, k: int = 4) -> None:
         if not (isinstance(k, int) and k >= 2):
@@ -55,6 +60,10 @@ class EveryKthDestination(Matcher):
         return Matching.by_similarity(metric, positions[~is_destination], positions[is_destination])
 
 
+# --8<-- [end:matcher]
+
+
+# --8<-- [start:threshold]
 class DepthRamp(ThresholdPolicy):
     """Merge ``first`` of the tokens in the first merged layer, ramping linearly to ``last`` in the last.
 
@@ -62,6 +71,8 @@ class DepthRamp(ThresholdPolicy):
         first: share of tokens merged in the first layer, in ``[0, 1)``.
         last: share merged in the last layer, in ``[0, 1)``.
     """
+
+    traceable = True  # depends on the layer and the token count only, never on tensor values
 
     def __init__(self, first: float = 0.5, last: float = 0.25) -> None:
         for name, value in (("first", first), ("last", last)):
@@ -82,6 +93,10 @@ class DepthRamp(ThresholdPolicy):
         return min(int(share * ctx.num_tokens), matching.max_merge)
 
 
+# --8<-- [end:threshold]
+
+
+# --8<-- [start:cache]
 class WarmupThenEvery(PairCache):
     """Recompute at every one of the first ``warmup`` steps, then every ``k`` steps.
 
@@ -103,6 +118,10 @@ class WarmupThenEvery(PairCache):
         return ctx.step < self.warmup or ctx.step - entry.step >= self.k
 
 
+# --8<-- [end:cache]
+
+
+# --8<-- [start:compose]
 def make_config(seed: int = 0) -> tokenmerge.MergeConfig:
     """The three parts composed into one policy."""
     return tokenmerge.MergeConfig(
@@ -111,6 +130,9 @@ def make_config(seed: int = 0) -> tokenmerge.MergeConfig:
         cache=WarmupThenEvery(warmup=2, k=3),
         seed=seed,
     )
+
+
+# --8<-- [end:compose]
 
 
 def _tiny_pipeline(seed: int) -> tuple[object, dict[str, object]]:
