@@ -138,18 +138,36 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------- bench
-def _add_bench(sub: Any) -> None:
-    if importlib.util.find_spec("tokenmerge.bench") is None:
-        return
-    parser = sub.add_parser(
+# ---------------------------------------------------------------------- bench, fidelity
+#: Commands that live in their own module: (name, module, add-arguments function, main function, help).
+_MODULE_COMMANDS: tuple[tuple[str, str, str, str, str], ...] = (
+    (
         "bench",
-        help="time merging against plain models (speed, memory, fidelity)",
-        description="Benchmark token merging against the plain model; see docs/explanation/performance.md.",
-    )
-    bench = importlib.import_module("tokenmerge.bench")
-    bench.add_bench_arguments(parser)
-    parser.set_defaults(run=bench.bench_main)
+        "tokenmerge.bench",
+        "add_bench_arguments",
+        "bench_main",
+        "time merging against the plain model, eager and compiled, with memory and fidelity",
+    ),
+    (
+        "fidelity",
+        "tokenmerge.fidelity",
+        "add_fidelity_arguments",
+        "fidelity_main",
+        "image quality of every method on the trained reference models (PSNR, SSIM, distance)",
+    ),
+)
+
+
+def _add_module_commands(sub: Any) -> None:
+    """Register each command of `_MODULE_COMMANDS` whose module is part of this installation."""
+    for name, module_name, add, run, help_text in _MODULE_COMMANDS:
+        if importlib.util.find_spec(module_name) is None:
+            continue
+        module = importlib.import_module(module_name)
+        doc = (module.__doc__ or help_text).strip().split("\n\n")[0]
+        parser = sub.add_parser(name, help=help_text, description=doc)
+        getattr(module, add)(parser)
+        parser.set_defaults(run=getattr(module, run))
 
 
 # ---------------------------------------------------------------------- visualize
@@ -200,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tokenmerge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_demo, _add_visualize, _add_bench):
+    for add in (_add_demo, _add_visualize, _add_module_commands):
         add(sub)
     return parser
 
