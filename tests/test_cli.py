@@ -177,15 +177,34 @@ def test_visualize_user_errors(argv: list[str], expected: str, tmp_path: Path, c
 
 def test_run_demo_results(capsys: pytest.CaptureFixture[str]) -> None:
     results = demo.run_demo(
-        models=["dit"], presets=["ToMeSD", "ToMe"], device="cpu", steps=1, repeats=1, progress=False
+        models=["dit"], presets=["ToMeSD", "ToMe"], device="cpu", steps=1, repeats=1, progress=False, zoo=False
     )
     (result,) = results
     assert [row.preset for row in result.rows] == ["plain", "ToMeSD"]  # ToMe is not offered for the DiT
     plain, merged = result.rows
-    assert plain.speedup == 1.0 and plain.fidelity == 1.0
+    assert plain.speedup == 1.0 and plain.fidelity == pytest.approx(1.0, abs=1e-12)
     assert merged.tokens == "256→128 ×4"
     assert 0.9 < merged.fidelity < 1.0
     assert merged.plans == "4/0"  # one step, four blocks, plans counted for the last job only
+    assert "random weights" in result.model.setup
+    assert "cosine to plain" in capsys.readouterr().out
+
+
+def test_zoo_model_is_used_only_where_its_weights_are(tmp_path: Path) -> None:
+    assert not demo.zoo_weights_ready("dit-photos", tmp_path)  # an empty folder holds no weights
+    model = demo.build_model("dit", "cpu", steps=1, weights_dir=tmp_path)
+    assert "random weights" in model.setup and model.fidelity is demo.COSINE
+    assert demo.ZOO_MODELS["unet"][1] == ("cuda",)  # the 4,096-token UNet is too slow for a CPU demo
+
+
+def test_fidelity_measures() -> None:
+    import torch
+
+    images = torch.rand(2, 3, 8, 8)
+    assert demo.psnr_to_reference(images, images) == float("inf")
+    assert abs(demo.psnr_to_reference(images.clamp(0.1, 0.9), images) - demo.psnr_to_reference(images, images)) > 0
+    assert demo.PSNR.format(31.25) == "31.2 dB" and demo.COSINE.format(0.99996) == "1.0000"
+    assert demo.cosine_to_reference(images, 2 * images) == pytest.approx(1.0)
 
 
 def test_run_demo_rejects_unknown_names() -> None:

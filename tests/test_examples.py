@@ -40,6 +40,11 @@ TINY_PATHS: dict[str, list[str]] = {
         *("--model", "vit_tiny_patch16_224", "--model-kwargs", _TINY_VIT, "--data", "{images}", "--r", "8"),
         *("--batch-size", "4", "--workers", "0", "--warmup", "1", "--device", "cpu"),
     ],
+    # Two optimiser steps on 8 px crops, weights written to the temporary folder.
+    "train_reference.py": [
+        *("--steps", "2", "--batch-size", "1", "--bank-size", "4", "--progressive", "8:0.99"),
+        *("--out", "{tmp}/weights"),
+    ],
 }
 
 

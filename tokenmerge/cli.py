@@ -90,7 +90,9 @@ def _add_demo(sub: Any) -> None:
         description=(
             "Build small models (a diffusion UNet, a DiT and a ViT) without downloading anything, apply each "
             "preset, and print per model: tokens per merged layer, time against the plain model and how close the "
-            "output stays to the plain output. Writes a PNG of merged token groups. Uses the GPU when there is one."
+            "output stays to the plain output. The trained models of tokenmerge.zoo are used where their weights "
+            "are installed (the UNet on a GPU only), random-weight ones otherwise. Writes a PNG of merged token "
+            "groups. Uses the GPU when there is one."
         ),
     )
     parser.add_argument(
@@ -117,6 +119,12 @@ def _add_demo(sub: Any) -> None:
         default=Path("tokenmerge-demo.png"),
         help="where to write the picture of merged tokens (default: ./tokenmerge-demo.png)",
     )
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="build every model with random weights, even where tokenmerge.zoo's trained ones are installed",
+    )
+    parser.add_argument("--zoo-weights", type=Path, default=None, help="read the trained models' weights from here")
     parser.add_argument("--no-progress", action="store_true", help="do not show progress bars")
     parser.set_defaults(run=_run_demo)
 
@@ -134,6 +142,8 @@ def _run_demo(args: argparse.Namespace) -> int:
         out=args.out,
         progress=not args.no_progress,
         stream=sys.stdout,
+        zoo=not args.random_weights,
+        weights_dir=args.zoo_weights,
     )
     return 0
 

@@ -33,11 +33,17 @@ __all__ = [
     "DemoRow",
     "DemoResult",
     "build_model",
+    "zoo_weights_ready",
+    "ZOO_MODELS",
+    "COSINE",
+    "PSNR",
     "measure",
     "run_demo",
     "format_table",
     "summarize_tokens",
     "cosine_to_reference",
+    "psnr_to_reference",
+    "Fidelity",
     "resolve_device",
     "merged_groups_picture",
     "visualize_image",
@@ -47,6 +53,27 @@ __all__ = [
 MODEL_NAMES: tuple[str, ...] = ("unet", "dit", "vit")
 #: Presets the demo tries on every model they apply to.
 PRESET_NAMES: tuple[str, ...] = ("ToMeSD", "CAToMe", "ToDo", "ToMe")
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """How a demo model's output is compared with the plain model's.
+
+    Attributes:
+        heading: the table column's heading.
+        meaning: one line saying what is measured.
+        measure: ``measure(output, plain_output) -> float``.
+        unit: ``"dB"`` or ``""``; decides how values are printed.
+    """
+
+    heading: str
+    meaning: str
+    measure: Callable[[Tensor, Tensor], float]
+    unit: str = ""
+
+    def format(self, value: float) -> str:
+        """``value`` as the table shows it."""
+        return f"{value:.1f} dB" if self.unit == "dB" else f"{value:.4f}"
 
 
 @dataclass
@@ -60,6 +87,7 @@ class DemoModel:
         target: what `tokenmerge.apply` is given.
         job: runs one generation (or forward) and returns its output tensor.
         configs: preset name -> `MergeConfig`, for the presets that apply.
+        fidelity: how its output is compared with the plain output.
     """
 
     key: str
@@ -68,6 +96,7 @@ class DemoModel:
     target: Any
     job: Callable[[], Tensor]
     configs: dict[str, MergeConfig]
+    fidelity: Fidelity = field(default_factory=lambda: COSINE)
 
 
 @dataclass
@@ -79,8 +108,9 @@ class DemoRow:
         tokens: tokens per merged layer, ``"in→out"`` (see `summarize_tokens`).
         seconds: median time of one job.
         speedup: plain time / this time (1.0 for the plain row).
-        fidelity: cosine similarity of the output to the plain output (1.0 is identical); for
-            diffusion models the output is every step's noise prediction.
+        fidelity: the model's fidelity measure (`DemoModel.fidelity`) of the output against
+            the plain output: a cosine similarity (1.0 is identical) for random-weight
+            models, a PSNR in dB (inf is identical) for trained ones.
         plans: ``"computed/reused"`` merge plans in the last job (reset before each job).
     """
 
@@ -146,9 +176,25 @@ def measure(
 
 def cosine_to_reference(output: Tensor, reference: Tensor) -> float:
     """Mean over the batch of the cosine similarity of flattened outputs (1.0: same direction)."""
-    a = output.detach().float().flatten(1)  # (B, D)
-    b = reference.detach().float().flatten(1)  # (B, D)
+    a = output.detach().double().flatten(1)  # (B, D)
+    b = reference.detach().double().flatten(1)  # (B, D)
     return float(torch.nn.functional.cosine_similarity(a, b, dim=1).mean())
+
+
+def psnr_to_reference(output: Tensor, reference: Tensor) -> float:
+    """PSNR in dB of images in [0, 1] against the reference images (inf when identical)."""
+    error = (output.detach().float() - reference.detach().float()).pow(2).mean()
+    return float("inf") if error == 0 else float(-10.0 * torch.log10(error))
+
+
+#: The random-weight models' measure: how much merging perturbs the network.
+COSINE = Fidelity(
+    "cosine to plain", "cosine similarity of the outputs to the plain outputs (1.0: unchanged)", cosine_to_reference
+)
+#: The trained models' measure: how far the final images move.
+PSNR = Fidelity(
+    "PSNR vs plain", "PSNR of the final images against the plain model's (inf: unchanged)", psnr_to_reference, "dB"
+)
 
 
 def summarize_tokens(merged: dict[str, tuple[int, int]]) -> str:
@@ -364,6 +410,71 @@ def _build_vit(device: torch.device, seed: int, steps: int) -> DemoModel:
     )
 
 
+#: The demo model each trained `tokenmerge.zoo` model stands in for, and the devices it runs on in the demo.
+#: The trained UNet (4,096 tokens at its top level) takes minutes on a CPU: there it is left to a GPU.
+ZOO_MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "unet": ("unet-photos", ("cuda",)),
+    "dit": ("dit-photos", ("cuda", "cpu")),
+}
+
+
+def zoo_weights_ready(name: str, weights_dir: Path | str | None = None) -> bool:
+    """Whether `tokenmerge.zoo` is installed and has the trained weights of ``name``."""
+    import importlib.util
+
+    if importlib.util.find_spec("tokenmerge.zoo") is None:
+        return False
+    from . import zoo
+
+    try:
+        zoo.info(name, weights_dir)
+    except TokenMergeError:
+        return False
+    return True
+
+
+def _build_zoo(key: str, name: str, device: torch.device, seed: int, steps: int, weights_dir: Any) -> DemoModel:
+    from diffusers.utils import logging as diffusers_logging
+
+    from . import zoo
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # loading notes about dtypes are not for the demo's reader
+    try:
+        pipe = zoo.load(name, device=device, weights_dir=weights_dir)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    spec = zoo.info(name, weights_dir)["spec"]
+    target = pipe.unet if spec["kind"] == "unet" else pipe.transformer
+    size = int(spec["denoiser"]["sample_size"])
+    patch = int(spec["denoiser"].get("patch_size") or 1)
+    labels = ["astronaut"] if "astronaut" in pipe.class_names else [0]
+
+    def job() -> Tensor:
+        generator = torch.Generator(device).manual_seed(seed)
+        images = pipe(labels, num_inference_steps=steps, guidance_scale=1.0, generator=generator, output_type="pt")
+        return images.images  # (B, 3, H, W) in [0, 1]
+
+    tokens = (size // patch) ** 2
+    return DemoModel(
+        key=key,
+        title=f"{'UNet' if key == 'unet' else 'DiT'}: tokenmerge.zoo {name!r} (trained)",
+        setup=(
+            f"{type(target).__name__} trained by tokenmerge on photographs, {size}x{size} px in pixel space "
+            f"({tokens} tokens{' at the top level' if key == 'unet' else ''}), class 'astronaut', batch 1, "
+            f"{steps} DDIM steps, no guidance, {device.type}"
+        ),
+        target=pipe,
+        job=job,
+        configs={
+            "ToMeSD": ToMeSD(ratio=0.5, seed=seed),
+            "CAToMe": CAToMe(threshold=0.7, seed=seed),
+            "ToDo": ToDo(downsample=2, seed=seed),
+        },
+        fidelity=PSNR,
+    )
+
+
 _BUILDERS: dict[str, Callable[[torch.device, int, int], DemoModel]] = {
     "unet": _build_unet,
     "dit": _build_dit,
@@ -371,18 +482,36 @@ _BUILDERS: dict[str, Callable[[torch.device, int, int], DemoModel]] = {
 }
 
 
-def build_model(name: str, device: torch.device | str = "cpu", seed: int = 0, steps: int = 4) -> DemoModel:
-    """Build one of the demo's models (see `MODEL_NAMES`) with seeded random weights.
+def build_model(
+    name: str,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    steps: int = 4,
+    *,
+    zoo: bool = True,
+    weights_dir: Path | str | None = None,
+) -> DemoModel:
+    """Build one of the demo's models (see `MODEL_NAMES`).
+
+    The trained `tokenmerge.zoo` model when its weights are installed and it suits the
+    device (`ZOO_MODELS`), else a small model with seeded random weights.
 
     Args:
         name: ``"unet"``, ``"dit"`` or ``"vit"``.
         device: where the model runs.
-        seed: seed of weights and inputs.
+        seed: seed of weights, inputs and merging.
         steps: denoising steps of one job (diffusion models).
+        zoo: use the trained models where possible; False always builds random-weight ones.
+        weights_dir: where the zoo's weights are (the shipped ones by default).
     """
     check(name in _BUILDERS, f"model must be one of {', '.join(MODEL_NAMES)}; got {name!r}")
     check(isinstance(steps, int) and steps >= 1, f"steps must be an int >= 1; got {steps!r}")
-    return _BUILDERS[name](torch.device(device), seed, steps)
+    device = torch.device(device)
+    if zoo and name in ZOO_MODELS:
+        zoo_name, devices = ZOO_MODELS[name]
+        if device.type in devices and zoo_weights_ready(zoo_name, weights_dir):
+            return _build_zoo(name, zoo_name, device, seed, steps, weights_dir)
+    return _BUILDERS[name](device, seed, steps)
 
 
 # ---------------------------------------------------------------------- running
@@ -392,7 +521,7 @@ def run_model(model: DemoModel, presets: Sequence[str], device: torch.device, re
     bar.set_postfix_str(f"{model.key} plain")
     base_time, reference = measure(model.job, device, repeats)
     bar.update()
-    result.rows.append(DemoRow("plain", "-", base_time, 1.0, 1.0))
+    result.rows.append(DemoRow("plain", "-", base_time, 1.0, model.fidelity.measure(reference, reference)))
     for name in presets:
         config = model.configs.get(name)
         if config is None:
@@ -408,21 +537,22 @@ def run_model(model: DemoModel, presets: Sequence[str], device: torch.device, re
             handle.remove()
         bar.update()
         result.rows.append(
-            DemoRow(name, tokens, seconds, base_time / seconds, cosine_to_reference(output, reference), plans)
+            DemoRow(name, tokens, seconds, base_time / seconds, model.fidelity.measure(output, reference), plans)
         )
     return result
 
 
 def format_table(result: DemoResult) -> str:
     """The table of one model as aligned text."""
-    header = ("preset", "tokens per merged layer", "time", "vs plain", "cosine to plain", "plans new/reused")
+    fidelity = result.model.fidelity
+    header = ("preset", "tokens per merged layer", "time", "vs plain", fidelity.heading, "plans new/reused")
     lines = [
         (
             row.preset,
             row.tokens,
             f"{row.seconds * 1000:.0f} ms",
             f"{row.speedup:.2f}x",
-            f"{row.fidelity:.4f}",
+            fidelity.format(row.fidelity),
             row.plans or "-",
         )
         for row in result.rows
@@ -561,6 +691,8 @@ def run_demo(
     out: Path | str | None = None,
     progress: bool = True,
     stream: TextIO | None = None,
+    zoo: bool = True,
+    weights_dir: Path | str | None = None,
 ) -> list[DemoResult]:
     """Run the demo: build each model, time every applicable preset against it, print the tables.
 
@@ -574,6 +706,8 @@ def run_demo(
         out: where to write the picture of merged tokens; None writes none.
         progress: show a progress bar on stderr.
         stream: where the tables go (stdout by default).
+        zoo: use the trained `tokenmerge.zoo` models where their weights are installed.
+        weights_dir: where the zoo's weights are (the shipped ones by default).
 
     Returns:
         One `DemoResult` per model.
@@ -591,7 +725,7 @@ def run_demo(
     with _progress(len(models), "building models", progress) as bar:
         for name in models:
             bar.set_postfix_str(name)
-            built.append(build_model(name, resolved, seed, steps))
+            built.append(build_model(name, resolved, seed, steps, zoo=zoo, weights_dir=weights_dir))
             bar.update()
     total = sum(1 + sum(p in m.configs for p in presets) for m in built)
     print(f"tokenmerge demo on {_device_name(resolved)} (torch {torch.__version__})", file=stream)
@@ -599,10 +733,14 @@ def run_demo(
         for model in built:
             result = run_model(model, presets, resolved, repeats, bar)
             results.append(result)
-            print(f"\n{model.title}\n{model.setup}\n{format_table(result)}", file=stream, flush=True)
+            print(
+                f"\n{model.title}\n{model.setup}\nfidelity: {model.fidelity.meaning}\n{format_table(result)}",
+                file=stream,
+                flush=True,
+            )
     print(
-        f"\ntime: median of {repeats} runs after a warm-up; cosine to plain: 1.0 means the output is unchanged. "
-        "Small models on a CPU are not where merging pays off: see the docs' explanation of where it does.",
+        f"\ntime: median of {repeats} runs after a warm-up. Small models on a CPU are not where merging pays off: "
+        "see the docs' explanation of where it does.",
         file=stream,
     )
     if out is not None:
