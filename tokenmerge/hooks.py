@@ -71,16 +71,22 @@ def merge_around(
 
     The input is the first positional argument, or the keyword ``input_name``. The
     output (or the first element of a tuple output) is unmerged back to N tokens.
-    A module called while ``slot.plan`` is None runs unchanged.
+    A module called while ``slot.plan`` is None, or with an input the plan does not fit
+    (another batch size or token count, e.g. a chunked feed-forward), runs unchanged, and
+    only an output whose input was merged is unmerged.
     """
+
+    merged_call = [False]  # whether the running call's input was merged (modules are not re-entered)
 
     def merge_input(
         _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         plan = slot.plan
+        merged_call[0] = False
         x, positional = _first_tensor(args, kwargs, input_name)
-        if plan is None or x is None or x.dim() != 3 or x.shape[1] != plan.num_in:
+        if plan is None or x is None or x.dim() != 3 or x.shape[:2] != (plan.batch, plan.num_in):
             return None
+        merged_call[0] = True
         merged = plan.merge(x, mode=mode)
         if positional:
             return (merged, *args[1:]), kwargs
@@ -88,8 +94,9 @@ def merge_around(
 
     def unmerge_output(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         plan = slot.plan
-        if plan is None:
+        if plan is None or not merged_call[0]:
             return None
+        merged_call[0] = False
         if isinstance(output, Tensor):
             return plan.unmerge(output) if output.dim() == 3 and output.shape[1] == plan.num_out else None
         if (
