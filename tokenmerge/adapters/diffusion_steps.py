@@ -1,0 +1,129 @@
+"""Step awareness inside an unchanged pipeline: a forward pre-hook on the denoiser.
+
+Every denoiser call carries the latent and the timestep. `StepTracker` reads both:
+
+* the latent's spatial size ``(H, W)``, from which the blocks derive their token grids;
+* the timestep, which `MergeState.observe_timestep` turns into the 0-based step, the call
+  within the step (separate classifier-free-guidance calls) and the start of a new
+  generation (the timestep went up).
+
+When the adapter was applied to a pipeline, the tracker also watches the pipeline's
+scheduler: a new ``scheduler.timesteps`` tensor means ``set_timesteps`` ran, i.e. a new
+pipeline call, so a new generation starts even when its first timestep equals the last
+one seen (one-step generations). The step index is then the timestep's position in the
+schedule, so img2img (which starts part-way through the schedule) gets the step
+indices the schedule defines, and ``num_steps`` is the schedule's length.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..state import MergeState
+from .diffusion_layout import DenoiserLayout
+
+__all__ = ["StepTracker", "timestep_value", "get_argument"]
+
+
+def get_argument(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str) -> Any:
+    """The argument a call received at position ``index`` or as keyword ``name`` (None if absent)."""
+    if len(args) > index:
+        return args[index]
+    return kwargs.get(name)
+
+
+def timestep_value(timestep: Any) -> float | None:
+    """The timestep of a denoiser call as a Python float (the first element of a per-sample tensor).
+
+    Reading a tensor on an accelerator synchronises with it once per denoiser call.
+    """
+    if timestep is None:
+        return None
+    if isinstance(timestep, Tensor):
+        if timestep.numel() == 0:
+            return None
+        return float(timestep.reshape(-1)[0].item())
+    return float(timestep)
+
+
+class StepTracker:
+    """Forward pre-hook on a denoiser: latent size and denoising step for the merge hooks.
+
+    Args:
+        state: the merging state whose step it keeps.
+        layout: the denoiser's layout (where the latent and the timestep are in its call).
+        pipeline: the pipeline the config was applied to, if any (its scheduler is read,
+            never changed; only a weak reference is kept).
+
+    Attributes:
+        latent_hw: ``(H, W)`` of the latent of the current call, None before the first.
+    """
+
+    def __init__(self, state: MergeState, layout: DenoiserLayout, pipeline: Any = None) -> None:
+        self.state = state
+        self.layout = layout
+        self.latent_hw: tuple[int, int] | None = None
+        self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
+        self._schedule: Tensor | None = None
+        self._values: list[float] = []
+        self._listeners: list[Any] = []
+
+    def on_call(self, listener: Any) -> None:
+        """Call ``listener()`` at the start of every denoiser call (to clear per-call state)."""
+        self._listeners.append(listener)
+
+    def _schedule_of_pipeline(self) -> Tensor | None:
+        pipeline = self._pipeline() if self._pipeline is not None else None
+        scheduler = getattr(pipeline, "scheduler", None)
+        timesteps = getattr(scheduler, "timesteps", None)
+        return timesteps if isinstance(timesteps, Tensor) and timesteps.dim() == 1 else None
+
+    def _index_of(self, value: float, start: int) -> int | None:
+        for index in range(max(start, 0), len(self._values)):
+            if math.isclose(self._values[index], value, rel_tol=1e-5, abs_tol=1e-4):
+                return index
+        return None
+
+    def __call__(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Record the latent size and advance the step; changes no argument."""
+        for listener in self._listeners:
+            listener()
+        latent = get_argument(args, kwargs, self.layout.latent_index, self.layout.latent_name)
+        if isinstance(latent, Tensor) and latent.dim() == 4:
+            self.latent_hw = (int(latent.shape[-2]), int(latent.shape[-1]))  # (B, C, H, W) -> (H, W)
+        timestep = get_argument(args, kwargs, self.layout.timestep_index, self.layout.timestep_name)
+        if timestep is None:
+            return
+        if getattr(self.state, "traceable", False):
+            # Planning needs no step: hand the timestep over as it is (no host read, no Python state).
+            self.state.observe_timestep(timestep)
+            return
+        self._track(timestep)
+
+    @torch.compiler.disable
+    def _track(self, timestep: Any) -> None:
+        value = timestep_value(timestep)
+        if value is None:
+            return
+        state = self.state
+        schedule = self._schedule_of_pipeline()
+        if schedule is not None and schedule is not self._schedule:
+            # set_timesteps ran since the last call: this is a new pipeline call.
+            self._schedule = schedule
+            self._values = [float(v) for v in schedule.tolist()]  # one host copy per generation
+            state.reset()
+        previous_step = state.step
+        num_steps = len(self._values) if self._values else None
+        state.observe_timestep(value, num_steps)
+        if not self._values or state.call_index != 0 or state.step is None:
+            return
+        # Place the step on the schedule: img2img starts part-way; order-2 schedulers repeat timesteps.
+        start = 0 if previous_step is None or state.step == 0 else previous_step + 1
+        index = self._index_of(value, start)
+        if index is not None and index > 0 and index != state.step:
+            state.set_step(index, num_steps)
