@@ -108,3 +108,126 @@ def timm_image_folder(tmp_path):
             pixels = rng.integers(0, 256, size=(40, 40, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(root / label / f"{index}.png")
     return root
+
+
+# ---------------------------------------------------------------------------- diffusers
+DIFFUSERS_TINY_MODELS: tuple[str, ...] = ("sd_unet", "sdxl_unet", "dit_pipeline", "pixart_pipeline")
+
+
+class DiffusersTinyTarget:
+    """A tiny diffusers target for the adapter tests, and a deterministic way to run it.
+
+    Attributes:
+        name: one of `DIFFUSERS_TINY_MODELS`.
+        target: what `tokenmerge.apply` gets (a bare UNet, or a pipeline).
+        denoiser: the module that carries the hooks.
+    """
+
+    def __init__(self, name: str, target, denoiser: nn.Module, run) -> None:
+        self.name, self.target, self.denoiser, self._run = name, target, denoiser, run
+
+    def run(self) -> torch.Tensor:
+        """One UNet forward (timestep 500), or one 3-step pipeline call returning latents or images."""
+        with torch.no_grad():
+            return self._run()
+
+
+def _diffusers_tiny_target(
+    name: str,
+    batch: int = 2,
+    size: tuple[int, int] = (16, 16),
+    dtype: torch.dtype = torch.float32,
+    guidance: bool = True,
+) -> DiffusersTinyTarget:
+    from tokenmerge.adapters import diffusion_tiny as tiny
+
+    gen = torch.Generator().manual_seed(123)
+    height, width = size
+    if name in ("sd_unet", "sdxl_unet"):
+        unet = (tiny.tiny_sd_unet() if name == "sd_unet" else tiny.tiny_sdxl_unet()).to(dtype)
+        sample = torch.randn(batch, 4, height, width, generator=gen).to(dtype)
+        text = tiny.tiny_prompt_embeds(batch).to(dtype)
+        kwargs: dict = {"encoder_hidden_states": text}
+        if name == "sdxl_unet":
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": torch.randn(batch, tiny.POOLED_DIM, generator=gen).to(dtype),
+                "time_ids": torch.tensor([[height * 8.0, width * 8.0, 0.0, 0.0, height * 8.0, width * 8.0]] * batch).to(
+                    dtype
+                ),
+            }
+        return DiffusersTinyTarget(name, unet, unet, lambda: unet(sample, torch.tensor(500), **kwargs).sample)
+    scale = 4.0 if guidance else 1.0
+    if name == "dit_pipeline":
+        assert height == width, "DiT pipelines generate square latents (the transformer's sample_size)"
+        pipe = tiny.tiny_dit_pipeline()
+        pipe.transformer = tiny.tiny_dit(sample_size=height)
+        pipe.to(dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+
+        def run_dit() -> torch.Tensor:
+            out = pipe(
+                class_labels=list(range(batch)),
+                guidance_scale=scale,
+                num_inference_steps=3,
+                generator=torch.Generator().manual_seed(0),
+                output_type="pt",
+            )
+            return out.images
+
+        return DiffusersTinyTarget(name, pipe, pipe.transformer, run_dit)
+    if name == "pixart_pipeline":
+        pipe = tiny.tiny_pixart_pipeline()
+        pipe.to(dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        caption = torch.randn(batch, 5, tiny.CAPTION_DIM, generator=gen).to(dtype)
+        mask = torch.ones(batch, 5)
+
+        def run_pixart() -> torch.Tensor:
+            out = pipe(
+                prompt_embeds=caption,
+                prompt_attention_mask=mask,
+                negative_prompt=None,
+                negative_prompt_embeds=torch.zeros_like(caption),
+                negative_prompt_attention_mask=mask,
+                guidance_scale=scale,
+                num_inference_steps=3,
+                height=8 * height,
+                width=8 * width,
+                use_resolution_binning=False,
+                generator=torch.Generator().manual_seed(0),
+                output_type="latent",
+            )
+            return out.images
+
+        return DiffusersTinyTarget(name, pipe, pipe.transformer, run_pixart)
+    raise ValueError(f"unknown tiny diffusers model {name!r}; choose from {DIFFUSERS_TINY_MODELS}")
+
+
+@pytest.fixture
+def diffusers_tiny():
+    """Builder of tiny random-weight diffusers targets: ``diffusers_tiny(name, batch=2, size=(16, 16), dtype=...)``.
+
+    ``name`` is one of ``DIFFUSERS_TINY_MODELS``: bare SD-style / SDXL-style UNets (one
+    forward at timestep 500) or DiT / PixArt pipelines (3 steps with guidance unless
+    ``guidance=False``). Returns a `DiffusersTinyTarget`.
+    """
+    return _diffusers_tiny_target
+
+
+@pytest.fixture
+def diffusers_tiny_sd_pipeline():
+    """A tiny `StableDiffusionPipeline` (DDIM, progress bar off); call it with ``prompt_embeds``."""
+    from tokenmerge.adapters.diffusion_tiny import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def diffusers_one_thread():
+    """Run the test on one CPU thread (tiny models gain nothing from more; restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
