@@ -9,6 +9,7 @@ from diffusers.models.attention_processor import AttnProcessor
 
 import tokenmerge
 from tokenmerge import MergeConfig, TokenMergeError
+from tokenmerge.adapters.diffusion_layout import describe_denoiser
 from tokenmerge.policies import FixedRatio, StridedGrid
 
 pytestmark = pytest.mark.usefixtures("diffusers_one_thread")
@@ -154,3 +155,20 @@ def test_todo_refuses_fused_self_attention(diffusers_tiny):
             case.run()
         case.denoiser.unfuse_qkv_projections()
         assert torch.isfinite(case.run()).all()
+
+
+def test_chunked_feed_forward_runs_unmerged_and_correct(diffusers_tiny):
+    """With forward chunking the feed-forward sees chunks of tokens, never the whole merged set.
+
+    The chunks (128 of the 256 top-level tokens) are as long as the merged sequence would be;
+    they are left alone rather than mistaken for merged tokens and "unmerged".
+    """
+    case = diffusers_tiny("sd_unet")
+    top_level = [site.block for site in describe_denoiser(case.denoiser).sites if site.level == 0]
+    for block in top_level:
+        block.set_chunk_feed_forward(128, dim=1)
+    plain = case.run()
+    with tokenmerge.apply(case.target, tokenmerge.ToMeSD(ratio=0.5, merge_attn=False, merge_mlp=True)) as handle:
+        merged = case.run()
+        assert handle.state.merged_tokens["down_blocks.0.attentions.0.transformer_blocks.0"] == (256, 128)
+    assert torch.equal(merged, plain)
