@@ -144,7 +144,9 @@ def _diffusers_tiny_target(
     gen = torch.Generator().manual_seed(123)
     height, width = size
     if name in ("sd_unet", "sdxl_unet"):
-        unet = (tiny.tiny_sd_unet() if name == "sd_unet" else tiny.tiny_sdxl_unet()).to(dtype)
+        unet = tiny.tiny_sd_unet() if name == "sd_unet" else tiny.tiny_sdxl_unet()
+        if dtype != torch.float32:
+            unet.to(dtype)
         sample = torch.randn(batch, 4, height, width, generator=gen).to(dtype)
         text = tiny.tiny_prompt_embeds(batch).to(dtype)
         kwargs: dict = {"encoder_hidden_states": text}
@@ -161,7 +163,8 @@ def _diffusers_tiny_target(
         assert height == width, "DiT pipelines generate square latents (the transformer's sample_size)"
         pipe = tiny.tiny_dit_pipeline()
         pipe.transformer = tiny.tiny_dit(sample_size=height)
-        pipe.to(dtype=dtype)
+        if dtype != torch.float32:
+            pipe.to(dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
 
         def run_dit() -> torch.Tensor:
@@ -177,7 +180,8 @@ def _diffusers_tiny_target(
         return DiffusersTinyTarget(name, pipe, pipe.transformer, run_dit)
     if name == "pixart_pipeline":
         pipe = tiny.tiny_pixart_pipeline()
-        pipe.to(dtype=dtype)
+        if dtype != torch.float32:
+            pipe.to(dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
         caption = torch.randn(batch, 5, tiny.CAPTION_DIM, generator=gen).to(dtype)
         mask = torch.ones(batch, 5)
