@@ -178,3 +178,30 @@ def test_browser_check_fails_when_a_name_is_missing(tmp_path: Path) -> None:
     )
     failures = docs_check.check_reference(_fake_chromium(tmp_path, dom), tmp_path, "http://x/")
     assert failures == ["reference index does not list PairCache"]
+
+
+# ---------------------------------------------------------------------- BENCHMARKS.md in the site
+bench_hook = _load(ROOT / "docs" / "_hooks" / "benchmarks.py", "docs_benchmarks_hook")
+
+
+def test_benchmarks_stay_open_until_a_table_exists(tmp_path: Path) -> None:
+    path = tmp_path / "BENCHMARKS.md"
+    assert bench_hook.benchmarks_markdown(path) is None
+    path.write_text("# Benchmarks\n\nFigures not yet measured are marked *open*.\n", encoding="utf-8")
+    assert bench_hook.benchmarks_markdown(path) is None
+
+
+def test_benchmarks_table_replaces_the_open_block(tmp_path: Path) -> None:
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "BENCHMARKS.md").write_text(
+        "# Benchmarks\n\n## SD 1.5, H100\n\nRun [the script](benchmarks/gpu.sh), ![plot](out/p.png), "
+        "[torch](https://pytorch.org).\n\n| method | ms |\n| --- | --- |\n| plain | 30.0 |\n",
+        encoding="utf-8",
+    )
+    page = "before\n<!-- benchmarks -->\nopen: not measured yet\n<!-- /benchmarks -->\nafter\n"
+    out = bench_hook.on_page_markdown(page, None, {"docs_dir": str(tmp_path / "docs")}, None)
+    assert "not measured yet" not in out and out.startswith("before\n") and out.endswith("after\n")
+    assert "#### SD 1.5, H100" in out and "| plain | 30.0 |" in out
+    assert "the script (`benchmarks/gpu.sh`)" in out and "plot (`out/p.png`)" in out  # no dead links
+    assert "[torch](https://pytorch.org)" in out
+    assert "# Benchmarks" not in out

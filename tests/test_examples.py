@@ -20,9 +20,12 @@ import ast
 import importlib.util
 import json
 import os
+import runpy
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -64,7 +67,10 @@ def declared_tiny_args(script: Path) -> list[str] | None:
 
 
 def tiny_args(script: Path, help_text: str) -> list[str] | None:
-    """How to run ``script`` on its tiny model (see the module docstring), or None."""
+    """How to run ``script`` on its tiny model (see the module docstring), or None.
+
+    ``help_text`` is its ``--help`` output (or its source, which names the same options).
+    """
     if "--tiny" in help_text:
         return ["--tiny"]
     declared = declared_tiny_args(script)
@@ -119,21 +125,53 @@ def test_tiny_args_discovery(tmp_path: Path) -> None:
     assert tiny_args(script, "usage: x.py") is None
 
 
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[list[str] | None, Any]]:
+    """Every example's tiny path, run two at a time (one per core), each in a fresh interpreter and folder.
+
+    Returns script name -> (arguments, finished process), or (None, None) when the example
+    declares no tiny path.
+    """
+
+    def run(script: Path) -> tuple[list[str] | None, Any]:
+        args = tiny_args(script, script.read_text(encoding="utf-8"))
+        if args is None:
+            return None, None
+        folder = tmp_path_factory.mktemp(script.stem)
+        places = {"{tmp}": str(folder)}
+        if any("{images}" in arg for arg in args):
+            places["{images}"] = str(_image_folder(folder / "images"))
+        for key, value in places.items():
+            args = [arg.replace(key, value) for arg in args]
+        return args, _run(script, args, folder)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip((s.name for s in EXAMPLES), pool.map(run, EXAMPLES)))
+
+
 @pytest.mark.parametrize("script", EXAMPLES, ids=[p.stem for p in EXAMPLES])
-def test_example_help_then_tiny_path(script: Path, tmp_path: Path) -> None:
-    helped = _run(script, ["--help"], tmp_path)
-    assert helped.returncode == 0, helped.stderr[-2000:]
-    assert "usage:" in helped.stdout.lower()
+def test_example_help(
+    script: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``python script --help``, run in this interpreter (no second import of torch)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [str(script), "--help"])
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.syspath_prepend(str(script.parent))  # as `python script` puts the script's folder first
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(script), run_name="__main__")
+    assert exited.value.code in (0, None)
+    help_text = capsys.readouterr().out
+    assert "usage:" in help_text.lower()
     if "--model" in script.read_text(encoding="utf-8"):
-        assert "--model" in helped.stdout, "an example that loads checkpoints takes --model"
-    args = tiny_args(script, helped.stdout)
+        assert "--model" in help_text, "an example that loads checkpoints takes --model"
+    assert tiny_args(script, help_text) == tiny_args(script, script.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("script", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_tiny_path(script: Path, tiny_runs: dict[str, tuple[list[str] | None, Any]]) -> None:
+    args, ran = tiny_runs[script.name]
     assert args is not None, f"{script.name}: offer --tiny, or declare TINY_ARGS = [...], so CI can run it"
-    places = {"{tmp}": str(tmp_path)}
-    if any("{images}" in arg for arg in args):
-        places["{images}"] = str(_image_folder(tmp_path / "images"))
-    for key, value in places.items():
-        args = [arg.replace(key, value) for arg in args]
-    ran = _run(script, args, tmp_path)
     assert ran.returncode == 0, f"{script.name} {' '.join(args)} failed:\n{ran.stdout[-2000:]}\n{ran.stderr[-3000:]}"
     assert "Traceback" not in ran.stderr
 
