@@ -111,7 +111,7 @@ def _add_demo(sub: Any) -> None:
     )
     parser.add_argument("--device", type=_device, default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
     parser.add_argument("--steps", type=_positive_int, default=None, help="denoising steps per generation")
-    parser.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per config; the median is shown")
+    parser.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per config; the best is shown")
     parser.add_argument("--seed", type=_non_negative_int, default=0, help="seed of weights, inputs and merging")
     parser.add_argument(
         "--out",

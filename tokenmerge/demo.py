@@ -9,7 +9,6 @@ merging perturbs a network, not image quality.
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -106,7 +105,7 @@ class DemoRow:
     Attributes:
         preset: the preset's name, or ``"plain"``.
         tokens: tokens per merged layer, ``"in→out"`` (see `summarize_tokens`).
-        seconds: median time of one job.
+        seconds: best (shortest) time of one job over the timed runs.
         speedup: plain time / this time (1.0 for the plain row).
         fidelity: the model's fidelity measure (`DemoModel.fidelity`) of the output against
             the plain output: a cosine similarity (1.0 is identical) for random-weight
@@ -156,7 +155,7 @@ def _sync(device: torch.device) -> None:
 def measure(
     job: Callable[[], Tensor], device: torch.device, repeats: int = 3, before: Callable[[], object] | None = None
 ) -> tuple[float, Tensor]:
-    """Median wall time of ``repeats`` runs of ``job`` after one warm-up, and its last output.
+    """Best wall time of ``repeats`` runs of ``job`` after one warm-up, and its last output.
 
     ``before`` (untimed) runs before every run, e.g. a merge handle's ``reset``.
     """
@@ -171,7 +170,7 @@ def measure(
             output = job()
             _sync(device)
             times.append(time.perf_counter() - start)
-    return statistics.median(times), output
+    return min(times), output  # the best run: the least disturbed by whatever else the machine does
 
 
 def cosine_to_reference(output: Tensor, reference: Tensor) -> float:
@@ -701,7 +700,7 @@ def run_demo(
         presets: which of `PRESET_NAMES` to try (each only where it applies).
         device: ``"auto"`` (GPU when present), ``"cpu"``, ``"cuda"``, ...
         steps: denoising steps per generation (default 4).
-        repeats: timed runs per config (median shown), after one warm-up run.
+        repeats: timed runs per config (the best is shown), after one warm-up run.
         seed: seed of weights, inputs and merging.
         out: where to write the picture of merged tokens; None writes none.
         progress: show a progress bar on stderr.
@@ -739,7 +738,7 @@ def run_demo(
                 flush=True,
             )
     print(
-        f"\ntime: median of {repeats} runs after a warm-up. Small models on a CPU are not where merging pays off: "
+        f"\ntime: best of {repeats} runs after a warm-up. Small models on a CPU are not where merging pays off: "
         "see the docs' explanation of where it does.",
         file=stream,
     )
