@@ -225,6 +225,12 @@ class _NoBar:
     def update(self, n: int = 1) -> None:
         pass
 
+    def clear(self) -> None:
+        pass
+
+    def refresh(self) -> None:
+        pass
+
     def set_postfix_str(self, text: str) -> None:
         pass
 
@@ -732,11 +738,13 @@ def run_demo(
         for model in built:
             result = run_model(model, presets, resolved, repeats, bar)
             results.append(result)
+            bar.clear()  # the table goes where the bar was; the bar is drawn again below it
             print(
                 f"\n{model.title}\n{model.setup}\nfidelity: {model.fidelity.meaning}\n{format_table(result)}",
                 file=stream,
                 flush=True,
             )
+            bar.refresh()
     print(
         f"\ntime: best of {repeats} runs after a warm-up. Small models on a CPU are not where merging pays off: "
         "see the docs' explanation of where it does.",
