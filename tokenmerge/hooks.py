@@ -1,6 +1,14 @@
 """Attaching merges to modules with PyTorch hooks, never by rewriting a forward.
 
 Removing the hooks restores the module exactly: nothing else is touched.
+
+`torch.compile` and hooks: by default dynamo does not guard on a module's hooks
+(``torch._dynamo.config.skip_nnmodule_hook_guards``), so code compiled for one instance
+of a block class is reused for another instance whose hooks differ, or after hooks are
+removed — merging would then silently run where it should not, or not where it should
+(this happens as soon as a graph break makes dynamo compile blocks as frames of their
+own, as cached policies do). Registering a hook through `HookSet` therefore turns those
+guards on for the process (once; see `guard_hooks_under_compile`).
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .plan import MergeMode, MergePlan
 
-__all__ = ["HookSet", "PlanSlot", "merge_around"]
+__all__ = ["HookSet", "PlanSlot", "merge_around", "guard_hooks_under_compile"]
 
 
 class HookSet:
@@ -23,7 +31,8 @@ class HookSet:
         self.handles: list[RemovableHandle] = []
 
     def add(self, handle: RemovableHandle) -> RemovableHandle:
-        """Keep ``handle`` for `remove`."""
+        """Keep ``handle`` for `remove` (and make `torch.compile` guard on hooks)."""
+        guard_hooks_under_compile()
         self.handles.append(handle)
         return handle
 
@@ -42,6 +51,26 @@ class HookSet:
 
     def __len__(self) -> int:
         return len(self.handles)
+
+
+_HOOK_GUARDS_ON = False
+
+
+def guard_hooks_under_compile() -> None:
+    """Make `torch.compile` guard on nn.Module hooks: compiled code then never outlives a
+    hook change nor serves a module whose hooks differ (see the module docstring).
+
+    Sets ``torch._dynamo.config.skip_nnmodule_hook_guards = False`` once per process; the
+    cost is a few more guard checks per compiled call.
+    """
+    global _HOOK_GUARDS_ON
+    if _HOOK_GUARDS_ON:
+        return
+    import torch._dynamo.config as dynamo_config
+
+    if getattr(dynamo_config, "skip_nnmodule_hook_guards", False):
+        dynamo_config.skip_nnmodule_hook_guards = False
+    _HOOK_GUARDS_ON = True
 
 
 class PlanSlot:

@@ -51,12 +51,16 @@ class MergePlan:
         keep_idx: ``(B, N - r)`` the input token that seeds each output position.
         merged_idx: ``(B, r)`` input positions of the merged source tokens.
         merged_slot: ``(B, r)`` output position each merged source is reduced into.
+        count: ``(B, N - r)`` float32 number of input tokens in each output position,
+            precomputed so a ``"mean"`` merge is one scatter-add and a division; None
+            (the plan's builder did not give it) computes it when needed.
     """
 
     slot: Tensor
     keep_idx: Tensor
     merged_idx: Tensor
     merged_slot: Tensor
+    count: Tensor | None = None
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -102,7 +106,9 @@ class MergePlan:
         out_positions = torch.arange(num_out, device=device).expand(batch, num_out)  # (B, N - r)
         slot = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
         slot = slot.scatter(1, keep_idx, out_positions).scatter(1, merged_idx, merged_slot)  # (B, N)
-        return cls(slot=slot, keep_idx=keep_idx, merged_idx=merged_idx, merged_slot=merged_slot)
+        ones = torch.ones(batch, r, device=device)  # (B, r)
+        count = torch.ones(batch, num_out, device=device).scatter_add(1, merged_slot, ones)  # (B, N - r)
+        return cls(slot=slot, keep_idx=keep_idx, merged_idx=merged_idx, merged_slot=merged_slot, count=count)
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -127,20 +133,35 @@ class MergePlan:
 
     def to(self, device: torch.device | str) -> MergePlan:
         """The same plan with its index tensors on ``device``."""
-        return MergePlan(*(t.to(device) for t in (self.slot, self.keep_idx, self.merged_idx, self.merged_slot)))
+        count = None if self.count is None else self.count.to(device)
+        indices = (self.slot, self.keep_idx, self.merged_idx, self.merged_slot)
+        return MergePlan(*(t.to(device) for t in indices), count=count)
+
+    def group_count(self) -> Tensor:
+        """``(B, N - r)`` float32: how many input tokens each output position gathers (at least 1)."""
+        if self.count is not None:
+            return self.count
+        ones = torch.ones(self.batch, self.r, device=self.slot.device)  # (B, r)
+        return torch.ones(self.batch, self.num_out, device=self.slot.device).scatter_add(1, self.merged_slot, ones)
 
     # ------------------------------------------------------------------ applying
     def _check_input(self, x: Tensor, num: int, what: str) -> None:
         if x.dim() < 2 or x.shape[1] != num or x.shape[0] not in (self.batch, 1):
             raise TokenMergeError(f"{what} must have shape (B={self.batch}, N={num}, ...); got {tuple(x.shape)}")
 
-    def _reduce(self, x: Tensor, reduce: str) -> Tensor:
-        # x: (B, N, *F) -> (B, N - r, *F)
+    def _sum(self, x: Tensor) -> Tensor:
+        # x: (B, N, *F) -> (B, N - r, *F). A gather and a scatter-add (sum), never a "mean"
+        # scatter_reduce: inductor lowers scatter-add to fused atomic adds but falls back to
+        # a separate ATen kernel (which also recounts the groups) for "mean".
         out = x.gather(1, _expand_index(self.keep_idx, x))  # (B, N - r, *F)
         if self.r == 0:
             return out
         merged = x.gather(1, _expand_index(self.merged_idx, x))  # (B, r, *F)
-        return out.scatter_reduce(1, _expand_index(self.merged_slot, x), merged, reduce=reduce, include_self=True)
+        return out.scatter_add(1, _expand_index(self.merged_slot, x), merged)
+
+    def _mean(self, x: Tensor) -> Tensor:
+        count = _as_column(self.group_count(), x)  # (B, N - r, 1...)
+        return self._sum(x) / count
 
     def merge(self, x: Tensor, mode: MergeMode = "mean", size: Tensor | None = None) -> Tensor:
         """Merge ``x`` of shape ``(B, N, ...)`` to ``(B, N - r, ...)``.
@@ -159,15 +180,15 @@ class MergePlan:
         if x.shape[0] != self.batch:
             x = x.expand(self.batch, *x.shape[1:])
         if mode == "mean":
-            return self._reduce(x, "mean")
+            return self._mean(x)
         if mode == "sum":
-            return self._reduce(x, "sum")
+            return self._sum(x)
         if mode == "weighted":
             if size is None:
-                return self._reduce(x, "mean")
+                return self._mean(x)
             weight = _as_column(size, x)  # (B, N, 1...)
-            total = self._reduce(x * weight, "sum")  # (B, N - r, *F)
-            return total / self._reduce(weight, "sum")
+            total = self._sum(x * weight)  # (B, N - r, *F)
+            return total / self._sum(weight)
         raise TokenMergeError(f"mode must be one of {MERGE_MODES}; got {mode!r}")
 
     def unmerge(self, y: Tensor) -> Tensor:

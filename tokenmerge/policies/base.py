@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..plan import MergePlan
+from .best_match import best_match
 
 __all__ = ["MergeContext", "Matching", "Matcher", "ThresholdPolicy", "PairCache", "CacheEntry"]
 
@@ -117,12 +118,12 @@ class Matching:
         unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(metric.dtype).tiny)
         src = unit.gather(1, src_idx[..., None].expand(-1, -1, channels))  # (B, Ns, C)
         dst = unit.gather(1, dst_idx[..., None].expand(-1, -1, channels))  # (B, Nd, C)
-        similarity = src @ dst.transpose(-1, -2)  # (B, Ns, Nd)
-        if similarity.shape[-1] == 0:
-            score = similarity.new_full(similarity.shape[:2], float("-inf"))
-            best = torch.zeros(similarity.shape[:2], dtype=torch.long, device=metric.device)
+        if dst.shape[1] == 0:
+            score = src.new_full(src.shape[:2], float("-inf"))  # (B, Ns)
+            best = torch.zeros(src.shape[:2], dtype=torch.long, device=metric.device)  # (B, Ns)
         else:
-            score, best = similarity.max(dim=-1)  # (B, Ns), (B, Ns)
+            # max over destinations of src @ dst^T; fused on CUDA (see best_match)
+            score, best = best_match(src, dst)  # (B, Ns), (B, Ns)
         return cls(src_idx=src_idx, dst_idx=dst_idx, best=best, score=score)
 
 

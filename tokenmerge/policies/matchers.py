@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from ..errors import TokenMergeError, check
 from .base import Matcher, Matching, MergeContext
-from .rng import hash_int, hash_randint, timestep_key
+from .rng import PARTITIONS, hash_randint, partition_key
 
 __all__ = ["AlternatingBipartite", "RandomGrid", "StridedGrid", "grid_partition", "infer_grid"]
 
@@ -130,29 +131,58 @@ class RandomGrid(Matcher):
     def draw_choice(self, h: int, w: int, ctx: MergeContext) -> Tensor | None:
         """Each full cell's destination offset, ``(h // sy, w // sx)``, or None for top-left.
 
-        With ``ctx.seed`` set (always, under `tokenmerge.apply`) the draw is the
-        counter-based hash of ``(seed, layer_index, timestep)`` from
-        `tokenmerge.policies.rng`: pure tensor ops on the timestep's device, so it traces
-        under `torch.compile`, replays in CUDA graphs and is the same on every backend.
-        Without a seed it draws from ``ctx.generator``.
+        With ``ctx.seed`` set (always, under `tokenmerge.apply`) the draw is one of
+        `PARTITIONS` counter-based hash draws, picked by `partition_key` from ``(seed,
+        layer_index, timestep)`` (`tokenmerge.policies.rng`): pure tensor ops on the
+        timestep's device, so it traces under `torch.compile`, replays in CUDA graphs and
+        is the same on every backend. Without a seed it draws from ``ctx.generator``.
         """
         if not self.use_rand:
             return None
         shape = (h // self.sy, w // self.sx)
         if ctx.seed is not None:
-            static = hash_int(hash_int(ctx.seed) + ctx.layer_index)
-            step_key = timestep_key(ctx.timestep) if ctx.timestep is not None else (ctx.step or 0)
-            return hash_randint(self.sx * self.sy, shape, step_key + static)
+            key = partition_key(ctx.seed, ctx.layer_index, ctx.timestep, ctx.step)
+            return hash_randint(self.sx * self.sy, shape, key)
         gen = ctx.generator
         device = gen.device if gen is not None else "cpu"
         return torch.randint(self.sx * self.sy, shape, generator=gen, device=device)
 
+    def partition(self, h: int, w: int, ctx: MergeContext, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """`grid_partition` of the cell choice `draw_choice` makes: ``src_idx, dst_idx, src_cell``.
+
+        In eager mode the partitions are built once per grid shape and device and then
+        looked up (two index ops per call, instead of a few dozen small kernels); a
+        compiled graph builds them inline (inductor fuses that). Both give the same indices.
+        """
+        if ctx.seed is None and self.use_rand:  # the generator path: nothing to cache
+            return grid_partition(h, w, self.sx, self.sy, self.draw_choice(h, w, ctx), device)
+        if torch.compiler.is_compiling():
+            return grid_partition(h, w, self.sx, self.sy, self.draw_choice(h, w, ctx), device)
+        table = _partition_table(h, w, self.sx, self.sy, self.use_rand, str(device))
+        if not self.use_rand:
+            return table
+        key = partition_key(ctx.seed, ctx.layer_index, ctx.timestep, ctx.step)  # type: ignore[arg-type]
+        if not isinstance(key, Tensor):
+            return table[0][key], table[1][key], table[2][key]
+        key = key.to(device)
+        return table[0][key][0], table[1][key][0], table[2][key][0]  # (Ns,), (Nd,), (Ns,)
+
     def match(self, metric: Tensor, ctx: MergeContext) -> Matching:
         """Match ``metric`` ``(B, N, C)`` laid out on ``ctx.grid`` (row-major)."""
         h, w = infer_grid(metric.shape[1], ctx)
-        choice = self.draw_choice(h, w, ctx)
-        src_idx, dst_idx, _ = grid_partition(h, w, self.sx, self.sy, choice, metric.device)
+        src_idx, dst_idx, _ = self.partition(h, w, ctx, metric.device)
         return Matching.by_similarity(metric, src_idx, dst_idx)
+
+
+@functools.lru_cache(maxsize=64)
+def _partition_table(h: int, w: int, sx: int, sy: int, use_rand: bool, device: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Every partition of a grid: stacked ``(PARTITIONS, Ns)``, ``(PARTITIONS, Nd)``, ``(PARTITIONS, Ns)``
+    for random grids (row k: the draw of key k), else the single fixed partition."""
+    if not use_rand:
+        return grid_partition(h, w, sx, sy, None, device)
+    shape = (h // sy, w // sx)
+    parts = [grid_partition(h, w, sx, sy, hash_randint(sx * sy, shape, key), device) for key in range(PARTITIONS)]
+    return tuple(torch.stack(column) for column in zip(*parts))  # type: ignore[return-value]
 
 
 class StridedGrid(RandomGrid):
@@ -172,8 +202,7 @@ class StridedGrid(RandomGrid):
         """Match ``metric`` ``(B, N, C)``; ``score`` is each source's cosine to its own cell's destination."""
         batch, num_tokens, _ = metric.shape
         h, w = infer_grid(num_tokens, ctx)
-        choice = self.draw_choice(h, w, ctx)
-        src_idx, dst_idx, src_cell = grid_partition(h, w, self.sx, self.sy, choice, metric.device)
+        src_idx, dst_idx, src_cell = self.partition(h, w, ctx, metric.device)
         unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(metric.dtype).tiny)
         if dst_idx.numel() == 0:
             score = metric.new_full((batch, src_idx.numel()), float("-inf"))

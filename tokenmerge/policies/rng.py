@@ -16,7 +16,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["hash_int", "hash_randint", "timestep_key"]
+__all__ = ["hash_int", "hash_randint", "timestep_key", "partition_key", "PARTITIONS"]
+
+#: Distinct random partitions a grid matcher draws from per grid shape (a power of two).
+PARTITIONS = 64
 
 _MASK = 0x7FFFFFFF  # 31 bits: every product below fits in int64
 _MUL = 0x45D9F3B  # 27-bit odd multiplier of a well-mixing integer hash
@@ -74,3 +77,16 @@ def hash_randint(
     mixed_key = _hash_tensor(key.reshape(-1)[:1] & _MASK) if isinstance(key, Tensor) else hash_int(key)
     bits = _hash_tensor((_hash_tensor(counter) + mixed_key) & _MASK)  # (numel,)
     return (bits % high).reshape(shape)
+
+
+def partition_key(seed: int, layer_index: int, timestep: Tensor | float | None, step: int | None) -> Tensor | int:
+    """Which of the `PARTITIONS` random partitions a layer uses at a timestep: an int in ``[0, PARTITIONS)``.
+
+    A tensor timestep gives an int64 tensor of shape ``(1,)`` on its device (a handful of
+    element-wise ops, no host read); a number, or no timestep (then ``step``, else 0),
+    gives a Python int. Every layer and timestep gets its own key.
+    """
+    static = hash_int(hash_int(seed) + layer_index)
+    key = timestep_key(timestep) if timestep is not None else (step or 0)
+    mixed = ((key ^ static) * _MUL) & _MASK  # the same arithmetic on a tensor or an int
+    return (mixed >> 16) & (PARTITIONS - 1)

@@ -1,0 +1,100 @@
+"""Each source's most similar destination, without materialising the similarity matrix.
+
+Bipartite soft matching needs, for every source token, the destination with the largest
+dot product (cosine, on unit vectors) and that value. The plain PyTorch form writes the
+whole ``(B, Ns, Nd)`` similarity matrix and reads it back for the row maximum: at SD 1.5's
+1024 px top level that is 2 x 12288 x 4096 half floats, 200 MB written and read per
+merging layer. On a CUDA GPU with Triton, `best_match` instead runs one fused kernel that
+keeps a running maximum per row while it multiplies tile by tile (like flash attention
+without the softmax), so only the ``(B, Ns)`` results reach memory.
+
+The kernel is registered as the custom operator ``tokenmerge::best_match`` (its CPU
+implementation and the fallback everywhere else is the PyTorch form), so `torch.compile`
+treats it as one opaque node: no graph break, and CUDA graphs capture it.
+
+Set ``TOKENMERGE_TRITON=0`` to always use the PyTorch form, ``=1`` to use the kernel for
+every size (by default it is used from ``2**20`` similarity entries up).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+__all__ = ["best_match", "best_match_reference", "triton_enabled", "MIN_ENTRIES"]
+
+#: Similarity entries (``B * Ns * Nd``) from which the fused kernel is used by default.
+MIN_ENTRIES = 1 << 20
+
+
+def best_match_reference(src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor]:
+    """The PyTorch form: ``(src @ dst^T).max(-1)``; ``(B, Ns, C), (B, Nd, C) -> (B, Ns), (B, Ns)``."""
+    similarity = src @ dst.transpose(-1, -2)  # (B, Ns, Nd)
+    score, best = similarity.max(dim=-1)  # (B, Ns), (B, Ns)
+    return score, best
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_enabled(src: Tensor, dst: Tensor) -> bool:
+    """Whether `best_match` runs the fused kernel for these inputs."""
+    setting = os.environ.get("TOKENMERGE_TRITON", "auto")
+    if setting == "0" or _OP is None or src.device.type != "cuda" or not _triton_importable():
+        return False
+    if src.dtype not in (torch.float16, torch.bfloat16) or dst.dtype != src.dtype:  # float32 keeps exact products
+        return False
+    if src.dim() != 3 or dst.dim() != 3 or src.shape[1] == 0 or dst.shape[1] == 0:
+        return False
+    return setting == "1" or src.shape[0] * src.shape[1] * dst.shape[1] >= MIN_ENTRIES
+
+
+def best_match(src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor]:
+    """For each row of ``src`` ``(B, Ns, C)``, the largest dot product with a row of ``dst`` ``(B, Nd, C)``.
+
+    Returns:
+        ``score (B, Ns)`` in ``src``'s dtype and ``best (B, Ns)`` int64, the index of the
+        destination that attains it (ties: either). ``Nd`` must be at least 1.
+    """
+    if triton_enabled(src, dst):
+        return _OP(src, dst)
+    return best_match_reference(src, dst)
+
+
+def launch_kernel(src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor]:
+    """Run the fused Triton kernel (`tokenmerge.policies._best_match_triton`); float32 scores, int64 indices."""
+    from ._best_match_triton import launch
+
+    return launch(src, dst)
+
+
+def _register() -> object | None:
+    custom_op = getattr(torch.library, "custom_op", None)
+    if custom_op is None:  # torch < 2.4: the PyTorch form only
+        return None
+
+    @custom_op("tokenmerge::best_match", mutates_args=())
+    def op(src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor]:
+        score, best = best_match_reference(src, dst)
+        return score, best
+
+    @op.register_kernel("cuda")
+    def _(src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor]:
+        score, index = launch_kernel(src, dst)
+        return score.to(src.dtype), index
+
+    @op.register_fake
+    def _(src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor]:
+        shape = (src.shape[0], src.shape[1])
+        return src.new_empty(shape), src.new_empty(shape, dtype=torch.int64)
+
+    return op
+
+
+_OP = _register()
