@@ -1,0 +1,786 @@
+"""Fidelity benchmark: what merging costs in image quality on the trained reference models.
+
+For several seeds, `run_fidelity` samples full generations (DDIM, classifier-free
+guidance) from a `tokenmerge.zoo` model, first unmerged and then with each method, and
+reports per method:
+
+* **PSNR** and **SSIM** of the final images against the unmerged images of the same seed;
+* **merged**: tokens removed / tokens entering, summed over the layers that merge and
+  averaged over the denoising steps (for ToDo: the keys/values pooled away);
+* **speed**: median seconds per generation and the speed-up over unmerged (same run);
+* **RFD**: a distribution distance between all generated images and the held-out crops
+  of the training photographs (`tokenmerge.zoo.heldout`), in the feature space of a fixed
+  random-weight convolutional network (`RandomFeatures`). It is *not* Inception FID: its
+  values are comparable only with each other. `inception_fid` computes the real FID for
+  users who have the FID Inception weights locally (needs ``torch-fidelity``).
+
+Methods: tokenmerge's ToMeSD, CAToMe (no cache, and the paper's cache configurations
+C1-C3, rescaled to the number of steps), ToDo, block-range merging (DiT), plus the
+``tomesd`` library and the official CA-ToMe code (``ca-tome``) as reference rows when
+they are installed (UNet only: both patch SD UNets).
+
+Command line: ``python -m tokenmerge.fidelity --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .api import apply
+from .config import MergeConfig
+from .errors import TokenMergeError, check
+from .policies.caches import NoCache
+from .policies.matchers import RandomGrid
+from .policies.thresholds import FixedRatio
+from .presets import CAToMe, ToDo, ToMeSD
+
+__all__ = [
+    "CA_TOME_CONFIGS",
+    "FidelityMethod",
+    "FidelityRow",
+    "FidelityResult",
+    "RandomFeatures",
+    "scale_schedule",
+    "default_methods",
+    "run_fidelity",
+    "psnr",
+    "ssim",
+    "frechet_distance",
+    "feature_distance",
+    "inception_fid",
+    "format_table",
+    "write_plot",
+    "add_fidelity_arguments",
+    "fidelity_main",
+    "main",
+]
+
+#: CA-ToMe's cache configurations for 50 PLMS steps: recompute the merge pairs at these
+#: 0-based steps. C1-C3 are Table II of arXiv 2501.00946 as shipped in the official
+#: ``ca_tome.CacheConf`` (CONFIG_1..CONFIG_3); C3 is the paper's best.
+CA_TOME_CONFIGS: dict[str, tuple[int, ...]] = {
+    "C1": (0, 1, 2, 3, 5, 10, 15, 25, 35),
+    "C2": (0, 10, 11, 12, 15, 20, 25, 30, 35, 45),
+    "C3": (0, 8, 11, 13, 20, 25, 30, 35, 45, 46, 47, 48, 49),
+}
+
+Detach = Callable[[], None]
+StepHook = Callable[[int], None]
+
+
+# ---------------------------------------------------------------------- image metrics
+def psnr(images: Tensor, reference: Tensor) -> float:
+    """PSNR in dB of ``images`` against ``reference`` (both ``(B, 3, H, W)`` in [0, 1]), from the pooled MSE.
+
+    Returns ``inf`` when they are identical.
+    """
+    mse = F.mse_loss(images.double(), reference.double()).item()
+    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> Tensor:
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return g[:, None] * g[None, :]  # (size, size)
+
+
+def ssim(images: Tensor, reference: Tensor) -> Tensor:
+    """SSIM of each image against its reference (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5).
+
+    Args:
+        images, reference: ``(B, 3, H, W)`` in [0, 1].
+
+    Returns:
+        ``(B,)`` SSIM, averaged over channels and valid window positions.
+    """
+    check(images.shape == reference.shape and images.dim() == 4, "images and reference must be (B, C, H, W) alike")
+    x, y = images.double(), reference.double()
+    channels = x.shape[1]
+    window = _gaussian_window().to(x.device)[None, None].expand(channels, 1, -1, -1)  # (C, 1, 11, 11)
+
+    def blur(t: Tensor) -> Tensor:
+        return F.conv2d(t, window, groups=channels)  # (B, C, H - 10, W - 10)
+
+    c1, c2 = 0.01**2, 0.03**2
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    score = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return score.mean(dim=(1, 2, 3)).float()  # (B,)
+
+
+# ---------------------------------------------------------------------- distribution distances
+class RandomFeatures(nn.Module):
+    """A fixed random-weight conv net: the offline feature space of the RFD distance.
+
+    Four 3x3/4x4 convolutions (32-64-128-128 channels, three of them stride 2) with ReLU,
+    Kaiming-normal weights from a seeded generator, then the mean and standard deviation
+    of each channel over space: 256 features per image. No training, no download.
+
+    Args:
+        seed: seed of the weights (the distance is defined for seed 0).
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        shapes = [(3, 32, 3, 1), (32, 64, 4, 2), (64, 128, 4, 2), (128, 128, 4, 2)]
+        self.convs = nn.ModuleList()
+        for c_in, c_out, kernel, stride in shapes:
+            conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=1)
+            with torch.no_grad():
+                fan_in = c_in * kernel * kernel
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * math.sqrt(2.0 / fan_in))
+                conv.bias.zero_()
+            self.convs.append(conv)
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, images: Tensor) -> Tensor:
+        """``(B, 3, H, W)`` images in [0, 1] to ``(B, 256)`` features."""
+        x = (images.float() - 0.5) / 0.25
+        for conv in self.convs:
+            x = F.relu(conv(x))  # (B, C, H', W')
+        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)  # (B, 256)
+
+
+def frechet_distance(features: Tensor, reference: Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two ``(N, D)`` feature sets (float64).
+
+    ``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2)``; needs at least 2 rows each.
+    """
+    check(features.dim() == 2 and reference.dim() == 2, "features and reference must be (N, D)")
+    check(features.shape[0] >= 2 and reference.shape[0] >= 2, "the Fréchet distance needs at least 2 images per set")
+    a, b = features.double(), reference.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)  # (D, D)
+    values, vectors = torch.linalg.eigh(cov_a)
+    root_a = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
+    middle = root_a @ cov_b @ root_a
+    trace_root = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    distance = (mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * trace_root
+    return float(distance.clamp(min=0))
+
+
+@torch.no_grad()
+def feature_distance(images: Tensor, reference: Tensor, network: nn.Module | None = None) -> float:
+    """RFD: the Fréchet distance of two image sets in `RandomFeatures` space (not Inception FID).
+
+    Args:
+        images, reference: ``(N, 3, H, W)`` in [0, 1], at least 2 each.
+        network: the feature network; ``RandomFeatures(seed=0)`` by default.
+    """
+    network = network or RandomFeatures(0)
+    return frechet_distance(network(images.float().cpu()), network(reference.float().cpu()))
+
+
+@torch.no_grad()
+def inception_fid(
+    images: Tensor,
+    reference: Tensor,
+    weights_path: str | Path | None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 50,
+) -> float:
+    """Real FID (2048-d pool features of the TF-ported FID Inception-v3) between two image sets.
+
+    Nothing is downloaded: ``weights_path`` must point to the PyTorch FID Inception weights
+    (``weights-inception-2015-12-05-6726825d.pth``, as used by torch-fidelity), and
+    ``torch-fidelity`` must be installed (``pip install torch-fidelity``).
+
+    Args:
+        images, reference: ``(N, 3, H, W)`` in [0, 1] (resized to 299 inside), N >= 2.
+        weights_path: path of the Inception weights file.
+        device: where the network runs.
+        batch_size: images per forward.
+
+    Raises:
+        TokenMergeError: when ``weights_path`` is missing or torch-fidelity is not installed.
+    """
+    if weights_path is None or not Path(weights_path).is_file():
+        raise TokenMergeError(
+            "weights_path must name a local file with the FID Inception-v3 weights "
+            "(weights-inception-2015-12-05-6726825d.pth from torch-fidelity); "
+            f"nothing is downloaded. Got {weights_path!r}. Use the offline RFD distance (feature_distance) otherwise."
+        )
+    try:
+        from torch_fidelity import FeatureExtractorInceptionV3
+    except ImportError:
+        raise TokenMergeError("inception_fid needs torch-fidelity: pip install torch-fidelity") from None
+    extractor = FeatureExtractorInceptionV3(
+        "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights_path)
+    ).to(device)
+
+    def features(batch: Tensor) -> Tensor:
+        chunks = []
+        for start in range(0, batch.shape[0], batch_size):
+            chunk = batch[start : start + batch_size].mul(255).round().clamp(0, 255).to(torch.uint8)  # (b, 3, H, W)
+            chunks.append(extractor(chunk.to(device))[0].double().cpu())  # (b, 2048)
+        return torch.cat(chunks)
+
+    return frechet_distance(features(images), features(reference))
+
+
+# ---------------------------------------------------------------------- methods
+def scale_schedule(steps: Sequence[int], num_steps: int, reference_steps: int = 50) -> tuple[int, ...]:
+    """Map recompute steps given for ``reference_steps`` onto a ``num_steps`` schedule (floor, deduplicated)."""
+    check(num_steps >= 1, f"num_steps must be >= 1; got {num_steps!r}")
+    return tuple(sorted({min(num_steps - 1, s * num_steps // reference_steps) for s in steps}))
+
+
+@dataclass
+class FidelityMethod:
+    """One row of the fidelity table.
+
+    Attributes:
+        label: the name in tables.
+        family: ``"plain"``, ``"ToMeSD"``, ``"CAToMe"``, ``"ToDo"``, ``"block"``,
+            ``"tomesd (library)"`` or ``"ca-tome (official)"``.
+        setting: the ratio/threshold/cache in words.
+        config: the `MergeConfig` of a tokenmerge row (None for plain and library rows).
+        library: ``"tomesd"`` or ``"ca-tome"`` for reference rows.
+        options: the library row's arguments.
+    """
+
+    label: str
+    family: str
+    setting: str
+    config: MergeConfig | None = None
+    library: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def _block_config(ratio: float, blocks: tuple[int, int], seed: int) -> MergeConfig:
+    return MergeConfig(
+        matcher=RandomGrid(sx=2, sy=2, use_rand=True),
+        threshold=FixedRatio(ratio),
+        mode="mean",
+        seed=seed,
+        blocks=blocks,
+        prop_attn=True,
+    )
+
+
+def default_methods(
+    kind: str,
+    num_steps: int,
+    *,
+    num_blocks: int = 6,
+    seed: int = 0,
+    ratios: Sequence[float] = (0.25, 0.5, 0.75),
+    thresholds: Sequence[float] = (0.9, 0.8, 0.7, 0.6),
+    cache_threshold: float = 0.7,
+    libraries: bool = True,
+) -> list[FidelityMethod]:
+    """The method rows for a ``"unet"`` or ``"dit"`` reference model.
+
+    ToMeSD at each ratio; CAToMe without cache at each threshold and at
+    ``cache_threshold`` with each of C1-C3 (rescaled from 50 steps to ``num_steps``);
+    ToDo 2x2 (and 4x4 on the UNet); block-range merging at each ratio over all blocks but
+    the first and last (DiT); the tomesd library at each ratio and the official CA-ToMe
+    (threshold ``cache_threshold``, C3) on the UNet when installed.
+    """
+    check(kind in ("unet", "dit"), f"kind must be 'unet' or 'dit'; got {kind!r}")
+    methods = [FidelityMethod("plain", "plain", "unmerged")]
+    for ratio in ratios:
+        methods.append(FidelityMethod(f"ToMeSD r={ratio:g}", "ToMeSD", f"ratio {ratio:g}", ToMeSD(ratio, seed=seed)))
+    for threshold in thresholds:
+        config = CAToMe(threshold, seed=seed).replace(cache=NoCache())
+        methods.append(
+            FidelityMethod(f"CAToMe T={threshold:g}", "CAToMe", f"threshold {threshold:g}, no cache", config)
+        )
+    for name, steps in CA_TOME_CONFIGS.items():
+        scaled = scale_schedule(steps, num_steps)
+        config = CAToMe(cache_threshold, recompute_at=scaled, seed=seed)
+        setting = f"threshold {cache_threshold:g}, cache {name} scaled to {num_steps} steps {list(scaled)}"
+        methods.append(FidelityMethod(f"CAToMe T={cache_threshold:g} {name}", "CAToMe", setting, config))
+    for factor in (2, 4) if kind == "unet" else (2,):
+        methods.append(
+            FidelityMethod(
+                f"ToDo {factor}x{factor}", "ToDo", f"keys/values pooled {factor}x{factor}", ToDo(factor, seed=seed)
+            )
+        )
+    if kind == "dit":
+        blocks = (1, num_blocks - 2) if num_blocks >= 3 else (0, num_blocks - 1)
+        for ratio in ratios:
+            methods.append(
+                FidelityMethod(
+                    f"block r={ratio:g} {blocks[0]}-{blocks[1]}",
+                    "block",
+                    f"ratio {ratio:g}, residual stream merged over blocks {blocks[0]}-{blocks[1]}",
+                    _block_config(ratio, blocks, seed),
+                )
+            )
+    if libraries and kind == "unet":
+        for ratio in ratios:
+            methods.append(
+                FidelityMethod(
+                    f"tomesd lib r={ratio:g}",
+                    "tomesd (library)",
+                    f"tomesd 0.1.3, ratio {ratio:g}",
+                    library="tomesd",
+                    options={"ratio": ratio},
+                )
+            )
+        scaled = scale_schedule(CA_TOME_CONFIGS["C3"], num_steps)
+        methods.append(
+            FidelityMethod(
+                f"ca-tome lib T={cache_threshold:g} C3",
+                "ca-tome (official)",
+                f"official ca-tome, threshold {cache_threshold:g}, C3 scaled {list(scaled)}",
+                library="ca-tome",
+                options={"threshold": cache_threshold, "compute_on": list(scaled)},
+            )
+        )
+    return methods
+
+
+# ---------------------------------------------------------------------- running
+@dataclass
+class FidelityRow:
+    """One method's results on one model (None where not measured)."""
+
+    model: str
+    method: str
+    family: str
+    setting: str
+    psnr: float | None = None
+    ssim: float | None = None
+    merged: float | None = None
+    seconds: float | None = None
+    speedup: float | None = None
+    distance: float | None = None
+    note: str = ""
+
+
+@dataclass
+class FidelityResult:
+    """All rows of a run and how it was run."""
+
+    rows: list[FidelityRow]
+    meta: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready data (infinite PSNR as the string ``"inf"``)."""
+
+        def clean(value: Any) -> Any:
+            if isinstance(value, float) and math.isinf(value):
+                return "inf"
+            return value
+
+        return {"meta": self.meta, "rows": [{k: clean(v) for k, v in asdict(row).items()} for row in self.rows]}
+
+
+@contextlib.contextmanager
+def _seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Library rows fork the global RNG for their random grids: seed it, and restore it afterwards."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def _library_available(name: str) -> str | None:
+    """None when the library imports, else why not."""
+    module = {"tomesd": "tomesd", "ca-tome": "ca_tome"}[name]
+    try:
+        __import__(module)
+    except Exception as error:  # ImportError, or an incompatible install failing at import
+        return f"{name} not usable: {type(error).__name__}: {error}"
+    return None
+
+
+def _attach_library(method: FidelityMethod, pipe: Any) -> tuple[Detach, StepHook | None]:
+    """Patch ``pipe.unet`` with a reference library; returns (detach, per-step hook)."""
+    if method.library == "tomesd":
+        import tomesd
+
+        tomesd.apply_patch(pipe.unet, ratio=method.options["ratio"])
+        return (lambda: tomesd.remove_patch(pipe.unet)), None
+    from ca_tome.patch import apply_patch, remove_patch
+    from diffusers.models.attention import BasicTransformerBlock
+
+    apply_patch(pipe.unet, method.options["compute_on"], r=method.options["threshold"])
+    blocks = [m for m in pipe.unet.modules() if isinstance(m, BasicTransformerBlock)]
+
+    def set_step(step: int) -> None:
+        # The official pipeline passes step index + 1 to its patched UNet (its off-by-one) and
+        # never clears the cached pairs between calls; reproduced as shipped.
+        for block in blocks:
+            block.inference_step = step + 1
+
+    def detach() -> None:
+        remove_patch(pipe.unet)
+        for block in blocks:
+            block.__dict__.pop("inference_step", None)
+            block.__dict__.pop("_cache_info", None)
+            block.__dict__.pop("_ca_tome_info", None)
+        pipe.unet.__dict__.pop("_ca_tome_info", None)
+
+    return detach, set_step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _labels(seed: int, count: int, num_classes: int) -> list[int]:
+    return [(seed * count + i) % num_classes for i in range(count)]
+
+
+def _generate(
+    pipe: Any, labels: list[int], seed: int, num_steps: int, guidance: float, step_hook: StepHook | None
+) -> tuple[Tensor, float]:
+    """One generation: ``(B, 3, H, W)`` images in [0, 1] on the CPU and its wall time."""
+    device = pipe._execution_device
+    generator = torch.Generator().manual_seed(seed)  # CPU noise: the same images on every device
+    callback = None
+    if step_hook is not None:
+        step_hook(0)
+
+        def callback(_pipe: Any, index: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            step_hook(index + 1)
+            return kwargs
+
+    _sync(device)
+    start = time.perf_counter()
+    out = pipe(
+        labels,
+        num_inference_steps=num_steps,
+        guidance_scale=guidance,
+        generator=generator,
+        output_type="pt",
+        callback_on_step_end=callback,
+    )
+    _sync(device)
+    return out.images.float().cpu(), time.perf_counter() - start
+
+
+def _merged_fraction(snapshots: list[dict[str, tuple[int, int]]]) -> float | None:
+    total_in = sum(n_in for snap in snapshots for n_in, _ in snap.values())
+    removed = sum(n_in - n_out for snap in snapshots for n_in, n_out in snap.values())
+    return removed / total_in if total_in else None
+
+
+def _run_method(
+    method: FidelityMethod,
+    pipe: Any,
+    seeds: Sequence[int],
+    labels: dict[int, list[int]],
+    num_steps: int,
+    guidance: float,
+) -> tuple[list[Tensor], list[float], float | None]:
+    """Generate every seed with ``method`` attached; returns images, times and the merged fraction."""
+    snapshots: list[dict[str, tuple[int, int]]] = []
+    handle = None
+    detach: Detach = lambda: None  # noqa: E731
+    library_hook: StepHook | None = None
+    if method.config is not None:
+        handle = apply(pipe, method.config)
+        detach = handle.remove
+    elif method.library is not None:
+        detach, library_hook = _attach_library(method, pipe)
+
+    def step_hook(step: int) -> None:
+        if library_hook is not None:
+            library_hook(step)
+        if handle is not None and step > 0:
+            snapshots.append(dict(handle.state.merged_tokens))
+
+    hook = step_hook if (handle is not None or library_hook is not None) else None
+    images, times = [], []
+    try:
+        for seed in seeds:
+            context = _seeded_global_rng(seed, pipe._execution_device) if method.library else contextlib.nullcontext()
+            with context:
+                batch, seconds = _generate(pipe, labels[seed], seed, num_steps, guidance, hook)
+            images.append(batch)
+            times.append(seconds)
+    finally:
+        detach()
+    return images, times, _merged_fraction(snapshots)
+
+
+def run_fidelity(
+    model: str = "unet-photos",
+    *,
+    seeds: Sequence[int] = (0, 1, 2, 3),
+    num_steps: int = 25,
+    guidance_scale: float = 3.0,
+    images_per_seed: int = 4,
+    methods: Sequence[FidelityMethod] | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    distance: bool = True,
+    fid_weights: str | Path | None = None,
+    weights_dir: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
+) -> FidelityResult:
+    """Run the fidelity benchmark on one reference model.
+
+    Args:
+        model: a `tokenmerge.zoo` model name.
+        seeds: one generation per seed (noise seed; the classes rotate with the seed).
+        num_steps: DDIM steps per generation.
+        guidance_scale: classifier-free guidance weight.
+        images_per_seed: images per generation (its batch, doubled by guidance).
+        methods: the rows; `default_methods` for the model's kind by default. A plain
+            row is added first when missing (the reference of PSNR/SSIM and speed).
+        device, dtype: where and in what precision the model runs.
+        distance: compute the RFD to the held-out crops (needs >= 2 images per method).
+        fid_weights: also compute the real Inception FID with these local weights.
+        weights_dir: load the model from here instead of the shipped weights.
+        log: progress lines go here (None: silent).
+
+    Returns:
+        A `FidelityResult` with one `FidelityRow` per method.
+    """
+    from . import zoo
+
+    check(len(seeds) >= 1, "seeds must list at least one seed")
+    check(
+        isinstance(images_per_seed, int) and images_per_seed >= 1,
+        f"images_per_seed must be >= 1; got {images_per_seed!r}",
+    )
+    pipe = zoo.load(model, device=device, dtype=dtype, weights_dir=weights_dir)
+    kind = "dit" if hasattr(pipe, "transformer") else "unet"
+    num_blocks = len(pipe.transformer.transformer_blocks) if kind == "dit" else 0
+    methods = list(methods) if methods is not None else default_methods(kind, num_steps, num_blocks=num_blocks)
+    if not methods or methods[0].family != "plain":
+        methods = [FidelityMethod("plain", "plain", "unmerged"), *[m for m in methods if m.family != "plain"]]
+    labels = {seed: _labels(seed, images_per_seed, pipe.num_classes) for seed in seeds}
+    emit = log or (lambda _line: None)
+    _generate(pipe, labels[seeds[0]], seeds[0], 1, guidance_scale, None)  # warm-up
+    network = RandomFeatures(0) if distance else None
+    heldout = zoo.heldout(weights_dir)[0] if (distance or fid_weights) else None
+    rows: list[FidelityRow] = []
+    reference: list[Tensor] = []
+    plain_seconds: float | None = None
+    for method in methods:
+        row = FidelityRow(model=model, method=method.label, family=method.family, setting=method.setting)
+        if method.library is not None:
+            problem = _library_available(method.library)
+            if problem is not None:
+                row.note = problem
+                rows.append(row)
+                emit(f"{model}: {method.label}: skipped ({problem})")
+                continue
+        try:
+            images, times, merged = _run_method(method, pipe, seeds, labels, num_steps, guidance_scale)
+        except TokenMergeError:
+            raise
+        except Exception as error:  # a reference library that does not work with this diffusers
+            if method.library is None:
+                raise
+            row.note = f"failed: {type(error).__name__}: {str(error)[:120]}"
+            rows.append(row)
+            emit(f"{model}: {method.label}: {row.note}")
+            continue
+        row.seconds = statistics.median(times)
+        row.merged = 0.0 if method.family == "plain" else merged
+        if method.family == "plain":
+            reference = images
+            plain_seconds = row.seconds
+        stacked, ref = torch.cat(images), torch.cat(reference)
+        row.psnr = psnr(stacked, ref)
+        row.ssim = float(ssim(stacked, ref).mean())
+        row.speedup = plain_seconds / row.seconds if plain_seconds and row.seconds else None
+        if network is not None and heldout is not None and stacked.shape[0] >= 2:
+            row.distance = feature_distance(stacked, heldout, network)
+        if fid_weights is not None and heldout is not None:
+            fid = inception_fid(stacked, heldout, fid_weights, device=device)
+            row.note = (row.note + "; " if row.note else "") + f"Inception FID {fid:.2f}"
+        rows.append(row)
+        emit(_row_line(row))
+    meta = {
+        "model": model,
+        "seeds": list(seeds),
+        "num_steps": num_steps,
+        "guidance_scale": guidance_scale,
+        "images_per_seed": images_per_seed,
+        "scheduler": type(pipe.scheduler).__name__,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if torch.device(device).type == "cuda"
+        else platform.processor() or platform.machine(),
+        "dtype": str(dtype).replace("torch.", ""),
+        "torch": torch.__version__,
+        "diffusers": __import__("diffusers").__version__,
+        "weights": zoo.info(model, weights_dir)["training"].get("hardware"),
+        "distance": "RFD: Fréchet distance to the held-out crops in RandomFeatures(seed=0) space (not Inception FID)",
+        "merged": "tokens removed / tokens entering, over the merging layers, averaged over steps",
+    }
+    return FidelityResult(rows=rows, meta=meta)
+
+
+# ---------------------------------------------------------------------- output
+def _num(value: float | None, fmt: str) -> str:
+    if value is None:
+        return "-"
+    if math.isinf(value):
+        return "inf"
+    return format(value, fmt)
+
+
+def _row_line(row: FidelityRow) -> str:
+    return (
+        f"{row.model}: {row.method}: PSNR {_num(row.psnr, '.2f')} dB, SSIM {_num(row.ssim, '.4f')}, "
+        f"merged {_num(row.merged, '.1%')}, {_num(row.seconds, '.2f')} s ({_num(row.speedup, '.2f')}x), "
+        f"RFD {_num(row.distance, '.3f')}"
+    )
+
+
+def format_table(rows: Sequence[FidelityRow]) -> str:
+    """A Markdown table of the rows."""
+    lines = [
+        "| model | method | setting | PSNR (dB) | SSIM | merged | s / generation | speed-up | RFD to held-out | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.model} | {r.method} | {r.setting} | {_num(r.psnr, '.2f')} | {_num(r.ssim, '.4f')} | "
+            f"{_num(r.merged, '.1%')} | {_num(r.seconds, '.2f')} | {_num(r.speedup, '.2f')}x | "
+            f"{_num(r.distance, '.3f')} | {r.note} |"
+        )
+    return "\n".join(lines)
+
+
+def write_plot(rows: Sequence[FidelityRow], path: str | Path, title: str = "") -> None:
+    """Speed-up vs PSNR scatter (one colour per family, one panel per model); needs matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise TokenMergeError("write_plot needs matplotlib: pip install matplotlib") from None
+    models = sorted({r.model for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        shown = [
+            r
+            for r in rows
+            if r.model == model and r.speedup is not None and r.psnr is not None and not math.isinf(r.psnr)
+        ]
+        for family in sorted({r.family for r in shown}):
+            points = [r for r in shown if r.family == family]
+            ax.scatter([r.speedup for r in points], [r.psnr for r in points], label=family)
+            for r in points:
+                ax.annotate(r.method.split(" ", 1)[-1], (r.speedup, r.psnr), fontsize=6, alpha=0.7)
+        ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("speed-up over unmerged (same run)")
+        ax.set_ylabel("PSNR vs unmerged (dB)")
+        ax.set_title(model)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------- command line
+def add_fidelity_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the fidelity benchmark's options to ``parser`` (for ``tokenmerge fidelity``)."""
+    parser.add_argument("--models", default="unet-photos,dit-photos", help="comma-separated tokenmerge.zoo models")
+    parser.add_argument("--seeds", type=int, default=4, help="generations per method (seeds 0..N-1)")
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps per generation")
+    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    parser.add_argument("--images-per-seed", type=int, default=4, help="images per generation")
+    parser.add_argument(
+        "--families", default="", help="only these method families, e.g. 'ToMeSD,CAToMe' (plain always runs)"
+    )
+    parser.add_argument("--no-libraries", action="store_true", help="skip the tomesd and ca-tome reference rows")
+    parser.add_argument("--no-distance", action="store_true", help="skip the RFD distance to held-out crops")
+    parser.add_argument("--fid-weights", default=None, help="local FID Inception weights: also report real FID")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    parser.add_argument("--weights-dir", default=None, help="load the models from here instead of the shipped weights")
+    parser.add_argument("--json", default=None, help="write the results as JSON here")
+    parser.add_argument("--plot", default=None, help="write a speed-vs-PSNR plot (PNG) here")
+    return parser
+
+
+def fidelity_main(args: argparse.Namespace) -> int:
+    """Run the benchmark from parsed `add_fidelity_arguments` options; prints a Markdown table."""
+    from . import zoo
+
+    models = [m for m in args.models.split(",") if m]
+    for name in models:
+        check(name in zoo.names(), f"--models must name {', '.join(zoo.names())}; got {name!r}")
+    check(args.seeds >= 1 and args.steps >= 1, "--seeds and --steps must be >= 1")
+    families = {f.strip() for f in args.families.split(",") if f.strip()}
+    dtype = getattr(torch, args.dtype)
+    rows: list[FidelityRow] = []
+    metas = []
+    for name in models:
+        kind = zoo.info(name, args.weights_dir)["spec"]["kind"]
+        num_blocks = zoo.info(name, args.weights_dir)["spec"]["denoiser"].get("num_layers", 0)
+        methods = default_methods(kind, args.steps, num_blocks=num_blocks, libraries=not args.no_libraries)
+        if families:
+            methods = [m for m in methods if m.family == "plain" or m.family in families]
+        result = run_fidelity(
+            name,
+            seeds=tuple(range(args.seeds)),
+            num_steps=args.steps,
+            guidance_scale=args.guidance,
+            images_per_seed=args.images_per_seed,
+            methods=methods,
+            device=args.device,
+            dtype=dtype,
+            distance=not args.no_distance,
+            fid_weights=args.fid_weights,
+            weights_dir=args.weights_dir,
+            log=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+        rows += result.rows
+        metas.append(result.meta)
+    print(format_table(rows))
+    if args.json:
+        payload = {
+            "command": "python -m tokenmerge.fidelity " + " ".join(sys.argv[1:]),
+            "runs": metas,
+            "rows": FidelityResult(rows, {}).to_json()["rows"],
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
+    if args.plot:
+        write_plot(
+            rows,
+            args.plot,
+            title=f"{args.steps} DDIM steps, guidance {args.guidance:g}, {args.seeds} seeds, {args.device}",
+        )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m tokenmerge.fidelity``."""
+    parser = add_fidelity_arguments(
+        argparse.ArgumentParser(prog="python -m tokenmerge.fidelity", description=__doc__.splitlines()[0])
+    )
+    args = parser.parse_args(argv)
+    try:
+        return fidelity_main(args)
+    except TokenMergeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
