@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import warnings
 
 import torch
 from torch import Tensor
@@ -46,7 +47,7 @@ def _triton_importable() -> bool:
 def triton_enabled(src: Tensor, dst: Tensor) -> bool:
     """Whether `best_match` runs the fused kernel for these inputs."""
     setting = os.environ.get("TOKENMERGE_TRITON", "auto")
-    if setting == "0" or _OP is None or src.device.type != "cuda" or not _triton_importable():
+    if setting == "0" or _OP is None or _KERNEL_FAILED or src.device.type != "cuda" or not _triton_importable():
         return False
     if src.dtype not in (torch.float16, torch.bfloat16) or dst.dtype != src.dtype:  # float32 keeps exact products
         return False
@@ -74,6 +75,21 @@ def launch_kernel(src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor]:
     return launch(src, dst)
 
 
+_KERNEL_FAILED = False
+
+
+def _kernel_failed(error: Exception) -> None:
+    """Switch the fused kernel off for the process after it raised, with one warning."""
+    global _KERNEL_FAILED
+    _KERNEL_FAILED = True
+    warnings.warn(
+        f"tokenmerge: the fused Triton best-match kernel failed ({type(error).__name__}: {error}); "
+        "using the PyTorch form from now on",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
 def _register() -> object | None:
     custom_op = getattr(torch.library, "custom_op", None)
     if custom_op is None:  # torch < 2.4: the PyTorch form only
@@ -86,8 +102,13 @@ def _register() -> object | None:
 
     @op.register_kernel("cuda")
     def _(src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor]:
-        score, index = launch_kernel(src, dst)
-        return score.to(src.dtype), index
+        if not _KERNEL_FAILED:
+            try:
+                score, index = launch_kernel(src, dst)
+                return score.to(src.dtype), index
+            except Exception as error:  # noqa: BLE001 - a Triton or driver mismatch must not break merging
+                _kernel_failed(error)
+        return best_match_reference(src, dst)
 
     @op.register_fake
     def _(src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor]:

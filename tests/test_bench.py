@@ -1,0 +1,176 @@
+"""`tokenmerge bench` on tiny CPU models: rows, derived figures, JSON, plot, command line, GPU script.
+
+No test asserts a speed: CPU timings of tiny models say nothing. They check that every row
+kind runs, that the figures are derived consistently, and that the outputs are written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tokenmerge import TokenMergeError
+from tokenmerge.bench import BenchRow, RowTimeout, _watchdog, format_table, run_bench
+from tokenmerge.bench_methods import parse_method
+from tokenmerge.bench_models import get_arch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: sd15's structure cut to two levels: the top level merges; dynamo and the CPU stay quick.
+SMALL_UNET = dataclasses.replace(
+    get_arch("sd15-tiny"),
+    name="sd15-small",
+    config={
+        **get_arch("sd15-tiny").config,
+        "block_out_channels": (16, 32),
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "attention_head_dim": 8,
+        "norm_num_groups": 8,
+    },
+)
+
+QUICK = {"warmup": 1, "repeats": 2, "schedule": 3, "sample_steps": 2, "progress": False}
+
+
+def _rows(result: object, mode: str) -> dict[str, BenchRow]:
+    return {row.method: row for row in result.rows if row.mode == mode}  # type: ignore[attr-defined]
+
+
+def test_unet_rows_fidelity_ideals_tomesd_json_and_plot(tmp_path: Path) -> None:
+    out = io.StringIO()
+    result = run_bench(
+        SMALL_UNET,
+        ["tomesd:0.5", "catome:0.3,recompute_at=0/2,buckets=4"],
+        resolution=64,
+        compile_modes=["eager"],
+        json_path=str(tmp_path / "bench.json"),
+        plot_path=str(tmp_path / "bench.png"),
+        stream=out,
+        **QUICK,
+    )
+    rows = _rows(result, "eager")
+    assert set(rows) == {
+        "plain",
+        "ToMeSD(0.5)",
+        "CAToMe(0.3, recompute_at=0/2, buckets=4)",
+        "tomesd lib r=0.5",
+        "ideal@ToMeSD(0.5)",
+        "ideal@CAToMe(0.3, recompute_at=0/2, buckets=4)",
+    }
+    assert all(row.ok for row in rows.values()), [row.status for row in rows.values()]
+    plain, tomesd, catome = rows["plain"], rows["ToMeSD(0.5)"], rows["CAToMe(0.3, recompute_at=0/2, buckets=4)"]
+    assert plain.speedup == pytest.approx(1.0) and plain.rel_l2 == 0.0
+    assert 0 < tomesd.rel_l2 < 1 and math.isfinite(tomesd.psnr_db) and tomesd.merged == pytest.approx(0.5)
+    assert tomesd.speedup == pytest.approx(plain.time_ms / tomesd.time_ms)
+    ideal = rows["ideal@ToMeSD(0.5)"]
+    assert tomesd.ideal_label == ideal.method and ideal.merged == pytest.approx(0.5)
+    expected_overhead = (tomesd.time_ms - ideal.time_ms) / (plain.time_ms - ideal.time_ms)
+    assert tomesd.overhead == pytest.approx(expected_overhead)
+    assert rows["tomesd lib r=0.5"].ideal_label == ideal.method  # the library row is compared to the same ideal
+    assert catome.calls == 3 and "whole schedules" in catome.note  # timed over whole schedules, the mean
+    assert catome.time_ms == pytest.approx(catome.mean_ms)
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["meta"]["arch"] == "sd15-small" and len(data["rows"]) == 6
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = out.getvalue()
+    assert "ideal@ToMeSD(0.5)" in table and "overhead" in table and "PSNR dB" in table
+
+
+def test_vit_rows_compiled_in_every_mode_without_breaks() -> None:
+    result = run_bench(
+        "vit-tiny",
+        ["tome:4"],
+        compile_modes=["eager", "default", "reduce-overhead"],
+        backend="eager",
+        print_table=False,
+        **QUICK,
+    )
+    assert all(row.ok for row in result.rows), [(row.mode, row.method, row.status) for row in result.rows]
+    for mode in ("default", "reduce-overhead"):
+        rows = _rows(result, mode)
+        assert set(rows) == {"plain", "ToMe(4)", "ideal@ToMe(4)"}
+        merged = rows["ToMe(4)"]
+        assert (merged.graphs, merged.breaks, merged.recompiles_in_timing) == (1, 0, 0)
+        assert merged.compiled_vs_eager == pytest.approx(0.0, abs=1e-5)  # compiled equals eager
+        assert merged.agree is not None and merged.speedup_vs_eager is not None and merged.overhead is not None
+
+
+def test_dit_block_range_and_time_budget() -> None:
+    result = run_bench("dit-xl-2-tiny", ["block:0.5"], resolution=64, compile_modes=["eager"], **QUICK)
+    rows = _rows(result, "eager")
+    assert rows["block r=0.5"].ok and rows["block r=0.5"].merged == pytest.approx(0.5)
+    skipped = run_bench("vit-tiny", ["tome:2"], time_budget_s=0.0, compile_modes=["eager"], **QUICK)
+    assert {row.status for row in skipped.rows} == {"skipped: time budget"}
+
+
+def test_command_line_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tokenmerge.cli import main
+
+    path = tmp_path / "vit.json"
+    argv = ["bench", "--arch", "vit-tiny", "--methods", "tome:2", "--no-compile", "--repeats", "1"]
+    argv += ["--warmup", "1", "--no-progress", "--json", str(path)]
+    assert main(argv) == 0
+    assert "ToMe(2)" in capsys.readouterr().out
+    assert {row["method"] for row in json.loads(path.read_text())["rows"]} == {"plain", "ToMe(2)", "ideal@ToMe(2)"}
+
+
+def test_bad_input_names_the_argument() -> None:
+    with pytest.raises(TokenMergeError, match="arch must be one of"):
+        run_bench("sd16", compile_modes=["eager"], **QUICK)
+    with pytest.raises(TokenMergeError, match="compile_modes must be"):
+        run_bench("vit-tiny", compile_modes=["max-autotune"], **QUICK)
+    with pytest.raises(TokenMergeError, match="tomesd rows need a UNet"):
+        run_bench("vit-tiny", tomesd=[0.5], compile_modes=["eager"], **QUICK)
+    with pytest.raises(TokenMergeError, match="method name must be one of"):
+        parse_method("tomesd2:0.5")
+    with pytest.raises(TokenMergeError, match="ratio must be at most 0.75"):
+        parse_method("tomesd:0.9")
+    with pytest.raises(TokenMergeError, match="resolution for vit-tiny must be a positive multiple of 16"):
+        run_bench("vit-tiny", resolution=70, compile_modes=["eager"], **QUICK)
+
+
+def test_method_specs_build_the_presets() -> None:
+    assert parse_method("tomesd:0.5,max_downsample=2").build(None).max_downsample == 2  # type: ignore[misc]
+    catome = parse_method("catome:0.7,buckets=4,recompute_at=0/10")
+    config = catome.build(None)  # type: ignore[misc]
+    assert catome.stateful and config.threshold.buckets == 4 and config.cache.steps == (0, 10)
+    assert not parse_method("tome:13").stateful
+    assert parse_method("todo:2").build(None).kv_only  # type: ignore[misc]
+
+
+def test_watchdog_stops_a_row_that_runs_too_long() -> None:
+    with pytest.raises(RowTimeout):
+        with _watchdog(0.05):
+            time.sleep(2)
+    with _watchdog(5.0):  # and lets a quick one finish
+        pass
+
+
+def test_table_shows_infinite_psnr_and_skips() -> None:
+    row = BenchRow("a", 64, 2, "float32", "eager", "plain", "plain", "plain", time_ms=1.0, psnr_db=math.inf)
+    skipped = BenchRow("a", 64, 2, "float32", "default", "x", "tokenmerge", "x", status="skipped: time budget")
+    table = format_table([row, skipped])
+    assert "inf" in table and "skipped: time budget" in table
+
+
+def test_gpu_script_dry_run_section(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_table
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert gpu_table.main(["--dry-run", "--sections", "vit-b16", "--out", str(tmp_path), "--repeats", "1"]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["checks"]["triton"]["device"] == "cpu"
+    rows = data["runs"][0]["rows"]
+    assert {(row["mode"], row["method"]) for row in rows} >= {("eager", "ToMe(13)"), ("default", "ToMe(13)")}
+    assert all(row["status"] == "ok" for row in rows)
+    assert (tmp_path / "all.png").is_file()
