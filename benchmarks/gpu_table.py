@@ -1,25 +1,29 @@
 """The issue-5 table in one run on one GPU (called by benchmarks/gpu.sh; see benchmarks/README.md).
 
-Sections run in priority order, each under its own time budget (rows that would not
-finish in it are skipped and say so), after two quick checks: the fused Triton matching
-kernel against its PyTorch form (a mismatch switches it off for the run) and host-device
-synchronisations in an eager step (merging must add none). The table is printed last;
-JSON goes to ``--out`` (default: ``$OUT`` if set, else ``./out``).
+1. Two quick checks: the fused Triton matching kernel against its PyTorch form (a mismatch
+   or an error switches it off for the run), and host-device synchronisations in one
+   eager denoising step (merging must add none).
+2. Every section's eager rows (plain, methods, ideals, tomesd; fidelity): cheap.
+3. Compiled rows from one priority list, each only if the time budget (``--budget``,
+   counted from the start) still holds its expected cost (the compile time seen so far in
+   its section, a stateful row 2.5 times that); a watchdog ends a row that overruns.
+   Rows that do not fit are listed as skipped.
 
-``--dry-run`` runs every section with the tiny CPU configs, the same code paths
-(compile backend ``aot_eager`` unless ``--backend`` says otherwise).
+The table is printed last; JSON and plots go to ``--out`` (default ``$OUT`` if set, else
+``./out``). ``--dry-run`` runs the same code with tiny CPU models (compile backend
+``aot_eager`` unless ``--backend`` says otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import sys
 import time
+import traceback
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,68 +33,66 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tokenmerge.bench import BenchResult, format_table, run_bench, write_plot  # noqa: E402
+from tokenmerge.bench import BenchResult, BenchSession, format_table, write_plot  # noqa: E402
 
-# name, arch, resolution, batch, dtype, methods, compiled modes, budget (s), timed calls
-GPU_SECTIONS: list[dict[str, Any]] = [
-    {
-        "name": "sd15-1024",
-        "arch": "sd15",
-        "resolution": 1024,
-        "batch": 2,
-        "methods": ["tomesd:0.5", "catome:0.7"],
-        "modes": ["eager", "reduce-overhead"],
-        "budget_s": 200,
-        "row_timeout_s": 100,
-    },
-    {
-        "name": "sd15-512",
-        "arch": "sd15",
-        "resolution": 512,
-        "batch": 2,
-        "methods": ["tomesd:0.5", "catome:0.7"],
-        "modes": ["eager", "reduce-overhead"],
-        "budget_s": 100,
-        "row_timeout_s": 60,
-    },
-    {
-        "name": "dit-xl-2-512",
-        "arch": "dit-xl-2",
-        "resolution": 512,
-        "batch": 8,
-        "methods": ["block:0.5"],
-        "modes": ["eager", "default"],
-        "budget_s": 75,
-        "row_timeout_s": 60,
-    },
-    {
-        "name": "vit-b16",
-        "arch": "vit-b16",
-        "resolution": 224,
-        "batch": 256,
-        "methods": ["tome:13"],
-        "modes": ["eager", "default"],
-        "budget_s": 45,
-        "row_timeout_s": 40,
-    },
+
+@dataclass
+class Section:
+    """One architecture at one size, its methods and the mode its rows compile in."""
+
+    name: str
+    arch: str
+    resolution: int
+    batch: int
+    methods: list[str]
+    mode: str
+    estimate_s: float  # expected compile time before one was seen in this section
+    seen: list[float] = field(default_factory=list)
+
+    def expected_s(self, stateful: bool) -> float:
+        base = max(self.seen) if self.seen else self.estimate_s
+        return base * (2.5 if stateful else 1.0) + 10.0  # + warm-up and timed calls
+
+
+GPU_SECTIONS = [
+    Section("sd15-1024", "sd15", 1024, 2, ["tomesd:0.5", "catome:0.7"], "reduce-overhead", 60),
+    Section("sd15-512", "sd15", 512, 2, ["tomesd:0.5", "catome:0.7"], "reduce-overhead", 50),
+    Section("dit-xl-2-512", "dit-xl-2", 512, 8, ["block:0.5"], "default", 45),
+    Section("vit-b16", "vit-b16", 224, 256, ["tome:13"], "default", 25),
+]
+
+#: Compiled rows, most wanted first: the targets' rows, then their ideals (overheads), then the rest.
+PRIORITY = [
+    ("sd15-1024", "plain"),
+    ("sd15-1024", "ToMeSD(0.5)"),
+    ("sd15-512", "plain"),
+    ("sd15-512", "ToMeSD(0.5)"),
+    ("dit-xl-2-512", "plain"),
+    ("dit-xl-2-512", "block r=0.5"),
+    ("sd15-1024", "ideal@ToMeSD(0.5)"),
+    ("sd15-1024", "CAToMe(0.7)"),
+    ("vit-b16", "plain"),
+    ("vit-b16", "ToMe(13)"),
+    ("sd15-512", "ideal@ToMeSD(0.5)"),
+    ("dit-xl-2-512", "ideal@block r=0.5"),
+    ("sd15-1024", "ideal@CAToMe(0.7)"),
+    ("vit-b16", "ideal@ToMe(13)"),
+    ("sd15-512", "CAToMe(0.7)"),
+    ("sd15-512", "ideal@CAToMe(0.7)"),
 ]
 
 DRY_ARCH = {"sd15": "sd15-tiny", "dit-xl-2": "dit-xl-2-tiny", "vit-b16": "vit-tiny"}
 
 
-def dry_sections() -> list[dict[str, Any]]:
-    """The GPU sections with tiny CPU models, small inputs and a short schedule."""
-    sections = []
-    for section in GPU_SECTIONS:
-        arch = DRY_ARCH[section["arch"]]
-        sections.append({**section, "arch": arch, "resolution": 64, "batch": 2, "budget_s": 900})
-    return sections
+def dry_sections() -> list[Section]:
+    """The GPU sections with tiny CPU models at 64 px, batch 2."""
+    return [Section(s.name, DRY_ARCH[s.arch], 64, 2, list(s.methods), s.mode, 5.0) for s in GPU_SECTIONS]
 
 
 # ---------------------------------------------------------------------- checks
 def check_triton(device: torch.device) -> dict[str, Any]:
     """The fused best-match kernel against the PyTorch form at SD 1.5's 1024 px and 512 px sizes."""
-    from tokenmerge.policies.best_match import best_match, best_match_reference, triton_enabled
+    from tokenmerge.policies.best_match import best_match, best_match_reference, set_triton_mode, triton_enabled
 
     report: dict[str, Any] = {"device": str(device)}
     sizes = [(2, 12288, 4096, 320), (2, 3072, 1024, 320)] if device.type == "cuda" else [(2, 96, 32, 16)]
@@ -105,21 +107,20 @@ def check_triton(device: torch.device) -> dict[str, Any]:
         try:
             fast_score, fast_best = best_match(src, dst)
         except Exception as error:  # noqa: BLE001 - report, switch the kernel off, go on
-            os.environ["TOKENMERGE_TRITON"] = "0"
+            set_triton_mode("0")
             report[key] = {"error": f"{type(error).__name__}: {error}"}
             report["disabled"] = "fused kernel off for this run: it raised"
             continue
         ref_score, ref_best = best_match_reference(src, dst)
         # Ties and fp16 rounding may pick another destination; its score must then be as good.
-        picked = torch.einsum(
-            "bnc,bnc->bn", src.float(), dst.float().gather(1, fast_best[..., None].expand(-1, -1, channels))
-        )
+        chosen = dst.float().gather(1, fast_best[..., None].expand(-1, -1, channels))  # (B, Ns, C)
+        picked = (src.float() * chosen).sum(-1)  # (B, Ns) similarity of the chosen pair
         gap = float((ref_score.float() - picked).max())
         entry = {"triton": used, "same_index": float((fast_best == ref_best).float().mean()), "score_gap": gap}
         entry.update(_time_pair(best_match, best_match_reference, (src, dst), device))
         report[key] = entry
         if used and gap > 2e-2:
-            os.environ["TOKENMERGE_TRITON"] = "0"
+            set_triton_mode("0")
             report["disabled"] = f"fused kernel off for this run: score gap {gap:.3g} at {key}"
     return report
 
@@ -141,124 +142,153 @@ def _time_pair(fast: Any, slow: Any, args: tuple[Any, ...], device: torch.device
     return out
 
 
-def check_syncs(device: torch.device, arch: str, resolution: int) -> dict[str, Any]:
-    """Host-device synchronisations in one eager denoising step, plain vs each fixed-ratio method."""
-    if device.type != "cuda":
+def check_syncs(session: BenchSession) -> dict[str, Any]:
+    """Host-device synchronisations in one eager denoising step, plain vs ToMeSD(0.5)."""
+    work = session.runner.work
+    if work.device.type != "cuda":
         return {"skipped": "no CUDA device: synchronisations are a GPU notion"}
     import tokenmerge
-    from tokenmerge.bench_models import Workload, build_model, get_arch
 
-    spec = get_arch(arch)
-    model = build_model(spec, resolution, device=device, dtype=torch.float16)
-    work = Workload(spec, model, 2, resolution, device, torch.float16, schedule=4)
     counts: dict[str, Any] = {}
     for label, config in (("plain", None), ("ToMeSD(0.5)", tokenmerge.ToMeSD(0.5, seed=0))):
-        handle = tokenmerge.apply(model, config) if config is not None else None
+        handle = tokenmerge.apply(work.model, config) if config is not None else None
         try:
             with torch.no_grad():
-                work.step(model, 0)  # warm-up outside the count
+                work.step(work.model, 0)  # warm-up (cached partitions) outside the count
                 torch.cuda.synchronize()
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     torch.cuda.set_sync_debug_mode(1)
                     try:
-                        work.step(model, 1)
+                        work.step(work.model, 1)
                     finally:
                         torch.cuda.set_sync_debug_mode(0)
                 counts[label] = sum("synchroniz" in str(w.message) for w in caught)
         finally:
             if handle is not None:
                 handle.remove()
-    del model
-    torch.cuda.empty_cache()
     counts["added_by_merging"] = counts["ToMeSD(0.5)"] - counts["plain"]
     return counts
 
 
 # ---------------------------------------------------------------------- the run
 def main(argv: list[str] | None = None) -> int:
-    """Run the checks and the sections; print the table last; write JSON (and plots) to ``--out``."""
+    """Checks, eager rows, compiled rows by priority within the budget; table last; JSON and plots to ``--out``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny CPU configs, every code path")
     parser.add_argument("--backend", default=None, help="torch.compile backend (default: inductor; dry run: aot_eager)")
     parser.add_argument("--sections", nargs="+", default=None, help="run only these sections (names)")
+    parser.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default 420; dry 3600)")
     parser.add_argument("--out", default=os.environ.get("OUT") or "out", help="folder for JSON and plots")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per row (default 20; dry run 3)")
     args = parser.parse_args(argv)
 
     started = time.monotonic()
-    device = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
-    if device.type == "cpu" and not args.dry_run:
+    if not args.dry_run and not torch.cuda.is_available():
         print("no CUDA device: running the dry run instead (tiny CPU configs)", flush=True)
         args.dry_run = True
+    device = torch.device("cpu" if args.dry_run else "cuda")
     backend = args.backend or ("aot_eager" if args.dry_run else "inductor")
+    budget = args.budget or (3600.0 if args.dry_run else 420.0)
     sections = dry_sections() if args.dry_run else GPU_SECTIONS
     if args.sections:
-        sections = [s for s in sections if s["name"] in args.sections]
+        sections = [s for s in sections if s.name in args.sections]
     repeats = args.repeats or (3 if args.dry_run else 20)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
-    checks = {"triton": check_triton(device)}
-    print("triton check:", json.dumps(checks["triton"]), flush=True)
-    sync_arch = "sd15-tiny" if args.dry_run else "sd15"
-    checks["syncs"] = check_syncs(device, sync_arch, 128 if args.dry_run else 512)
-    print("sync check:", json.dumps(checks["syncs"]), flush=True)
+    def remaining() -> float:
+        return budget - (time.monotonic() - started)
 
-    results: list[BenchResult] = []
+    checks: dict[str, Any] = {"triton": check_triton(device)}
+    print("triton check:", json.dumps(checks["triton"]), flush=True)
+
+    # Eager rows of every section first: cheap, and they give the ideals' token counts.
+    sessions: dict[str, BenchSession] = {}
     for section in sections:
-        print(
-            f"\n=== {section['name']}: {section['arch']} {section['resolution']}px batch {section['batch']}", flush=True
-        )
-        begin = time.monotonic()
-        log = io.StringIO()
-        with contextlib.redirect_stdout(log):
-            result = run_bench(
-                section["arch"],
-                section["methods"],
-                resolution=section["resolution"],
-                batch=section["batch"],
+        print(f"=== {section.name}: {section.arch} {section.resolution}px batch {section.batch} (eager)", flush=True)
+        try:
+            session = BenchSession(
+                section.arch,
+                section.methods,
+                resolution=section.resolution,
+                batch=section.batch,
                 device=device,
-                compile_modes=section["modes"],
                 backend=backend,
                 warmup=2 if args.dry_run else 3,
                 repeats=repeats,
                 schedule=4 if args.dry_run else 50,
                 sample_steps=3 if args.dry_run else 20,
-                time_budget_s=section["budget_s"],
-                compile_estimate_s=5.0 if args.dry_run else 60.0,
-                row_timeout_s=None if args.dry_run else section["row_timeout_s"],
-                plot_path=str(out / f"{section['name']}.png"),
                 progress=sys.stderr.isatty(),
-                print_table=True,
             )
-        print(log.getvalue(), flush=True)
-        result.meta["section"] = section["name"]
-        result.meta["section_s"] = round(time.monotonic() - begin, 1)
-        results.append(result)
-        _write(out / "results.json", results, checks, started, backend)
+            if "syncs" not in checks and section.arch in ("sd15", "sd15-tiny"):
+                checks["syncs"] = check_syncs(session)
+                print("sync check:", json.dumps(checks["syncs"]), flush=True)
+            session.run_eager()
+            session.result.meta["section"] = section.name
+            sessions[section.name] = session
+        except Exception:  # noqa: BLE001 - a section that cannot even build must not end the run
+            traceback.print_exc()
+            checks.setdefault("failed_sections", []).append(section.name)
+        print(f"    done at {time.monotonic() - started:.0f} s", flush=True)
 
+    # Compiled rows by priority, while the budget holds them.
+    by_name = {s.name: s for s in sections}
+    done: set[tuple[str, str]] = set()
+    plan = [(name, label) for name, label in PRIORITY if name in sessions]
+    plan += [(name, m.label) for name, s in sessions.items() for m in s.compile_order if (name, m.label) not in plan]
+    for name, label in plan:
+        session, section = sessions[name], by_name[name]
+        labels = {m.label for m in session.compile_order}
+        if label not in labels or (name, label) in done:
+            continue
+        done.add((name, label))
+        method = session.method(label)
+        if method.kind == "tomesd":
+            session.run_compiled(method, section.mode)  # recorded as skipped (tomesd is not compiled)
+            continue
+        need = section.expected_s(method.stateful)
+        if need > remaining():
+            session.skip(method, section.mode, f"time budget (expected {need:.0f} s, {max(remaining(), 0):.0f} s left)")
+            continue
+        print(f"--- {name} {section.mode} {label} ({remaining():.0f} s left)", flush=True)
+        row = session.run_compiled(method, section.mode, row_timeout_s=None if args.dry_run else remaining() + 10)
+        if row.compile_s is not None:
+            section.seen.append(row.compile_s / (2.5 if method.stateful else 1.0))
+        print(f"    {row.status}: {row.time_ms} ms, compile {row.compile_s} s", flush=True)
+
+    results: list[BenchResult] = []
+    for name, session in sessions.items():
+        result = session.finish()
+        result.meta["elapsed_s"] = round(time.monotonic() - started, 1)
+        results.append(result)
+        write_plot(result.rows, str(out / f"{name}.png"), title=session.title)
     rows = [row for result in results for row in result.rows]
-    write_plot(rows, str(out / "all.png"), title="speed vs fidelity, all sections")
-    _write(out / "results.json", results, checks, started, backend)
+    if rows:
+        write_plot(rows, str(out / "all.png"), title="speed vs fidelity, all sections")
+    _write(out / "results.json", results, checks, started, backend, budget)
     meta = results[0].meta if results else {}
     print("\n" + "=" * 100)
     print(
-        f"tokenmerge bench, {meta.get('card')} driver {meta.get('driver')}, torch {meta.get('torch')}, "
-        f"diffusers {meta.get('diffusers')}, timm {meta.get('timm')}, tomesd {meta.get('tomesd')}, "
-        f"triton {meta.get('triton')}; total {time.monotonic() - started:.0f} s"
+        f"tokenmerge bench: {meta.get('card')}, driver {meta.get('driver')}, torch {meta.get('torch')}, "
+        f"CUDA {meta.get('cuda')}, diffusers {meta.get('diffusers')}, timm {meta.get('timm')}, "
+        f"tomesd {meta.get('tomesd')}, triton {meta.get('triton')}; backend {backend}; "
+        f"total {time.monotonic() - started:.0f} s of a {budget:.0f} s budget"
     )
     print(f"checks: {json.dumps(checks)}")
     print(format_table(rows, meta))
-    errors = [row for row in rows if row.status.startswith("error")]
-    return 1 if errors else 0
+    failed = [row for row in rows if row.status.startswith("error")] or checks.get("failed_sections")
+    return 1 if failed else 0
 
 
-def _write(path: Path, results: list[BenchResult], checks: dict[str, Any], started: float, backend: str) -> None:
+def _write(
+    path: Path, results: list[BenchResult], checks: dict[str, Any], started: float, backend: str, budget: float
+) -> None:
     data = {
         "checks": checks,
         "backend": backend,
+        "budget_s": budget,
         "elapsed_s": round(time.monotonic() - started, 1),
         "runs": [r.to_dict() for r in results],
     }

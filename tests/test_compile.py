@@ -271,6 +271,31 @@ def test_best_match_operator_traces_as_one_node() -> None:
     torch.library.opcheck(torch.ops.tokenmerge.best_match.default, (src, dst))
 
 
+def test_the_fused_kernel_dispatch_traces_without_a_break(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The path a GPU takes (mode, device and size checks, then the custom op) is traceable; on the
+    CPU the operator's implementation is the PyTorch form."""
+    from tokenmerge.policies import best_match as module
+
+    monkeypatch.setattr(module, "KERNEL_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(module, "_TRITON", True)
+    module.set_triton_mode("1")
+    try:
+        metric = torch.randn(2, 64, 8).to(torch.bfloat16)
+        ctx = MergeContext(grid=(8, 8), seed=0, timestep=torch.tensor(5.0))
+        assert module.triton_enabled(metric[:, :4], metric[:, 4:])
+
+        def match(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            matching = RandomGrid(2, 2).match(m, ctx)
+            return matching.score, matching.best
+
+        score, best = torch.compile(match, backend="aot_eager", fullgraph=True)(metric)
+        ref_score, ref_best = match(metric)
+    finally:
+        module.set_triton_mode("auto")
+    torch.testing.assert_close(score, ref_score)
+    assert torch.equal(best, ref_best)
+
+
 def test_triton_kernel_matches_reference_in_the_interpreter() -> None:
     # Triton's CPU interpreter runs the fused kernel's own code (tl.dot, running argmax, masks).
     script = textwrap.dedent(

@@ -62,7 +62,15 @@ from .bench_timing import (
 )
 from .errors import TokenMergeError
 
-__all__ = ["BenchRow", "BenchResult", "run_bench", "add_bench_arguments", "bench_main", "DEFAULT_METHODS"]
+__all__ = [
+    "BenchRow",
+    "BenchResult",
+    "BenchSession",
+    "run_bench",
+    "add_bench_arguments",
+    "bench_main",
+    "DEFAULT_METHODS",
+]
 
 #: Methods benchmarked when none are named, per model family.
 DEFAULT_METHODS: dict[str, tuple[str, ...]] = {
@@ -448,6 +456,129 @@ def _derive(rows: list[BenchRow]) -> None:
                 row.overhead = (row.time_ms - ideal.time_ms) / (plain.time_ms - ideal.time_ms)
 
 
+class BenchSession:
+    r"""One architecture at one size, built once; its rows run in any order.
+
+    `run_bench` runs every row of one session. A caller juggling several sessions under one
+    time budget (``benchmarks/gpu_table.py``) runs each session's `run_eager` first (cheap:
+    it also gives the token counts the ideals replay and the fidelity figures), then the
+    compiled rows it can afford, in its own order, with `run_compiled`, and `finish`\ es.
+
+    Arguments as in `run_bench`.
+    """
+
+    def __init__(
+        self,
+        arch: str | ArchSpec = "sd15-tiny",
+        methods: Sequence[str] | None = None,
+        *,
+        resolution: int | None = None,
+        batch: int | None = None,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto",
+        backend: str = "inductor",
+        ideal: bool = True,
+        tomesd: Sequence[float] | None = None,
+        tomesd_compile: bool = False,
+        weights: str | None = None,
+        warmup: int = 3,
+        repeats: int = 20,
+        schedule: int = 50,
+        sample_steps: int = 20,
+        fidelity: bool = True,
+        fullgraph: bool = False,
+        seed: int = 0,
+        time_budget_s: float | None = None,
+        compile_estimate_s: float = 60.0,
+        row_timeout_s: float | None = None,
+        progress: bool = False,
+        argv: Sequence[str] | None = None,
+    ) -> None:
+        spec = get_arch(arch)
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        names = list(DEFAULT_METHODS[spec.family] if methods is None else methods)
+        parsed = [parse_method(m, seed) for m in names]
+        res, b = resolution or spec.resolution, batch or spec.batch
+        if tomesd is None:
+            tomesd = [float(m.split(",")[0].split(":")[1]) for m in names if _is_tomesd_spec(m)]
+            tomesd = tomesd if spec.family == "unet" and tomesd_available() else []
+        elif tomesd and (spec.family != "unet" or not tomesd_available()):
+            raise TokenMergeError("tomesd rows need a UNet architecture and the tomesd package installed")
+        self.spec, self.ideal = spec, ideal
+        self.methods = [Method.plain(), *parsed, *(Method.tomesd(r) for r in tomesd)]
+        meta = environment(dev, argv)
+        meta.update({"arch": spec.name, "source": spec.source, "resolution": res, "batch": b, "dtype": str(dt)})
+        meta.update({"backend": backend, "weights": weights or "random", "seed": seed})
+        self.result = BenchResult(meta=meta)
+        options = {
+            "fidelity": fidelity,
+            "sample_steps": sample_steps,
+            "seed": seed,
+            "warmup": warmup,
+            "repeats": repeats,
+            "backend": backend,
+            "fullgraph": fullgraph,
+            "tomesd_compile": tomesd_compile,
+            "row_timeout_s": row_timeout_s,
+            "budget": _Budget(time_budget_s, compile_estimate_s),
+        }
+        self.bar = _progress(progress, len(self.methods))
+        model = build_model(spec, res, weights, seed, dev, dt)
+        work = Workload(spec, model, b, res, dev, dt, seed, schedule if spec.diffusion else 1)
+        self.runner = _Runner(work, options, self.result, self.bar)
+        self.compile_order: list[Method] = []
+
+    @property
+    def title(self) -> str:
+        """``arch resolution batch dtype``, for plots and logs."""
+        meta = self.result.meta
+        return f"{self.spec.name} {meta['resolution']}px batch {meta['batch']} {meta['dtype'].replace('torch.', '')}"
+
+    def run_eager(self) -> list[Method]:
+        """Every row in eager mode (ideals included); returns the rows in the order to compile them."""
+        with torch.no_grad():
+            self.compile_order = _eager_phase(self.runner, self.methods, self.ideal)
+        return self.compile_order
+
+    def method(self, label: str) -> Method:
+        """The row kind called ``label`` (after `run_eager`, ideals included)."""
+        for method in self.compile_order or self.methods:
+            if method.label == label:
+                return method
+        raise TokenMergeError(f"method must be one of {[m.label for m in self.compile_order]}; got {label!r}")
+
+    def run_compiled(self, method: Method | str, mode: str, row_timeout_s: float | None = None) -> BenchRow:
+        """One row compiled in ``mode`` (after `run_eager`)."""
+        method = self.method(method) if isinstance(method, str) else method
+        self.bar.set_description(f"{self.spec.name} {mode} {method.label}")
+        if row_timeout_s is not None:
+            self.runner.opt["row_timeout_s"] = row_timeout_s
+        with torch.no_grad():
+            row = self.runner.compiled(method, mode)
+        row.ideal_label = method.extra.get("ideal_label")
+        return row
+
+    def skip(self, method: Method | str, mode: str, reason: str) -> BenchRow:
+        """Record ``method`` in ``mode`` as not run, with ``reason``."""
+        method = self.method(method) if isinstance(method, str) else method
+        row = self.runner._row(method, mode)
+        row.status = f"skipped: {reason}"
+        self.result.rows.append(row)
+        return row
+
+    def finish(self) -> BenchResult:
+        """Derive speedups and overheads, release the model, and return the result."""
+        self.bar.close()
+        _derive(self.result.rows)
+        self.result.meta["modes"] = list(dict.fromkeys(row.mode for row in self.result.rows))
+        self.runner.model = None  # type: ignore[assignment]
+        self.runner.work.model = None  # type: ignore[assignment]
+        if self.runner.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return self.result
+
+
 def run_bench(
     arch: str | ArchSpec = "sd15-tiny",
     methods: Sequence[str] | None = None,
@@ -493,7 +624,7 @@ def run_bench(
         dtype: ``"auto"`` (float16 on a GPU, float32 on the CPU) or a dtype name.
         compile_modes: any of ``"eager"``, ``"default"``, ``"reduce-overhead"``; eager runs
             first in any case (token counts, fidelity).
-        backend: `torch.compile` backend (``"inductor"``; tests use ``"aot_eager"``).
+        backend: `torch.compile` backend (``"inductor"``; tests use ``"eager"``/``"aot_eager"``).
         ideal: add the zero-overhead ideal at each method's token counts.
         tomesd: ratios for tomesd library rows; None: the ToMeSD ratios asked for, on a
             UNet when tomesd is installed; ``[]``: none.
@@ -520,60 +651,46 @@ def run_bench(
         A `BenchResult` with one `BenchRow` per method and mode.
     """
     stream = stream if stream is not None else sys.stdout
-    spec = get_arch(arch)
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
     modes = _check_modes(compile_modes)
-    methods = list(DEFAULT_METHODS[spec.family] if methods is None else methods)
-    parsed = [parse_method(m, seed) for m in methods]
-    res, b = resolution or spec.resolution, batch or spec.batch
-    if tomesd is None:
-        tomesd = [float(m.split(",")[0].split(":")[1]) for m in methods if _is_tomesd_spec(m)]
-        tomesd = tomesd if spec.family == "unet" and tomesd_available() else []
-    elif tomesd and (spec.family != "unet" or not tomesd_available()):
-        raise TokenMergeError("tomesd rows need a UNet architecture and the tomesd package installed")
-    rows_methods = [Method.plain(), *parsed, *(Method.tomesd(r) for r in tomesd)]
-
-    meta = environment(dev, argv)
-    meta.update({"arch": spec.name, "source": spec.source, "resolution": res, "batch": b, "dtype": str(dt)})
-    meta.update({"modes": modes, "backend": backend, "weights": weights or "random", "seed": seed})
-    result = BenchResult(meta=meta)
-    options = {
-        "fidelity": fidelity,
-        "sample_steps": sample_steps,
-        "seed": seed,
-        "warmup": warmup,
-        "repeats": repeats,
-        "backend": backend,
-        "fullgraph": fullgraph,
-        "tomesd_compile": tomesd_compile,
-        "row_timeout_s": row_timeout_s,
-        "budget": _Budget(time_budget_s, compile_estimate_s),
-    }
-    bar = _progress(progress, len(rows_methods) * len(modes))
+    session = BenchSession(
+        arch,
+        methods,
+        resolution=resolution,
+        batch=batch,
+        device=device,
+        dtype=dtype,
+        backend=backend,
+        ideal=ideal,
+        tomesd=tomesd,
+        tomesd_compile=tomesd_compile,
+        weights=weights,
+        warmup=warmup,
+        repeats=repeats,
+        schedule=schedule,
+        sample_steps=sample_steps,
+        fidelity=fidelity,
+        fullgraph=fullgraph,
+        seed=seed,
+        time_budget_s=time_budget_s,
+        compile_estimate_s=compile_estimate_s,
+        row_timeout_s=row_timeout_s,
+        progress=progress,
+        argv=argv,
+    )
     try:
-        model = build_model(spec, res, weights, seed, dev, dt)
-        work = Workload(spec, model, b, res, dev, dt, seed, schedule if spec.diffusion else 1)
-        runner = _Runner(work, options, result, bar)
-        with torch.no_grad():
-            all_methods = _eager_phase(runner, rows_methods, ideal)
-            bar.total = len(result.rows) + len(all_methods) * (len(modes) - 1)
-            for mode in modes:
-                if mode == "eager":
-                    continue
-                for method in all_methods:
-                    bar.set_description(f"{spec.name} {mode} {method.label}")
-                    row = runner.compiled(method, mode)
-                    row.ideal_label = method.extra.get("ideal_label")
+        order = session.run_eager()
+        session.bar.total = len(session.result.rows) + len(order) * (len(modes) - 1)
+        for mode in modes[1:]:
+            for method in order:
+                session.run_compiled(method, mode)
     finally:
-        bar.close()
-    _derive(result.rows)
+        result = session.finish()
     if print_table:
         print(result.table(), file=stream, flush=True)
     if json_path:
         write_json(result, json_path)
     if plot_path:
-        write_plot(result.rows, plot_path, title=f"{spec.name} {res}px batch {b} {str(dt).replace('torch.', '')}")
+        write_plot(result.rows, plot_path, title=session.title)
     return result
 
 

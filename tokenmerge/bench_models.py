@@ -284,9 +284,8 @@ def build_model(
             model = _BUILDERS[spec.family](spec, resolution)
     if weights is not None:
         load_weights(model, weights)
-    if dtype != torch.float32:
-        with _quiet_diffusers():  # its note on keeping modules in fp32 concerns from_pretrained only
-            model = model.to(dtype=dtype)
+    with _quiet_diffusers():  # its note on keeping modules in fp32 concerns from_pretrained only
+        model = model.to(device=device, dtype=dtype)  # also moves buffers a builder made on the CPU
     return model.eval().requires_grad_(False)
 
 

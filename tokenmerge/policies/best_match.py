@@ -18,7 +18,6 @@ every size (by default it is used from ``2**20`` similarity entries up).
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import warnings
@@ -26,7 +25,7 @@ import warnings
 import torch
 from torch import Tensor
 
-__all__ = ["best_match", "best_match_reference", "triton_enabled", "MIN_ENTRIES"]
+__all__ = ["best_match", "best_match_reference", "triton_enabled", "set_triton_mode", "MIN_ENTRIES", "KERNEL_DEVICES"]
 
 #: Similarity entries (``B * Ns * Nd``) from which the fused kernel is used by default.
 MIN_ENTRIES = 1 << 20
@@ -39,21 +38,31 @@ def best_match_reference(src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor]:
     return score, best
 
 
-@functools.cache
-def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+#: Read once: `torch.compile` then sees constants, never an environment lookup. Change it
+#: with `set_triton_mode`.
+_MODE = os.environ.get("TOKENMERGE_TRITON", "auto")
+_TRITON = importlib.util.find_spec("triton") is not None
+#: Devices the fused kernel runs on.
+KERNEL_DEVICES: tuple[str, ...] = ("cuda",)
+
+
+def set_triton_mode(mode: str) -> None:
+    """``"auto"`` (the kernel from `MIN_ENTRIES` up), ``"1"`` (always) or ``"0"`` (never); as ``TOKENMERGE_TRITON``."""
+    global _MODE
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"mode must be 'auto', '0' or '1'; got {mode!r}")
+    _MODE = mode
 
 
 def triton_enabled(src: Tensor, dst: Tensor) -> bool:
-    """Whether `best_match` runs the fused kernel for these inputs."""
-    setting = os.environ.get("TOKENMERGE_TRITON", "auto")
-    if setting == "0" or _OP is None or _KERNEL_FAILED or src.device.type != "cuda" or not _triton_importable():
+    """Whether `best_match` runs the fused kernel for these inputs (static facts only: traceable)."""
+    if _MODE == "0" or _OP is None or _KERNEL_FAILED or not _TRITON or src.device.type not in KERNEL_DEVICES:
         return False
     if src.dtype not in (torch.float16, torch.bfloat16) or dst.dtype != src.dtype:  # float32 keeps exact products
         return False
     if src.dim() != 3 or dst.dim() != 3 or src.shape[1] == 0 or dst.shape[1] == 0:
         return False
-    return setting == "1" or src.shape[0] * src.shape[1] * dst.shape[1] >= MIN_ENTRIES
+    return _MODE == "1" or src.shape[0] * src.shape[1] * dst.shape[1] >= MIN_ENTRIES
 
 
 def best_match(src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor]:
@@ -64,7 +73,7 @@ def best_match(src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor]:
         destination that attains it (ties: either). ``Nd`` must be at least 1.
     """
     if triton_enabled(src, dst):
-        return _OP(src, dst)
+        return torch.ops.tokenmerge.best_match.default(src, dst)
     return best_match_reference(src, dst)
 
 

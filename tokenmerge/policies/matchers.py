@@ -18,7 +18,7 @@ from ..errors import TokenMergeError, check
 from .base import Matcher, Matching, MergeContext
 from .rng import PARTITIONS, hash_randint, partition_key
 
-__all__ = ["AlternatingBipartite", "RandomGrid", "StridedGrid", "grid_partition", "infer_grid"]
+__all__ = ["AlternatingBipartite", "RandomGrid", "StridedGrid", "grid_partition", "cell_partition", "infer_grid"]
 
 
 class AlternatingBipartite(Matcher):
@@ -100,6 +100,48 @@ def grid_partition(
     return src_idx, dst_idx, cell[src_idx]
 
 
+def cell_partition(
+    h: int, w: int, sx: int, sy: int, choice: Tensor | None, device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The partition of `grid_partition`, laid out cell by cell, with element-wise ops only.
+
+    The same sources and destinations as `grid_partition`, but sources are ordered by cell
+    (each cell's tokens but its destination, in raster order within the cell), then the
+    edge tokens outside the full cells by position. No sort: every index is arithmetic on
+    ``choice``, so a compiled graph computes it in one fused kernel.
+
+    Returns:
+        ``src_idx (Ns,)``, ``dst_idx (Nd,)`` and ``src_cell (Ns,)`` as in `grid_partition`.
+    """
+    cells_y, cells_x = h // sy, w // sx  # full cells only
+    num_dst, per_cell = cells_y * cells_x, sx * sy
+    full_h, full_w = cells_y * sy, cells_x * sx
+    cell = torch.arange(num_dst, device=device)  # (Nd,)
+    base = (cell // max(cells_x, 1)) * (sy * w) + (cell % max(cells_x, 1)) * sx  # (Nd,) top-left token of each cell
+    chosen = (
+        torch.zeros(num_dst, dtype=torch.long, device=device)
+        if choice is None
+        else choice.reshape(-1).to(device=device, dtype=torch.long)
+    )  # (Nd,)
+    dst_idx = base + (chosen // sx) * w + chosen % sx  # (Nd,)
+    j = torch.arange(per_cell - 1, device=device)  # (k - 1,)
+    offset = j[None, :] + (j[None, :] >= chosen[:, None]).long()  # (Nd, k - 1) skip the destination
+    cell_src = (base[:, None] + (offset // sx) * w + offset % sx).reshape(-1)  # (Nd * (k - 1),)
+    cell_of_src = cell.repeat_interleave(per_cell - 1)  # (Nd * (k - 1),)
+    # Edge tokens, by position: columns right of the full cells in the full rows, then the rows below.
+    right = (
+        torch.arange(full_h, device=device)[:, None] * w + torch.arange(full_w, w, device=device)[None, :]
+    ).reshape(-1)
+    below = torch.arange(full_h * w, h * w, device=device)
+    edge = torch.cat([right, below])  # (E,)
+    edge_y = (edge // w // sy).clamp_max(max(cells_y - 1, 0))
+    edge_x = (edge % w // sx).clamp_max(max(cells_x - 1, 0))
+    edge_cell = edge_y * cells_x + edge_x  # (E,) nearest full cell
+    src_idx = torch.cat([cell_src, edge])  # (Ns,)
+    src_cell = torch.cat([cell_of_src, edge_cell])  # (Ns,)
+    return src_idx, dst_idx, src_cell
+
+
 class RandomGrid(Matcher):
     """ToMeSD's matcher: one destination per ``sx x sy`` cell of the token grid.
 
@@ -148,16 +190,16 @@ class RandomGrid(Matcher):
         return torch.randint(self.sx * self.sy, shape, generator=gen, device=device)
 
     def partition(self, h: int, w: int, ctx: MergeContext, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-        """`grid_partition` of the cell choice `draw_choice` makes: ``src_idx, dst_idx, src_cell``.
+        """`cell_partition` of the cell choice `draw_choice` makes: ``src_idx, dst_idx, src_cell``.
 
         In eager mode the partitions are built once per grid shape and device and then
         looked up (two index ops per call, instead of a few dozen small kernels); a
         compiled graph builds them inline (inductor fuses that). Both give the same indices.
         """
         if ctx.seed is None and self.use_rand:  # the generator path: nothing to cache
-            return grid_partition(h, w, self.sx, self.sy, self.draw_choice(h, w, ctx), device)
+            return cell_partition(h, w, self.sx, self.sy, self.draw_choice(h, w, ctx), device)
         if torch.compiler.is_compiling():
-            return grid_partition(h, w, self.sx, self.sy, self.draw_choice(h, w, ctx), device)
+            return cell_partition(h, w, self.sx, self.sy, self.draw_choice(h, w, ctx), device)
         table = _partition_table(h, w, self.sx, self.sy, self.use_rand, str(device))
         if not self.use_rand:
             return table
@@ -179,9 +221,9 @@ def _partition_table(h: int, w: int, sx: int, sy: int, use_rand: bool, device: s
     """Every partition of a grid: stacked ``(PARTITIONS, Ns)``, ``(PARTITIONS, Nd)``, ``(PARTITIONS, Ns)``
     for random grids (row k: the draw of key k), else the single fixed partition."""
     if not use_rand:
-        return grid_partition(h, w, sx, sy, None, device)
+        return cell_partition(h, w, sx, sy, None, device)
     shape = (h // sy, w // sx)
-    parts = [grid_partition(h, w, sx, sy, hash_randint(sx * sy, shape, key), device) for key in range(PARTITIONS)]
+    parts = [cell_partition(h, w, sx, sy, hash_randint(sx * sy, shape, key), device) for key in range(PARTITIONS)]
     return tuple(torch.stack(column) for column in zip(*parts))  # type: ignore[return-value]
 
 
