@@ -55,9 +55,13 @@ def test_load_offline_and_sample_deterministically(name: str, zoo_no_network: No
     denoiser = pipe.transformer if name.startswith("dit") else pipe.unet
     assert not denoiser.training and not any(p.requires_grad for p in denoiser.parameters())
 
+    guidance = 2.0 if name.startswith("dit") else 1.0  # the UNet is the costly one on a CPU: no doubled batch
+
     def sample(seed: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed)
-        return pipe(["grass"], num_inference_steps=2, guidance_scale=2.0, generator=generator, output_type="pt").images
+        return pipe(
+            ["grass"], num_inference_steps=1, guidance_scale=guidance, generator=generator, output_type="pt"
+        ).images
 
     first, again, other = sample(0), sample(0), sample(1)
     assert first.shape == (1, 3, 64, 64) and first.dtype == torch.float32
@@ -167,10 +171,7 @@ def test_training_is_deterministic_and_loadable(tmp_path: Path, zoo_synthetic_ph
     ).read_bytes()
     training = first["training"]
     assert training["steps"] == 2 and training["autocast"] == "bf16"
-    assert training["phases"] == [
-        {"first_step": 0, "resolution": 8, "batch_size": 8},
-        {"first_step": 2, "resolution": 64, "batch_size": 1},
-    ]
+    assert training["phases"] == [{"first_step": 0, "resolution": 8, "batch_size": 8}]
     assert training["replay_command"].endswith("--models dit-photos --steps 2")
     assert np.isfinite(training["final_loss"])
     pipe = zoo.load("dit-photos", weights_dir=tmp_path / "a")

@@ -130,7 +130,7 @@ def ssim(images: Tensor, reference: Tensor) -> Tensor:
 class RandomFeatures(nn.Module):
     """A fixed random-weight conv net: the offline feature space of the RFD distance.
 
-    Four 3x3/4x4 convolutions (32-64-128-128 channels, three of them stride 2) with ReLU,
+    Four convolutions (32-64-128-128 channels; three 4x4 of stride 2, one 3x3) with ReLU,
     Kaiming-normal weights from a seeded generator, then the mean and standard deviation
     of each channel over space: 256 features per image. No training, no download.
 
@@ -141,7 +141,7 @@ class RandomFeatures(nn.Module):
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
-        shapes = [(3, 32, 3, 1), (32, 64, 4, 2), (64, 128, 4, 2), (128, 128, 4, 2)]
+        shapes = [(3, 32, 4, 2), (32, 64, 4, 2), (64, 128, 4, 2), (128, 128, 3, 1)]  # (in, out, kernel, stride)
         self.convs = nn.ModuleList()
         for c_in, c_out, kernel, stride in shapes:
             conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=1)
@@ -570,6 +570,7 @@ def run_fidelity(
     _generate(pipe, labels[seeds[0]], seeds[0], 1, guidance_scale, None)  # warm-up
     network = RandomFeatures(0) if distance else None
     heldout = zoo.heldout(weights_dir)[0] if (distance or fid_weights) else None
+    heldout_features = network(heldout) if network is not None and heldout is not None else None  # (N, 256)
     rows: list[FidelityRow] = []
     reference: list[Tensor] = []
     plain_seconds: float | None = None
@@ -602,8 +603,8 @@ def run_fidelity(
         row.psnr = psnr(stacked, ref)
         row.ssim = float(ssim(stacked, ref).mean())
         row.speedup = plain_seconds / row.seconds if plain_seconds and row.seconds else None
-        if network is not None and heldout is not None and stacked.shape[0] >= 2:
-            row.distance = feature_distance(stacked, heldout, network)
+        if network is not None and heldout_features is not None and stacked.shape[0] >= 2:
+            row.distance = frechet_distance(network(stacked), heldout_features)
         if fid_weights is not None and heldout is not None:
             fid = inception_fid(stacked, heldout, fid_weights, device=device)
             row.note = (row.note + "; " if row.note else "") + f"Inception FID {fid:.2f}"

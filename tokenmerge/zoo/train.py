@@ -44,7 +44,7 @@ __all__ = ["TrainOptions", "train_model", "main", "parse_args"]
 
 LABEL_DROP = 0.1  # classifier-free guidance: the null label replaces 10% of labels
 WARMUP_STEPS = 50  # at most; a run of N steps warms up for N // 10
-TIMING_STEPS = 1  # forward+backward passes timed per resolution to plan a --minutes run (after one warm-up)
+TIMING_STEPS = 1  # forward+backward passes timed per resolution to plan a --minutes run (after a warm-up on GPU)
 CPU_PROBE_BATCH = 2  # on a CPU those passes use a batch this small and scale the time up to the real batch
 
 
@@ -158,7 +158,8 @@ class _Trainer:
         """Seconds of one forward+backward (no update, own generator: the run is unaffected)."""
         generator = torch.Generator(self.device).manual_seed(12345)
         timings = []
-        for _ in range(TIMING_STEPS + 1):
+        warmup = 1 if self.device.type == "cuda" else 0  # kernels and allocator warm up on a GPU
+        for _ in range(TIMING_STEPS + warmup):
             _sync(self.device)
             start = time.perf_counter()
             loss = self.loss(x0, labels, generator)
@@ -166,7 +167,7 @@ class _Trainer:
             _sync(self.device)
             timings.append(time.perf_counter() - start)
         self.optimizer.zero_grad(set_to_none=True)
-        return min(timings[1:]) * 1.15  # plus the optimiser step and data
+        return min(timings[warmup:]) * 1.15  # plus the optimiser step and data
 
     def ema_state_dict(self) -> dict[str, Tensor]:
         """fp16 state dict of the EMA weights, keyed ``<component>.<param>``."""
@@ -308,6 +309,7 @@ def train_model(
     step = 0
     stopped_early = False
     replans: list[list[int]] = []
+    history: list[dict[str, int]] = []  # the phases as they ran (a re-plan moves later boundaries)
     window_resolutions: set[int] = set()
     log(f"   {'step':>6} {'res':>4} {'loss':>8} {'lr':>9} {'img/s':>8} {'time':>7}")
     window_start = time.perf_counter()
@@ -318,6 +320,8 @@ def train_model(
         resolution = _resolution_at(phases, step)
         window_resolutions.add(resolution)
         batch_size = _batch_at(options.batch_size, resolution, full)
+        if not history or history[-1]["resolution"] != resolution:
+            history.append({"first_step": step, "resolution": resolution, "batch_size": batch_size})
         x0, labels = _batch(bank, bank_labels, batch_size, resolution, data_generator)
         pending.append(trainer.step(x0, labels, _lr_at(step, planned, options.lr), step))
         step += 1
@@ -359,10 +363,7 @@ def train_model(
         "planned_steps": planned,
         "replanned": replans,
         "stopped_early": stopped_early,
-        "phases": [
-            {"first_step": first, "resolution": res, "batch_size": _batch_at(options.batch_size, res, full)}
-            for first, res in phases
-        ],
+        "phases": history,
         "batch_size": options.batch_size,
         "lr": options.lr,
         "ema": options.ema,
