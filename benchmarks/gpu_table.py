@@ -92,7 +92,11 @@ def dry_sections() -> list[Section]:
 # ---------------------------------------------------------------------- checks
 def check_triton(device: torch.device) -> dict[str, Any]:
     """The fused best-match kernel against the PyTorch form at SD 1.5's 1024 px and 512 px sizes."""
+    from tokenmerge.policies import best_match as module
     from tokenmerge.policies.best_match import best_match, best_match_reference, set_triton_mode, triton_enabled
+
+    def kernel_failed() -> bool:
+        return bool(module._KERNEL_FAILED)
 
     report: dict[str, Any] = {"device": str(device)}
     sizes = [(2, 12288, 4096, 320), (2, 3072, 1024, 320)] if device.type == "cuda" else [(2, 96, 32, 16)]
@@ -103,25 +107,32 @@ def check_triton(device: torch.device) -> dict[str, Any]:
         dst = torch.randn(batch, num_dst, channels, device=device, dtype=dtype, generator=gen)
         src, dst = src / src.norm(dim=-1, keepdim=True), dst / dst.norm(dim=-1, keepdim=True)
         key = f"{num_src}x{num_dst}x{channels}"
+        set_triton_mode("1")  # the kernel at every size for this check
         used = triton_enabled(src, dst)
         try:
             fast_score, fast_best = best_match(src, dst)
+            entry_time = _time_pair(best_match, best_match_reference, (src, dst), device)
         except Exception as error:  # noqa: BLE001 - report, switch the kernel off, go on
             set_triton_mode("0")
             report[key] = {"error": f"{type(error).__name__}: {error}"}
             report["disabled"] = "fused kernel off for this run: it raised"
-            continue
+            break
+        set_triton_mode("auto")
+        if kernel_failed():  # the operator fell back to the PyTorch form (and warned)
+            report[key] = {"error": "the fused kernel raised; see the warning above"}
+            report["disabled"] = "fused kernel off for this run: it raised"
+            break
         ref_score, ref_best = best_match_reference(src, dst)
         # Ties and fp16 rounding may pick another destination; its score must then be as good.
         chosen = dst.float().gather(1, fast_best[..., None].expand(-1, -1, channels))  # (B, Ns, C)
         picked = (src.float() * chosen).sum(-1)  # (B, Ns) similarity of the chosen pair
         gap = float((ref_score.float() - picked).max())
         entry = {"triton": used, "same_index": float((fast_best == ref_best).float().mean()), "score_gap": gap}
-        entry.update(_time_pair(best_match, best_match_reference, (src, dst), device))
-        report[key] = entry
+        report[key] = {**entry, **entry_time}
         if used and gap > 2e-2:
             set_triton_mode("0")
             report["disabled"] = f"fused kernel off for this run: score gap {gap:.3g} at {key}"
+            break
     return report
 
 
@@ -255,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--- {name} {section.mode} {label} ({remaining():.0f} s left)", flush=True)
         row = session.run_compiled(method, section.mode, row_timeout_s=None if args.dry_run else remaining() + 10)
         if row.compile_s is not None:
-            section.seen.append(row.compile_s / (2.5 if method.stateful else 1.0))
+            spent = row.compile_s + (row.warmup_s or 0.0)
+            section.seen.append(spent / (2.5 if method.stateful else 1.0))
         print(f"    {row.status}: {row.time_ms} ms, compile {row.compile_s} s", flush=True)
 
     results: list[BenchResult] = []
