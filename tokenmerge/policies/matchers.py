@@ -170,7 +170,7 @@ class RandomGrid(Matcher):
         """``1 - 1 / (sx * sy)``: all but one token of every cell."""
         return 1.0 - 1.0 / (self.sx * self.sy)
 
-    def draw_choice(self, h: int, w: int, ctx: MergeContext) -> Tensor | None:
+    def draw_choice(self, h: int, w: int, ctx: MergeContext, device: torch.device | str | None = None) -> Tensor | None:
         """Each full cell's destination offset, ``(h // sy, w // sx)``, or None for top-left.
 
         With ``ctx.seed`` set (always, under `tokenmerge.apply`) the draw is one of
@@ -184,7 +184,7 @@ class RandomGrid(Matcher):
         shape = (h // self.sy, w // self.sx)
         if ctx.seed is not None:
             key = partition_key(ctx.seed, ctx.layer_index, ctx.timestep, ctx.step)
-            return hash_randint(self.sx * self.sy, shape, key)
+            return hash_randint(self.sx * self.sy, shape, key, device=device)
         gen = ctx.generator
         device = gen.device if gen is not None else "cpu"
         return torch.randint(self.sx * self.sy, shape, generator=gen, device=device)
@@ -199,7 +199,7 @@ class RandomGrid(Matcher):
         if ctx.seed is None and self.use_rand:  # the generator path: nothing to cache
             return cell_partition(h, w, self.sx, self.sy, self.draw_choice(h, w, ctx), device)
         if torch.compiler.is_compiling():
-            return cell_partition(h, w, self.sx, self.sy, self.draw_choice(h, w, ctx), device)
+            return cell_partition(h, w, self.sx, self.sy, self.draw_choice(h, w, ctx, device), device)
         table = _partition_table(h, w, self.sx, self.sy, self.use_rand, str(device))
         if not self.use_rand:
             return table
