@@ -205,3 +205,27 @@ def test_benchmarks_table_replaces_the_open_block(tmp_path: Path) -> None:
     assert "the script (`benchmarks/gpu.sh`)" in out and "plot (`out/p.png`)" in out  # no dead links
     assert "[torch](https://pytorch.org)" in out
     assert "# Benchmarks" not in out
+
+
+def test_home_shows_the_speed_section_only_once_measured(tmp_path: Path) -> None:
+    path = tmp_path / "BENCHMARKS.md"
+    targets = (
+        "# Benchmarks\n\n## Speed\n\n| target | status |\n| --- | --- |\n| ToMeSD >= 1.25x | *open* |\n\n"
+        "## Fidelity\n\n| method | PSNR |\n| --- | --- |\n| ToMeSD | 30.1 dB |\n"
+    )
+    path.write_text(targets, encoding="utf-8")
+    assert bench_hook.benchmarks_markdown(path, "Speed") is None  # only targets, all open
+    assert bench_hook.benchmarks_markdown(path) is not None  # the full file has tables
+    path.write_text(targets.replace("| ToMeSD >= 1.25x | *open* |", "| ToMeSD r=0.5, H100 | 1.31x |"), "utf-8")
+    speed = bench_hook.benchmarks_markdown(path, "Speed")
+    assert speed is not None and "1.31x" in speed and "#### Speed" in speed and "Fidelity" not in speed
+
+
+def test_current_benchmarks_file_renders(site: Path) -> None:
+    """Whatever BENCHMARKS.md holds now, the pages that include it were built (strictly) with it."""
+    included = bench_hook.benchmarks_markdown(ROOT / "BENCHMARKS.md")
+    page = (site / "explanation" / "performance" / "index.html").read_text(encoding="utf-8")
+    if included is None:
+        assert "are open" in page
+    else:
+        assert "From <code>BENCHMARKS.md</code> in the repository" in page

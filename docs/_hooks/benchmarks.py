@@ -1,10 +1,17 @@
-"""MkDocs hook: the measured tables of ``BENCHMARKS.md`` appear in the site as soon as they exist.
+"""MkDocs hook: the tables of ``BENCHMARKS.md`` appear in the site as soon as they exist.
 
-Pages mark a block ``<!-- benchmarks -->`` ... ``<!-- /benchmarks -->`` holding the text
-shown while nothing is measured. Once ``BENCHMARKS.md`` (at the repository root) holds a
-table, the block is replaced by that file's body: its title dropped, its headings moved
-two levels down, and its relative links and pictures turned into plain text (they point
-outside the site, and a dead link would fail the strict build).
+Pages mark a block holding the text shown until then:
+
+* ``<!-- benchmarks -->`` ... ``<!-- /benchmarks -->``: replaced by the whole body of
+  ``BENCHMARKS.md`` once it holds a table;
+* ``<!-- benchmarks:Speed -->`` ... ``<!-- /benchmarks -->``: replaced by its
+  ``## Speed`` section only once that section holds a *measured* figure: a table row
+  with a time, a speed-up or a throughput (``12.3 ms``, ``1.31x``, ``511 images/s``)
+  that is neither a target (``>=``) nor marked *open*.
+
+The included text loses the file's title, its headings move two levels down, and its
+relative links and pictures become plain text (they point outside the site, and a dead
+link would fail the strict build).
 """
 
 from __future__ import annotations
@@ -13,8 +20,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-BLOCK = re.compile(r"<!-- benchmarks -->.*?<!-- /benchmarks -->", re.DOTALL)
+BLOCK = re.compile(r"<!-- benchmarks(?::([^>]*?))? -->.*?<!-- /benchmarks -->", re.DOTALL)
 LINK = re.compile(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)")
+FIGURE = re.compile(r"\d(?:\.\d+)?\s*(?:x\b|ms\b|s\b|images/s)")
 
 
 def _plain_link(match: re.Match[str]) -> str:
@@ -24,12 +32,34 @@ def _plain_link(match: re.Match[str]) -> str:
     return f"{text} (`{target}`)" if text else f"`{target}`"
 
 
-def benchmarks_markdown(path: Path) -> str | None:
-    """The body of ``BENCHMARKS.md`` ready to include, or None while it holds no table."""
+def _section(lines: list[str], name: str) -> list[str] | None:
+    """The lines under ``## name`` up to the next ``## `` heading, or None."""
+    start = next((i for i, line in enumerate(lines) if line.strip() == f"## {name}"), None)
+    if start is None:
+        return None
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return lines[start:end]
+
+
+def has_measured_figure(lines: list[str]) -> bool:
+    """Whether a table row holds a measured figure (not a target, not *open*)."""
+    return any(
+        line.lstrip().startswith("|") and FIGURE.search(line) and ">=" not in line and "*open*" not in line
+        for line in lines
+    )
+
+
+def benchmarks_markdown(path: Path, section: str | None = None) -> str | None:
+    """The text of ``BENCHMARKS.md`` to include (see the module docstring), or None for none yet."""
     if not path.is_file():
         return None
     lines = path.read_text(encoding="utf-8").splitlines()
-    if not any(line.lstrip().startswith("|") for line in lines):
+    if section is not None:
+        chosen = _section(lines, section)
+        if chosen is None or not has_measured_figure(chosen):
+            return None
+        lines = chosen
+    elif not any(line.lstrip().startswith("|") for line in lines):
         return None
     body = []
     for line in lines:
@@ -42,8 +72,13 @@ def benchmarks_markdown(path: Path) -> str | None:
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
-    """Replace the benchmarks block of a page once figures exist."""
-    if "<!-- benchmarks -->" not in markdown:
+    """Replace each benchmarks block of a page whose figures exist."""
+    if "<!-- benchmarks" not in markdown:
         return markdown
-    measured = benchmarks_markdown(Path(config["docs_dir"]).parent / "BENCHMARKS.md")
-    return markdown if measured is None else BLOCK.sub(lambda _: measured, markdown)
+    path = Path(config["docs_dir"]).parent / "BENCHMARKS.md"
+
+    def replace(match: re.Match[str]) -> str:
+        included = benchmarks_markdown(path, match.group(1))
+        return match.group(0) if included is None else included
+
+    return BLOCK.sub(replace, markdown)
