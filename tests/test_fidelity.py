@@ -188,3 +188,5 @@ def test_command_line_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert [row["method"] for row in rows] == ["plain", "ToDo 2x2"]
     assert fidelity.main(["--models", "sd-photos"]) == 2
     assert "--models must name" in capsys.readouterr().err
+    assert fidelity.main(["--models", "dit-photos", "--ratios", "half"]) == 2
+    assert "--ratios must be" in capsys.readouterr().err

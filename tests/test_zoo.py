@@ -130,7 +130,8 @@ def zoo_synthetic_photos(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_photos_export_and_load_without_scikit_image(
     tmp_path: Path, zoo_synthetic_photos: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = tmp_path / "photos.npz"
+    monkeypatch.chdir(tmp_path)
+    path = Path(train.DEFAULT_PHOTOS)
     assert train.main(["--export-photos", str(path)]) == 0
     monkeypatch.setattr(photos, "_load_one", _REAL_LOAD_ONE)
     monkeypatch.setitem(sys.modules, "skimage", None)  # scikit-image absent
@@ -142,6 +143,10 @@ def test_photos_export_and_load_without_scikit_image(
     assert torch.equal(loaded, expected)
     with pytest.raises(tokenmerge.TokenMergeError, match="photos must name"):
         photos.use_photos(tmp_path / "missing.npz")
+    monkeypatch.setattr(photos, "_EXPORTED", {})  # training finds the exported file by itself
+    argv = ["--models", "dit-photos", "--steps", "1", "--batch-size", "1", "--progressive", "8:0.9", "--out", "w"]
+    assert train.main(argv) == 0
+    assert "coffee" in photos._EXPORTED
 
 
 def test_crops_respect_the_holdout_split(zoo_synthetic_photos: None) -> None:

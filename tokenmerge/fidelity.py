@@ -708,6 +708,8 @@ def add_fidelity_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument(
         "--families", default="", help="only these method families, e.g. 'ToMeSD,CAToMe' (plain always runs)"
     )
+    parser.add_argument("--ratios", default="0.25,0.5,0.75", help="ToMeSD / block-range / tomesd ratios")
+    parser.add_argument("--thresholds", default="0.9,0.8,0.7,0.6", help="CAToMe thresholds without cache")
     parser.add_argument("--no-libraries", action="store_true", help="skip the tomesd and ca-tome reference rows")
     parser.add_argument("--no-distance", action="store_true", help="skip the RFD distance to held-out crops")
     parser.add_argument("--fid-weights", default=None, help="local FID Inception weights: also report real FID")
@@ -717,6 +719,13 @@ def add_fidelity_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--json", default=None, help="write the results as JSON here")
     parser.add_argument("--plot", default=None, help="write a speed-vs-PSNR plot (PNG) here")
     return parser
+
+
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise TokenMergeError(f"{name} must be comma-separated numbers; got {text!r}") from None
 
 
 def fidelity_main(args: argparse.Namespace) -> int:
@@ -734,7 +743,14 @@ def fidelity_main(args: argparse.Namespace) -> int:
     for name in models:
         kind = zoo.info(name, args.weights_dir)["spec"]["kind"]
         num_blocks = zoo.info(name, args.weights_dir)["spec"]["denoiser"].get("num_layers", 0)
-        methods = default_methods(kind, args.steps, num_blocks=num_blocks, libraries=not args.no_libraries)
+        methods = default_methods(
+            kind,
+            args.steps,
+            num_blocks=num_blocks,
+            ratios=_floats(args.ratios, "--ratios"),
+            thresholds=_floats(args.thresholds, "--thresholds"),
+            libraries=not args.no_libraries,
+        )
         if families:
             methods = [m for m in methods if m.family == "plain" or m.family in families]
         result = run_fidelity(

@@ -49,6 +49,7 @@ def use_photos(path: str | Path) -> None:
 
 def export_photos(names: Sequence[str], path: str | Path) -> None:
     """Write the photographs ``names`` (uint8 ``(H, W, 3)``) to a compressed .npz."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, **{name: _load_one(name) for name in names})
 
 
@@ -58,7 +59,10 @@ def _load_one(name: str) -> np.ndarray:
     try:
         import skimage.data as data
     except ImportError:
-        raise TokenMergeError("the reference photographs need scikit-image: pip install scikit-image") from None
+        raise TokenMergeError(
+            "the reference photographs need scikit-image (pip install scikit-image), or a file written by "
+            "--export-photos passed as --photos"
+        ) from None
     if name == "motorcycle":
         image = data.stereo_motorcycle()[0]
     else:

@@ -92,6 +92,7 @@ class ZooSpec:
 
 _NUM_CLASSES = len(CLASS_NAMES)
 
+#: The reference models by name: what `tokenmerge.zoo.train` trains.
 SPECS: dict[str, ZooSpec] = {
     # 64x64 RGB, patch 2: 1,024 tokens of width 128 through 6 adaLN-Zero blocks (about 2 M parameters).
     "dit-photos": ZooSpec(

@@ -15,7 +15,8 @@ machine), the plan is changed on the way (``replanned`` in the JSON) so the sche
 still ends on time; such a run, like one cut by the hard deadline, has no exact replay.
 
 The photographs come from scikit-image; on a machine without it, export them once with
-``--export-photos photos.npz`` where it is installed and pass ``--photos photos.npz``.
+``--export-photos out/reference-photos.npz`` where it is installed and pass ``--photos``
+(``out/reference-photos.npz`` is read by default when scikit-image is missing).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ from .specs import SPECS, ZooSpec, build_pipeline
 
 __all__ = ["TrainOptions", "train_model", "main", "parse_args"]
 
+#: Where ``--export-photos`` writes by convention; read without ``--photos`` when scikit-image is absent.
+DEFAULT_PHOTOS = "out/reference-photos.npz"
 LABEL_DROP = 0.1  # classifier-free guidance: the null label replaces 10% of labels
 WARMUP_STEPS = 50  # at most; a run of N steps warms up for N // 10
 TIMING_STEPS = 1  # forward+backward passes timed per resolution to plan a --minutes run (after a warm-up on GPU)
@@ -517,6 +520,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
+def _has_scikit_image() -> bool:
+    try:
+        import skimage.data  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _run(args: argparse.Namespace, argv: Sequence[str], device: torch.device) -> int:
     from .photos import export_photos, use_photos
     from .specs import CLASS_NAMES
@@ -526,8 +537,12 @@ def _run(args: argparse.Namespace, argv: Sequence[str], device: torch.device) ->
         _log(f"wrote {len(CLASS_NAMES)} photographs to {args.export_photos}")
         if args.steps is None and args.minutes is None:
             return 0
-    if args.photos:
-        use_photos(args.photos)
+    photos_file = args.photos
+    if photos_file is None and not _has_scikit_image() and Path(DEFAULT_PHOTOS).is_file():
+        photos_file = DEFAULT_PHOTOS  # a machine without scikit-image, with the exported photographs carried over
+        _log(f"scikit-image is not installed: reading the photographs from {DEFAULT_PHOTOS}")
+    if photos_file:
+        use_photos(photos_file)
     options = _options(args, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
