@@ -5,8 +5,9 @@ path is, in this order of preference:
 
 1. ``--tiny``, when the example's ``--help`` offers it;
 2. the arguments in a module-level ``TINY_ARGS = [...]`` literal of the script (read
-   without importing it); ``{tmp}`` and ``{images}`` in them are replaced by a temporary
-   folder and a generated ImageNet-style image folder;
+   without importing it); ``{tmp}``, ``{images}`` and ``{photos}`` in them are replaced by
+   a temporary folder, a generated ImageNet-style image folder and a generated .npz of
+   photographs for ``tokenmerge.zoo`` training;
 3. the entry for the script in `TINY_PATHS` below (for examples that declare neither).
 
 An example with none of these fails the test, saying so. Each runs in a fresh
@@ -43,10 +44,10 @@ TINY_PATHS: dict[str, list[str]] = {
         *("--model", "vit_tiny_patch16_224", "--model-kwargs", _TINY_VIT, "--data", "{images}", "--r", "8"),
         *("--batch-size", "4", "--workers", "0", "--warmup", "1", "--device", "cpu"),
     ],
-    # Two optimiser steps on 8 px crops, weights written to the temporary folder.
+    # Two optimiser steps on 8 px crops of generated photographs (no scikit-image needed), weights to {tmp}.
     "train_reference.py": [
         *("--steps", "2", "--batch-size", "1", "--bank-size", "4", "--progressive", "8:0.99"),
-        *("--out", "{tmp}/weights"),
+        *("--photos", "{photos}", "--out", "{tmp}/weights"),
     ],
 }
 
@@ -88,6 +89,17 @@ def _image_folder(root: Path) -> Path:
         for index in range(3):
             Image.fromarray(rng.integers(0, 256, size=(40, 40, 3), dtype=np.uint8)).save(root / label / f"{index}.png")
     return root
+
+
+def _photos(path: Path) -> Path:
+    """An .npz of random 96x112 photographs, one per class of the reference models (as --export-photos writes)."""
+    import numpy as np
+
+    from tokenmerge.zoo.specs import CLASS_NAMES
+
+    rng = np.random.default_rng(0)
+    np.savez_compressed(path, **{name: rng.integers(0, 256, (96, 112, 3), dtype=np.uint8) for name in CLASS_NAMES})
+    return path
 
 
 def _env() -> dict[str, str]:
@@ -141,6 +153,8 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[list[
         places = {"{tmp}": str(folder)}
         if any("{images}" in arg for arg in args):
             places["{images}"] = str(_image_folder(folder / "images"))
+        if any("{photos}" in arg for arg in args):
+            places["{photos}"] = str(_photos(folder / "photos.npz"))
         for key, value in places.items():
             args = [arg.replace(key, value) for arg in args]
         return args, _run(script, args, folder)
