@@ -420,8 +420,9 @@ def _attach_library(method: FidelityMethod, pipe: Any) -> tuple[Detach, StepHook
     blocks = [m for m in pipe.unet.modules() if isinstance(m, BasicTransformerBlock)]
 
     def set_step(step: int) -> None:
-        # The official pipeline passes step index + 1 to its patched UNet (its off-by-one) and
-        # never clears the cached pairs between calls; reproduced as shipped.
+        # The official pipeline passes step index + 1 to its patched UNet (its off-by-one):
+        # reproduced. Its cache is never cleared between calls; here every generation patches
+        # afresh, so each starts with an empty cache.
         for block in blocks:
             block.inference_step = step + 1
 
@@ -479,15 +480,10 @@ def _merged_fraction(snapshots: list[dict[str, tuple[int, int]]]) -> float | Non
     return removed / total_in if total_in else None
 
 
-def _run_method(
-    method: FidelityMethod,
-    pipe: Any,
-    seeds: Sequence[int],
-    labels: dict[int, list[int]],
-    num_steps: int,
-    guidance: float,
-) -> tuple[list[Tensor], list[float], float | None]:
-    """Generate every seed with ``method`` attached; returns images, times and the merged fraction."""
+def _run_once(
+    method: FidelityMethod, pipe: Any, seed: int, labels: list[int], num_steps: int, guidance: float
+) -> tuple[Tensor, float, list[dict[str, tuple[int, int]]]]:
+    """One generation with ``method`` attached (and detached after): images, seconds, per-step token counts."""
     snapshots: list[dict[str, tuple[int, int]]] = []
     handle = None
     detach: Detach = lambda: None  # noqa: E731
@@ -505,17 +501,13 @@ def _run_method(
             snapshots.append(dict(handle.state.merged_tokens))
 
     hook = step_hook if (handle is not None or library_hook is not None) else None
-    images, times = [], []
+    context = _seeded_global_rng(seed, pipe._execution_device) if method.library else contextlib.nullcontext()
     try:
-        for seed in seeds:
-            context = _seeded_global_rng(seed, pipe._execution_device) if method.library else contextlib.nullcontext()
-            with context:
-                batch, seconds = _generate(pipe, labels[seed], seed, num_steps, guidance, hook)
-            images.append(batch)
-            times.append(seconds)
+        with context:
+            images, seconds = _generate(pipe, labels, seed, num_steps, guidance, hook)
     finally:
         detach()
-    return images, times, _merged_fraction(snapshots)
+    return images, seconds, snapshots
 
 
 def run_fidelity(
@@ -571,44 +563,48 @@ def run_fidelity(
     network = RandomFeatures(0) if distance else None
     heldout = zoo.heldout(weights_dir)[0] if (distance or fid_weights) else None
     heldout_features = network(heldout) if network is not None and heldout is not None else None  # (N, 256)
-    rows: list[FidelityRow] = []
-    reference: list[Tensor] = []
-    plain_seconds: float | None = None
-    for method in methods:
-        row = FidelityRow(model=model, method=method.label, family=method.family, setting=method.setting)
+    rows = [FidelityRow(model=model, method=m.label, family=m.family, setting=m.setting) for m in methods]
+    images: list[list[Tensor]] = [[] for _ in methods]
+    times: list[list[float]] = [[] for _ in methods]
+    snapshots: list[list[dict[str, tuple[int, int]]]] = [[] for _ in methods]
+    for row, method in zip(rows, methods):
         if method.library is not None:
-            problem = _library_available(method.library)
-            if problem is not None:
-                row.note = problem
-                rows.append(row)
-                emit(f"{model}: {method.label}: skipped ({problem})")
+            row.note = _library_available(method.library) or ""
+    # Seed-major order: every method runs right after the others on the same seed, so a change
+    # in machine load between seeds hits all rows alike (speed-ups are per-seed ratios).
+    for seed in seeds:
+        for index, (row, method) in enumerate(zip(rows, methods)):
+            if row.note:  # a reference library that is missing or failed
                 continue
-        try:
-            images, times, merged = _run_method(method, pipe, seeds, labels, num_steps, guidance_scale)
-        except TokenMergeError:
-            raise
-        except Exception as error:  # a reference library that does not work with this diffusers
-            if method.library is None:
+            try:
+                batch, seconds, snaps = _run_once(method, pipe, seed, labels[seed], num_steps, guidance_scale)
+            except TokenMergeError:
                 raise
-            row.note = f"failed: {type(error).__name__}: {str(error)[:120]}"
-            rows.append(row)
-            emit(f"{model}: {method.label}: {row.note}")
+            except Exception as error:  # a reference library that does not work with this diffusers
+                if method.library is None:
+                    raise
+                row.note = f"failed: {type(error).__name__}: {str(error)[:120]}"
+                continue
+            images[index].append(batch)
+            times[index].append(seconds)
+            snapshots[index] += snaps
+        emit(f"{model}: seed {seed} done")
+    reference = torch.cat(images[0])
+    for index, row in enumerate(rows):
+        if row.note:
+            emit(f"{model}: {row.method}: skipped ({row.note})")
             continue
-        row.seconds = statistics.median(times)
-        row.merged = 0.0 if method.family == "plain" else merged
-        if method.family == "plain":
-            reference = images
-            plain_seconds = row.seconds
-        stacked, ref = torch.cat(images), torch.cat(reference)
-        row.psnr = psnr(stacked, ref)
-        row.ssim = float(ssim(stacked, ref).mean())
-        row.speedup = plain_seconds / row.seconds if plain_seconds and row.seconds else None
+        stacked = torch.cat(images[index])
+        row.seconds = statistics.median(times[index])
+        row.speedup = statistics.median(p / t for p, t in zip(times[0], times[index]))
+        row.merged = 0.0 if row.family == "plain" else _merged_fraction(snapshots[index])
+        row.psnr = psnr(stacked, reference)
+        row.ssim = float(ssim(stacked, reference).mean())
         if network is not None and heldout_features is not None and stacked.shape[0] >= 2:
             row.distance = frechet_distance(network(stacked), heldout_features)
         if fid_weights is not None and heldout is not None:
             fid = inception_fid(stacked, heldout, fid_weights, device=device)
             row.note = (row.note + "; " if row.note else "") + f"Inception FID {fid:.2f}"
-        rows.append(row)
         emit(_row_line(row))
     meta = {
         "model": model,
