@@ -7,7 +7,9 @@ reports per method:
 * **PSNR** and **SSIM** of the final images against the unmerged images of the same seed;
 * **merged**: tokens removed / tokens entering, summed over the layers that merge and
   averaged over the denoising steps (for ToDo: the keys/values pooled away);
-* **speed**: median seconds per generation and the speed-up over unmerged (same run);
+* **speed**: median seconds per generation and the speed-up over unmerged, the median
+  over seeds of per-seed time ratios (every method runs on a seed before the next seed,
+  so a change of machine load hits all rows alike);
 * **RFD**: a distribution distance between all generated images and the held-out crops
   of the training photographs (`tokenmerge.zoo.heldout`), in the feature space of a fixed
   random-weight convolutional network (`RandomFeatures`). It is *not* Inception FID: its
@@ -19,7 +21,7 @@ C1-C3, rescaled to the number of steps), ToDo, block-range merging (DiT), plus t
 ``tomesd`` library and the official CA-ToMe code (``ca-tome``) as reference rows when
 they are installed (UNet only: both patch SD UNets).
 
-Command line: ``python -m tokenmerge.fidelity --help``.
+Command line: ``tokenmerge fidelity --help`` or ``python -m tokenmerge.fidelity --help``.
 """
 
 from __future__ import annotations
