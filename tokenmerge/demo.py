@@ -310,6 +310,15 @@ def _wake_zero_init(model: torch.nn.Module, std: float = 0.02) -> torch.nn.Modul
     return model
 
 
+def _diffusion_configs(seed: int) -> dict[str, MergeConfig]:
+    """The presets every diffusion demo model runs: ToMeSD, CA-ToMe and ToDo at their usual settings."""
+    return {
+        "ToMeSD": ToMeSD(ratio=0.5, seed=seed),
+        "CAToMe": CAToMe(threshold=0.7, seed=seed),
+        "ToDo": ToDo(downsample=2, seed=seed),
+    }
+
+
 def _build_unet(device: torch.device, seed: int, steps: int) -> DemoModel:
     from diffusers import UNet2DConditionModel
 
@@ -343,11 +352,7 @@ def _build_unet(device: torch.device, seed: int, steps: int) -> DemoModel:
         ),
         target=unet,
         job=job,
-        configs={
-            "ToMeSD": ToMeSD(ratio=0.5, seed=seed),
-            "CAToMe": CAToMe(threshold=0.7, seed=seed),
-            "ToDo": ToDo(downsample=2, seed=seed),
-        },
+        configs=_diffusion_configs(seed),
     )
 
 
@@ -384,11 +389,7 @@ def _build_dit(device: torch.device, seed: int, steps: int) -> DemoModel:
         ),
         target=dit,
         job=job,
-        configs={
-            "ToMeSD": ToMeSD(ratio=0.5, seed=seed),
-            "CAToMe": CAToMe(threshold=0.7, seed=seed),
-            "ToDo": ToDo(downsample=2, seed=seed),
-        },
+        configs=_diffusion_configs(seed),
     )
 
 
@@ -471,11 +472,7 @@ def _build_zoo(key: str, name: str, device: torch.device, seed: int, steps: int,
         ),
         target=pipe,
         job=job,
-        configs={
-            "ToMeSD": ToMeSD(ratio=0.5, seed=seed),
-            "CAToMe": CAToMe(threshold=0.7, seed=seed),
-            "ToDo": ToDo(downsample=2, seed=seed),
-        },
+        configs=_diffusion_configs(seed),
         fidelity=PSNR,
     )
 
