@@ -21,7 +21,7 @@ import torch
 import tokenmerge
 from tokenmerge.policies import CA_TOME_C3
 
-__all__ = ["add_arguments", "build_config", "compare", "parse", "pick_device", "pick_dtype"]
+__all__ = ["add_arguments", "build_config", "compare", "parse", "pick_device", "pick_dtype", "sampler"]
 
 METHODS = ("tomesd", "catome", "todo")
 
@@ -98,6 +98,27 @@ def build_config(args: argparse.Namespace) -> tokenmerge.MergeConfig:
         first, last = (int(index) for index in args.blocks.split(","))
         config = config.replace(blocks=(first, last), mode="weighted", kv_only=False)
     return config
+
+
+def sampler(pipe: Any, args: argparse.Namespace, **inputs: Any) -> Callable[[], torch.Tensor]:
+    """The ``generate()`` that `compare` times: one call of ``pipe`` with ``inputs``.
+
+    Each call runs ``--steps`` steps at ``--guidance`` from a CPU generator seeded with
+    ``--seed`` (so every call starts from the same noise) and returns the images as a
+    ``(B, 3, H, W)`` tensor in [0, 1].
+    """
+
+    def generate() -> torch.Tensor:
+        with torch.no_grad():
+            return pipe(
+                **inputs,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
+                generator=torch.Generator(device="cpu").manual_seed(args.seed),
+                output_type="pt",
+            ).images
+
+    return generate
 
 
 def _synchronize(device: torch.device) -> None:

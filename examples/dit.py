@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from _diffusion_common import add_arguments, build_config, compare, parse, pick_device, pick_dtype
+from _diffusion_common import add_arguments, build_config, compare, parse, pick_device, pick_dtype, sampler
 
 
 def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Any:
@@ -51,16 +51,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.size = latent * scale
     classes = [int(label) for label in args.classes.split(",")]
     labels = (classes * args.batch)[: max(args.batch, 1)] if args.batch else classes
-
-    def generate() -> torch.Tensor:
-        with torch.no_grad():
-            return pipe(
-                class_labels=labels,
-                num_inference_steps=args.steps,
-                guidance_scale=args.guidance,
-                generator=torch.Generator(device="cpu").manual_seed(args.seed),
-                output_type="pt",
-            ).images
+    generate = sampler(pipe, args, class_labels=labels)
 
     name = f"DiT ({args.model if not args.tiny else 'tiny'})"
     return compare(pipe, generate, build_config(args), args, device, name=name)

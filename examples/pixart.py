@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from _diffusion_common import add_arguments, build_config, compare, parse, pick_device, pick_dtype
+from _diffusion_common import add_arguments, build_config, compare, parse, pick_device, pick_dtype, sampler
 
 PROMPT = "a small cactus with a happy face in the Sahara desert"
 
@@ -61,18 +61,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     dtype = pick_dtype(args, device)
     pipe = load(args, device, dtype)
     prompt = tiny_prompt(args.batch, args.seed, device, dtype) if args.tiny else {"prompt": [args.prompt] * args.batch}
-
-    def generate() -> torch.Tensor:
-        with torch.no_grad():
-            return pipe(
-                **prompt,
-                num_inference_steps=args.steps,
-                guidance_scale=args.guidance,
-                height=args.size,
-                width=args.size,
-                generator=torch.Generator(device="cpu").manual_seed(args.seed),
-                output_type="pt",
-            ).images
+    generate = sampler(pipe, args, **prompt, height=args.size, width=args.size)
 
     name = f"PixArt-α ({args.model if not args.tiny else 'tiny'})"
     return compare(pipe, generate, build_config(args), args, device, name=name)

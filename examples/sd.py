@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from _diffusion_common import add_arguments, build_config, compare, parse, pick_device, pick_dtype
+from _diffusion_common import add_arguments, build_config, compare, parse, pick_device, pick_dtype, sampler
 
 PROMPT = "a photograph of an astronaut riding a horse"
 
@@ -50,18 +50,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         prompt: dict[str, Any] = {"prompt_embeds": text, "negative_prompt_embeds": torch.zeros_like(text)}
     else:
         prompt = {"prompt": [args.prompt] * args.batch}
-
-    def generate() -> torch.Tensor:
-        with torch.no_grad():
-            return pipe(
-                **prompt,
-                num_inference_steps=args.steps,
-                guidance_scale=args.guidance,
-                height=args.size,
-                width=args.size,
-                generator=torch.Generator(device="cpu").manual_seed(args.seed),
-                output_type="pt",
-            ).images
+    generate = sampler(pipe, args, **prompt, height=args.size, width=args.size)
 
     return compare(
         pipe, generate, build_config(args), args, device, name=f"SD ({args.model if not args.tiny else 'tiny'})"
