@@ -51,9 +51,9 @@ class MergePlan:
         keep_idx: ``(B, N - r)`` the input token that seeds each output position.
         merged_idx: ``(B, r)`` input positions of the merged source tokens.
         merged_slot: ``(B, r)`` output position each merged source is reduced into.
-        count: ``(B, N - r)`` float32 number of input tokens in each output position,
-            precomputed so a ``"mean"`` merge is one scatter-add and a division; None
-            (the plan's builder did not give it) computes it when needed.
+        count: ``(B, N - r)`` float32 number of input tokens in each output position, or
+            None (`from_matching` leaves it out): `group_count` then computes it when a
+            compiled ``"mean"`` merge needs it (an eager one is a mean scatter-reduce).
     """
 
     slot: Tensor
@@ -96,19 +96,22 @@ class MergePlan:
 
         order = matching.score.argsort(dim=-1, descending=True)  # (B, Ns) best first
         merged_src, unmerged_src = order[:, :r], order[:, r:]  # (B, r), (B, Ns - r)
-        prefix = torch.arange(protected, device=device).expand(batch, protected)  # (B, P)
-        unmerged_idx = src_idx.gather(1, unmerged_src) + protected  # (B, Ns - r)
-        keep_idx = torch.cat([prefix, unmerged_idx, dst_idx + protected], dim=1)  # (B, N - r)
-        merged_idx = src_idx.gather(1, merged_src) + protected  # (B, r)
+        unmerged_idx = src_idx.gather(1, unmerged_src)  # (B, Ns - r)
+        merged_idx = src_idx.gather(1, merged_src)  # (B, r)
+        if protected:  # positions were counted after the prefix (skipped when there is none: fewer kernels)
+            prefix = torch.arange(protected, device=device).expand(batch, protected)  # (B, P)
+            unmerged_idx, merged_idx = unmerged_idx + protected, merged_idx + protected
+            keep_idx = torch.cat([prefix, unmerged_idx, dst_idx + protected], dim=1)  # (B, N - r)
+        else:
+            keep_idx = torch.cat([unmerged_idx, dst_idx], dim=1)  # (B, N - r)
         first_dst_slot = protected + num_src - r
         merged_slot = matching.best.gather(1, merged_src) + first_dst_slot  # (B, r)
 
         out_positions = torch.arange(num_out, device=device).expand(batch, num_out)  # (B, N - r)
         slot = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
         slot = slot.scatter(1, keep_idx, out_positions).scatter(1, merged_idx, merged_slot)  # (B, N)
-        ones = torch.ones(batch, r, device=device)  # (B, r)
-        count = torch.ones(batch, num_out, device=device).scatter_add(1, merged_slot, ones)  # (B, N - r)
-        return cls(slot=slot, keep_idx=keep_idx, merged_idx=merged_idx, merged_slot=merged_slot, count=count)
+        # `count` is left to `group_count`, when a merge needs it (an eager "mean" merge does not).
+        return cls(slot=slot, keep_idx=keep_idx, merged_idx=merged_idx, merged_slot=merged_slot)
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -160,6 +163,12 @@ class MergePlan:
         return out.scatter_add(1, _expand_index(self.merged_slot, x), merged)
 
     def _mean(self, x: Tensor) -> Tensor:
+        if self.count is None and not torch.compiler.is_compiling():
+            # Eager: one mean scatter-reduce (destination included) instead of counting the groups,
+            # a scatter-add and a division: fewer kernel launches for the same means.
+            out = x.gather(1, _expand_index(self.keep_idx, x))  # (B, N - r, *F)
+            merged = x.gather(1, _expand_index(self.merged_idx, x))  # (B, r, *F)
+            return out.scatter_reduce(1, _expand_index(self.merged_slot, x), merged, "mean", include_self=True)
         count = _as_column(self.group_count(), x)  # (B, N - r, 1...)
         return self._sum(x) / count
 
@@ -188,7 +197,8 @@ class MergePlan:
                 return self._mean(x)
             weight = _as_column(size, x)  # (B, N, 1...)
             total = self._sum(x * weight)  # (B, N - r, *F)
-            return total / self._sum(weight)
+            flat = size.reshape(size.shape[0], -1) if size.dim() > 2 else size  # (B, N)
+            return total / _as_column(self.merge_size(flat), x)  # the group sizes: one scatter-add
         raise TokenMergeError(f"mode must be one of {MERGE_MODES}; got {mode!r}")
 
     def unmerge(self, y: Tensor) -> Tensor:

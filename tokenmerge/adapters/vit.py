@@ -13,13 +13,15 @@ copied or replaced; its ``forward`` runs as written)::
   (after qk-norm when the model has it; ``k_norm`` is an ``nn.Identity`` otherwise,
   which makes the metric exactly ToMe's ``k.mean(heads)``).
 * ``norm2`` pre-hook: the plan (``state.plan``, prefix tokens protected) and the merge
-  of the residual stream, size-weighted: the MLP runs on ``N - r`` tokens.
-* ``mlp`` post-hook: unmerge the MLP output back to N (a gather; ``ls2`` and
-  ``drop_path2`` act per channel and per sample, so they commute with it).
-* ``Block`` post-hook: merge the block output with the same plan. For size-weighted
-  (or plain) means ``merge(x + unmerge(m)) == merge(x) + m``, so the block returns
-  exactly ToMe's ``x_merged + ls2(mlp(norm2(x_merged)))`` (up to float rounding),
-  whatever timm adds to the block around those lines. Sizes and sources then advance.
+  of the residual stream, size-weighted: the MLP runs on ``N - r`` tokens. The merged
+  residual is kept for the block's post-hook.
+* ``drop_path2`` post-hook: keep the MLP branch ``ls2(mlp(norm2(x_merged)))`` (``N - r``
+  tokens) and hand timm a zero in its place, so timm's own residual add is a plain copy
+  of ``x`` (no unmerge, no second merge).
+* ``Block`` post-hook: return ``x_merged + branch``, exactly ToMe's block output, in place
+  of timm's (which is ``x`` unchanged by then). Sizes and sources then advance. This
+  relies on timm's ``Block.forward`` being the two lines above, which is why the adapter
+  accepts `vision_transformer.Block` itself and no subclass.
 
 Model-level hooks: ``patch_embed`` records the patch grid; block 0's pre-hook starts a
 new forward (sizes, sources, masks reset; this also covers direct calls of
@@ -196,9 +198,9 @@ def unmerge_to_patches(tokens: Tensor, record: ViTMergeRecord, *, as_grid: bool 
 # ---------------------------------------------------------------------------- runtime
 def _attn_dtype(x: Tensor) -> torch.dtype:
     """The dtype attention runs in for input ``x`` (the autocast dtype under autocast)."""
-    if torch.is_autocast_enabled(x.device.type):
+    if x.device.type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
+    return x.dtype  # also on "meta" (shape-only runs, e.g. counting operators), which has no autocast
 
 
 def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -333,6 +335,8 @@ class _BlockHooks:
         self.key = f"blocks.{index}"
         self.metric: Tensor | None = None
         self.plan: MergePlan | None = None
+        self.residual: Tensor | None = None  # (B, N - r, C) the merged residual stream
+        self.branch: Tensor | None = None  # (B, N - r, C) the MLP branch on merged tokens
 
     def attach(self, hooks: HookSet, block: nn.Module, prop_attn: bool) -> None:
         hooks.pre(block, self.block_pre)
@@ -342,7 +346,7 @@ class _BlockHooks:
             return
         hooks.post(block.attn.k_norm, self.keys_post)
         hooks.pre(block.norm2, self.norm2_pre)
-        hooks.post(block.mlp, self.mlp_post)
+        hooks.post(block.drop_path2, self.branch_post)
         hooks.post(block, self.block_post)
 
     def block_pre(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -375,7 +379,7 @@ class _BlockHooks:
 
     def norm2_pre(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         run, metric = self.run, self.metric
-        self.metric, self.plan = None, None
+        self.metric, self.plan, self.residual, self.branch = None, None, None, None
         x = args[0]  # (B, N, C)
         if metric is None or metric.shape[:2] != x.shape[:2]:
             return None
@@ -398,22 +402,25 @@ class _BlockHooks:
         if run.is_causal:
             raise TokenMergeError("is_causal must be False while tokens merge: merged tokens have no causal order")
         self.plan = plan
-        return (plan.merge(x, run.mode, run.sizes), *args[1:]), kwargs  # (B, N - r, C)
+        self.residual = plan.merge(x, run.mode, run.sizes)  # (B, N - r, C)
+        return (self.residual, *args[1:]), kwargs
 
-    def mlp_post(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> Any:
+    def branch_post(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> Any:
         plan = self.plan
         if plan is None or out.shape[1] != plan.num_out:
             return None
-        return plan.unmerge(out)  # (B, N, C)
+        self.branch = out  # (B, N - r, C)
+        return out.new_zeros(())  # timm adds this to x (N tokens): x comes out unchanged, and is discarded
 
     def block_post(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> Any:
-        plan, run = self.plan, self.run
+        plan, run, residual, branch = self.plan, self.run, self.residual, self.branch
+        self.plan, self.residual, self.branch = None, None, None
         if plan is None:
             return None
-        self.plan = None
-        merged = plan.merge(out, run.mode, run.sizes)  # (B, N - r, C)
+        if residual is None or branch is None:  # pragma: no cover - timm's Block.forward is checked to be Block's
+            raise TokenMergeError(f"{self.key}: the block did not run norm2 and drop_path2 as timm's Block does")
         run.advance(plan)
-        return merged
+        return residual + branch  # (B, N - r, C): ToMe's x_merged + ls2(mlp(norm2(x_merged)))
 
 
 def _norm_post(run: _Run) -> Any:

@@ -33,9 +33,19 @@ class AlternatingBipartite(Matcher):
     def match(self, metric: Tensor, ctx: MergeContext) -> Matching:
         """Match ``metric`` ``(B, N, C)``: ``ceil(N / 2)`` sources, ``floor(N / 2)`` destinations."""
         num_tokens = metric.shape[1]
-        src_idx = torch.arange(0, num_tokens, 2, device=metric.device)  # (ceil(N/2),)
-        dst_idx = torch.arange(1, num_tokens, 2, device=metric.device)  # (floor(N/2),)
+        if torch.compiler.is_compiling():  # inline: inductor folds the aranges into the gathers
+            src_idx, dst_idx = _alternating(num_tokens, metric.device)
+        else:  # eager: built once per length and device, not two kernels per call
+            src_idx, dst_idx = _alternating_cached(num_tokens, str(metric.device))
         return Matching.by_similarity(metric, src_idx, dst_idx)
+
+
+def _alternating(num_tokens: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """Even positions ``(ceil(N/2),)`` and odd positions ``(floor(N/2),)``."""
+    return torch.arange(0, num_tokens, 2, device=device), torch.arange(1, num_tokens, 2, device=device)
+
+
+_alternating_cached = functools.lru_cache(maxsize=64)(_alternating)
 
 
 def infer_grid(num_tokens: int, ctx: MergeContext) -> tuple[int, int]:
@@ -193,21 +203,21 @@ class RandomGrid(Matcher):
         """`cell_partition` of the cell choice `draw_choice` makes: ``src_idx, dst_idx, src_cell``.
 
         In eager mode the partitions are built once per grid shape and device and then
-        looked up (two index ops per call, instead of a few dozen small kernels); a
+        looked up (one index op per call, instead of a few dozen small kernels); a
         compiled graph builds them inline (inductor fuses that). Both give the same indices.
         """
         if ctx.seed is None and self.use_rand:  # the generator path: nothing to cache
             return cell_partition(h, w, self.sx, self.sy, self.draw_choice(h, w, ctx), device)
         if torch.compiler.is_compiling():
             return cell_partition(h, w, self.sx, self.sy, self.draw_choice(h, w, ctx, device), device)
-        table = _partition_table(h, w, self.sx, self.sy, self.use_rand, str(device))
         if not self.use_rand:
-            return table
+            return _fixed_partition(h, w, self.sx, self.sy, str(device))
+        table = _partition_table(h, w, self.sx, self.sy, str(device))  # (PARTITIONS, Ns + Nd + Ns)
+        num_dst = (h // self.sy) * (w // self.sx)
+        num_src = h * w - num_dst
         key = partition_key(ctx.seed, ctx.layer_index, ctx.timestep, ctx.step)  # type: ignore[arg-type]
-        if not isinstance(key, Tensor):
-            return table[0][key], table[1][key], table[2][key]
-        key = key.to(device)
-        return table[0][key][0], table[1][key][0], table[2][key][0]  # (Ns,), (Nd,), (Ns,)
+        row = table[key] if not isinstance(key, Tensor) else table[key.to(device)][0]  # one index op
+        return row[:num_src], row[num_src : num_src + num_dst], row[num_src + num_dst :]  # (Ns,), (Nd,), (Ns,)
 
     def match(self, metric: Tensor, ctx: MergeContext) -> Matching:
         """Match ``metric`` ``(B, N, C)`` laid out on ``ctx.grid`` (row-major)."""
@@ -217,14 +227,19 @@ class RandomGrid(Matcher):
 
 
 @functools.lru_cache(maxsize=64)
-def _partition_table(h: int, w: int, sx: int, sy: int, use_rand: bool, device: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Every partition of a grid: stacked ``(PARTITIONS, Ns)``, ``(PARTITIONS, Nd)``, ``(PARTITIONS, Ns)``
-    for random grids (row k: the draw of key k), else the single fixed partition."""
-    if not use_rand:
-        return cell_partition(h, w, sx, sy, None, device)
+def _partition_table(h: int, w: int, sx: int, sy: int, device: str) -> Tensor:
+    """Every random partition of a grid, ``(PARTITIONS, Ns + Nd + Ns)``: row k holds the
+    ``src_idx``, ``dst_idx`` and ``src_cell`` of the draw of key k, side by side, so a
+    lookup is one index op."""
     shape = (h // sy, w // sx)
-    parts = [cell_partition(h, w, sx, sy, hash_randint(sx * sy, shape, key), device) for key in range(PARTITIONS)]
-    return tuple(torch.stack(column) for column in zip(*parts))  # type: ignore[return-value]
+    rows = [torch.cat(cell_partition(h, w, sx, sy, hash_randint(sx * sy, shape, key), device)) for key in range(PARTITIONS)]
+    return torch.stack(rows)
+
+
+@functools.lru_cache(maxsize=64)
+def _fixed_partition(h: int, w: int, sx: int, sy: int, device: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The partition with every cell's top-left token as its destination (``use_rand=False``)."""
+    return cell_partition(h, w, sx, sy, None, device)
 
 
 class StridedGrid(RandomGrid):

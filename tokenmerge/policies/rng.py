@@ -13,6 +13,8 @@ every backend computes the same bits.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -40,19 +42,38 @@ def _hash_tensor(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def timestep_key(timestep: Tensor | float | int | None) -> Tensor | int:
+def timestep_key(timestep: Tensor | float | int | None, hashed: bool = False) -> Tensor | int:
     """A 31-bit key from a timestep: a Python int, or an int64 tensor of shape ``(1,)``.
 
     A tensor timestep (scalar or one per batch element; the first is used) stays on its
     device: reading it on the host would synchronise. Timesteps are keyed to 1/1024, so
-    flow-matching sigmas in [0, 1] give distinct keys too.
+    flow-matching sigmas in [0, 1] give distinct keys too. ``hashed=True`` returns
+    `hash_int` of the key instead. In eager mode the result for the last timestep tensor
+    is kept while that same tensor object comes back (every layer of one denoiser call),
+    so its few kernels run once per call, not once per layer.
     """
     if timestep is None:
-        return 0
-    if isinstance(timestep, Tensor):
-        first = timestep.detach().reshape(-1)[:1].to(torch.float32)  # (1,)
-        return (first * 1024.0).round().to(torch.int64) & _MASK  # (1,)
-    return int(round(float(timestep) * 1024.0)) & _MASK
+        return hash_int(0) if hashed else 0
+    if not isinstance(timestep, Tensor):
+        key = int(round(float(timestep) * 1024.0)) & _MASK
+        return hash_int(key) if hashed else key
+    if torch.compiler.is_compiling():
+        return _tensor_keys(timestep)[int(hashed)]
+    if _LAST_KEYS[0] is not timestep:
+        _LAST_KEYS[:] = [timestep, *_tensor_keys(timestep)]
+    return _LAST_KEYS[2 if hashed else 1]
+
+
+def _tensor_keys(timestep: Tensor) -> tuple[Tensor, Tensor]:
+    """The key of a tensor timestep and its hash, both ``(1,)`` int64 on its device."""
+    first = timestep.detach().reshape(-1)[:1].to(torch.float32)  # (1,)
+    key = (first * 1024.0).round().to(torch.int64) & _MASK  # (1,)
+    return key, _hash_tensor(key)
+
+
+#: ``[timestep tensor, its key, the key's hash]`` of the last eager `timestep_key` call (a
+#: strong reference, so the tensor's id cannot be reused by another while it is kept).
+_LAST_KEYS: list[Any] = [None, None, None]
 
 
 def hash_randint(
@@ -82,11 +103,15 @@ def hash_randint(
 def partition_key(seed: int, layer_index: int, timestep: Tensor | float | None, step: int | None) -> Tensor | int:
     """Which of the `PARTITIONS` random partitions a layer uses at a timestep: an int in ``[0, PARTITIONS)``.
 
-    A tensor timestep gives an int64 tensor of shape ``(1,)`` on its device (a handful of
-    element-wise ops, no host read); a number, or no timestep (then ``step``, else 0),
-    gives a Python int. Every layer and timestep gets its own key.
+    The hashed timestep (or ``step`` when there is no timestep, else 0) plus a hash of
+    ``(seed, layer_index)``, modulo `PARTITIONS`: every layer and timestep gets its own
+    draw. A tensor timestep gives an int64 tensor of shape ``(1,)`` on its device (no
+    host read; its hash is computed once per denoiser call, see `timestep_key`, and each
+    layer adds two element-wise ops); a number gives a Python int.
     """
-    static = hash_int(hash_int(seed) + layer_index)
-    key = timestep_key(timestep) if timestep is not None else (step or 0)
-    mixed = ((key ^ static) * _MUL) & _MASK  # the same arithmetic on a tensor or an int
-    return (mixed >> 16) & (PARTITIONS - 1)
+    static = hash_int(hash_int(seed) + layer_index)  # a Python int
+    if timestep is None:
+        hashed: Tensor | int = hash_int(step or 0)
+    else:
+        hashed = timestep_key(timestep, hashed=True)
+    return (hashed + static) & (PARTITIONS - 1)  # the same arithmetic on a tensor or an int
