@@ -23,6 +23,11 @@ Figures per row and mode:
   ``agree``: top-1 agreement with plain (ViT); ``cmp/eager``: relative L2 of the compiled
   output vs the same row in eager mode (a CUDA-graph replay check).
 * ``merged``: tokens removed / tokens entering, over the merging layers.
+* ``ops`` (eager rows): ATen operators one call dispatches, views left out
+  (`tokenmerge.bench_timing.count_ops`; counted on one extra call at the schedule's
+  first step, a recompute step for cached policies). On a GPU each is at least one
+  kernel launch: the count that decides a launch-bound step. A count, not a timing, so
+  it is the same on any device.
 * ``compile s``: the first (compiling) call; ``+N``: seconds of the warm-up calls after it
   when over one (the recompiles of a cached policy's changing token counts).
 
@@ -59,6 +64,7 @@ from .bench_timing import (
     reset_compiler,
     resolve_device,
     resolve_dtype,
+    count_ops,
     time_calls,
     timed_once,
 )
@@ -112,6 +118,7 @@ class BenchRow:
     agree: float | None = None
     compiled_vs_eager: float | None = None
     peak_mb: float | None = None
+    ops: int | None = None
     compile_s: float | None = None
     warmup_s: float | None = None
     graphs: int | None = None
@@ -351,6 +358,7 @@ class _Runner:
                 warm(i)
             timing = time_calls(lambda i: work.step(self.model, i), self._indices(method, opt["repeats"]), self.device)
             _record_timing(row, timing, method.stateful)
+            row.ops = count_ops(lambda: work.step(self.model, 0))  # one more call, after the timed ones
         except Exception as error:  # noqa: BLE001 - one failing row must not end the run
             row.status = _error(error)
         finally:
@@ -793,6 +801,7 @@ _COLUMNS: list[tuple[str, Callable[[BenchRow], str]]] = [
     ("agree", lambda r: _pct(r.agree)),
     ("cmp/eager", lambda r: _num(r.compiled_vs_eager, 4)),
     ("peak MiB", lambda r: _num(r.peak_mb, 0)),
+    ("ops", lambda r: "" if r.ops is None else str(r.ops)),
     ("compile s", lambda r: _num(r.compile_s, 1) + ("" if not r.warmup_s or r.warmup_s < 1 else f"+{r.warmup_s:.0f}")),
     ("graphs/breaks", lambda r: "" if r.graphs is None else f"{r.graphs}/{r.breaks}"),
     ("status", lambda r: "ok" if r.ok else r.status),

@@ -27,6 +27,7 @@ __all__ = [
     "Timing",
     "CompileStats",
     "compile_stats",
+    "count_ops",
 ]
 
 #: The modes a row can run in: eager, `torch.compile` default and CUDA-graph replay.
@@ -168,3 +169,25 @@ def timed_once(run: Callable[[], Any], device: torch.device) -> tuple[Any, float
     result = run()
     _synchronize(device)
     return result, time.perf_counter() - begin
+
+
+def count_ops(call: Callable[[], Any]) -> int:
+    """How many ATen operators that compute (views left out) one ``call`` dispatches.
+
+    In eager mode on a GPU each one is at least one kernel launch, so this is the
+    launch count that bounds a small step's time (on any device; it is not a timing).
+    A custom operator (the fused best-match kernel) counts once.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Counter(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            if not func.is_view and func is not torch.ops.aten.detach.default:
+                _Counter.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.inference_mode(), _Counter():
+        call()
+    return _Counter.count
