@@ -76,6 +76,9 @@ def test_unet_rows_fidelity_ideals_tomesd_json_and_plot(tmp_path: Path) -> None:
     assert tomesd.overhead == pytest.approx(expected_overhead)
     assert rows["tomesd lib r=0.5"].ideal_label == ideal.method  # the library row is compared to the same ideal
     assert catome.calls == 3 and "whole schedules" in catome.note  # timed over whole schedules, the mean
+    # Operator counts (launches on a GPU): merging adds some, the ideal nearly none.
+    assert plain.ops is not None and ideal.ops is not None and tomesd.ops is not None
+    assert plain.ops <= ideal.ops < tomesd.ops
     assert catome.time_ms == pytest.approx(catome.mean_ms)
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["meta"]["arch"] == "sd15-small" and len(data["rows"]) == 6
@@ -174,3 +177,19 @@ def test_gpu_script_dry_run_section(tmp_path: Path) -> None:
     assert {(row["mode"], row["method"]) for row in rows} >= {("eager", "ToMe(13)"), ("default", "ToMe(13)")}
     assert all(row["status"] == "ok" for row in rows)
     assert (tmp_path / "all.png").is_file()
+
+
+def test_operator_counts_of_full_size_models_on_the_meta_device(capsys: pytest.CaptureFixture[str]) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import op_counts
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert op_counts.main(["--arch", "vit-b16", "--batch", "2", "--methods", "tome:13"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    plain = int(lines[1].split("plain ")[1].split()[0])
+    merged = next(line for line in lines if line.strip().startswith("ToMe(13)"))
+    ideal = next(line for line in lines if line.strip().startswith("ideal@ToMe(13)"))
+    merged_ops, ideal_ops = int(merged.split()[1]), int(ideal.split()[1])
+    assert plain < ideal_ops < merged_ops  # the ideal only slices; ToMe also matches
+    assert "per merging layer (12)" in merged
