@@ -48,6 +48,17 @@ def test_shipped_weights_fit_the_budget_and_record_their_training() -> None:
         assert len(training["loss_curve"]) >= 1
 
 
+def test_attention_heads_are_32_channels_wide(zoo_pipes: dict[str, object]) -> None:
+    # diffusers' UNet2DConditionModel reads `attention_head_dim` as a number of heads: a spec
+    # that said 32 there once gave 32 heads of width 1 at the top level.
+    from diffusers.models.attention_processor import Attention
+
+    for name, pipe in zoo_pipes.items():
+        denoiser = pipe.transformer if name.startswith("dit") else pipe.unet  # type: ignore[attr-defined]
+        widths = {m.inner_dim // m.heads for m in denoiser.modules() if isinstance(m, Attention)}
+        assert widths == {32}, (name, widths)
+
+
 @pytest.mark.parametrize("name", ["dit-photos", "unet-photos"])
 def test_load_offline_and_sample_deterministically(name: str, zoo_no_network: None) -> None:
     pipe = zoo.load(name)

@@ -125,7 +125,9 @@ SPECS: dict[str, ZooSpec] = {
             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
             "mid_block_type": "UNetMidBlock2DCrossAttn",
             "cross_attention_dim": 64,
-            "attention_head_dim": 32,
+            # diffusers' UNet2DConditionModel reads `attention_head_dim` as the number of heads per
+            # level (a historical misnomer): 1, 2, 4 heads of 32 channels each.
+            "attention_head_dim": [1, 2, 4],
             "norm_num_groups": 8,
         },
         class_tokens={"num_classes": _NUM_CLASSES, "num_tokens": 4, "dim": 64},

@@ -47,7 +47,7 @@ __all__ = ["TrainOptions", "train_model", "main", "parse_args"]
 DEFAULT_PHOTOS = "out/reference-photos.npz"
 LABEL_DROP = 0.1  # classifier-free guidance: the null label replaces 10% of labels
 WARMUP_STEPS = 50  # at most; a run of N steps warms up for N // 10
-TIMING_STEPS = 1  # forward+backward passes timed per resolution to plan a --minutes run (after a warm-up on GPU)
+TIMING_STEPS = 1  # forward+backward passes timed per resolution to plan a --minutes run (after one warm-up)
 CPU_PROBE_BATCH = 2  # on a CPU those passes use a batch this small and scale the time up to the real batch
 
 
@@ -161,7 +161,7 @@ class _Trainer:
         """Seconds of one forward+backward (no update, own generator: the run is unaffected)."""
         generator = torch.Generator(self.device).manual_seed(12345)
         timings = []
-        warmup = 1 if self.device.type == "cuda" else 0  # kernels and allocator warm up on a GPU
+        warmup = 1  # the first pass at a shape builds kernels and buffers (seconds on a CPU, too)
         for _ in range(TIMING_STEPS + warmup):
             _sync(self.device)
             start = time.perf_counter()
@@ -313,6 +313,7 @@ def train_model(
     stopped_early = False
     replans: list[list[int]] = []
     history: list[dict[str, int]] = []  # the phases as they ran (a re-plan moves later boundaries)
+    phase_clock: dict[int, tuple[float, int]] = {}  # phase start step -> (time, step) its measurement began
     window_resolutions: set[int] = set()
     log(f"   {'step':>6} {'res':>4} {'loss':>8} {'lr':>9} {'img/s':>8} {'time':>7}")
     window_start = time.perf_counter()
@@ -336,12 +337,17 @@ def train_model(
             now = time.perf_counter()
             speed = len(losses) * batch_size / max(now - window_start, 1e-9)
             if deadline is not None and len(window_resolutions) == 1 and step < planned:
-                # Slower or faster than timed (a shared machine)? Re-plan so the schedule ends on time.
-                slowdown = (now - window_start) / len(losses) / timed[resolution]
+                # Slower or faster than timed (a shared machine)? Re-plan so the schedule ends on time,
+                # from the mean step time since this resolution began (steady, unlike one window).
+                phase_start = history[-1]["first_step"]
+                if phase_start not in phase_clock:
+                    phase_clock[phase_start] = (window_start, step - len(losses))
+                since, first = phase_clock[phase_start]
+                slowdown = (now - since) / max(1, step - first) / timed[resolution]
                 expected = {res: t * slowdown for res, t in timed.items()}
                 limit = options.steps or 4 * first_plan
-                new_plan = _replan(options.progressive, limit, full, step, expected, deadline - now)
-                if abs(new_plan - planned) > 0.05 * planned:
+                new_plan = _replan(options.progressive, limit, full, step, expected, 0.97 * (deadline - now))
+                if abs(new_plan - planned) > 0.1 * planned:
                     log(f"   step time {slowdown:.2f}x the timed one: re-planned {planned} -> {new_plan} steps")
                     planned = new_plan
                     phases = _phases(options.progressive, planned, full)
@@ -465,13 +471,27 @@ def _options(args: argparse.Namespace, device: torch.device) -> TrainOptions:
     )
 
 
+PREVIEW_CHUNK = 4  # images sampled at once for the preview grid (memory stays small)
+
+
 def _save_preview(spec: ZooSpec, out: Path, count: int, device: torch.device, log: Callable[[str], None]) -> None:
+    """Sample a preview grid from the saved weights; cosmetic, so a failure is logged, never raised."""
     from . import load
 
-    pipe = load(spec.name, device=device, weights_dir=out)
-    labels = [i % len(spec.class_names) for i in range(count)]
-    generator = torch.Generator(device).manual_seed(0)
-    images = pipe(labels, num_inference_steps=25, guidance_scale=3.0, generator=generator, output_type="np").images
+    try:
+        pipe = load(spec.name, device=device, weights_dir=out)
+        labels = [i % len(spec.class_names) for i in range(count)]
+        generator = torch.Generator(device).manual_seed(0)
+        chunks = []
+        for start in range(0, count, PREVIEW_CHUNK):
+            part = labels[start : start + PREVIEW_CHUNK]
+            chunks.append(
+                pipe(part, num_inference_steps=25, guidance_scale=3.0, generator=generator, output_type="np").images
+            )
+        images = np.concatenate(chunks)  # (count, H, W, 3)
+    except (RuntimeError, MemoryError) as error:  # e.g. out of memory: the weights are already written
+        log(f"   preview skipped: {type(error).__name__}: {str(error)[:200]}")
+        return
     columns = min(8, count)
     rows = math.ceil(count / columns)
     size = images.shape[1]
