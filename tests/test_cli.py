@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tokenmerge import TokenMergeError, cli, demo
@@ -193,8 +194,48 @@ def test_run_demo_results(capsys: pytest.CaptureFixture[str]) -> None:
 def test_zoo_model_is_used_only_where_its_weights_are(tmp_path: Path) -> None:
     assert not demo.zoo_weights_ready("dit-photos", tmp_path)  # an empty folder holds no weights
     model = demo.build_model("dit", "cpu", steps=1, weights_dir=tmp_path)
-    assert "random weights" in model.setup and model.fidelity is demo.COSINE
-    assert demo.ZOO_MODELS["unet"][1] == ("cuda",)  # the 4,096-token UNet is too slow for a CPU demo
+    assert "random weights" in model.setup and model.fidelity is demo.COSINE and not model.makes_images
+    assert all("cpu" in devices for _, devices in demo.ZOO_MODELS.values())  # both trained models run on a CPU
+
+
+def test_demo_command_writes_the_image_grid_and_the_token_groups(tmp_path: Path, capsys) -> None:
+    grid, groups = tmp_path / "grid.png", tmp_path / "groups.png"
+    argv = ["demo", "--models", "dit,vit", "--presets", "ToMeSD,ToDo,ToMe", "--device", "cpu", "--steps", "2"]
+    assert cli.main([*argv, "--repeats", "1", "--no-progress", "--out", str(groups), "--grid", str(grid)]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {grid.resolve()}" in out and f"wrote {groups.resolve()}" in out
+    assert "tokenmerge.zoo 'dit-photos' (trained)" in out and "PSNR vs plain" in out
+    with Image.open(grid) as image:
+        width, height = image.size
+    # One block (the DiT; the ViT makes no images): plain + ToMeSD + ToDo rows of 4 images of 128 px.
+    assert height >= 3 * 128 and width >= 4 * 128
+    assert Image.open(groups).size[0] > Image.open(groups).size[1]
+
+
+def test_image_grid_holds_each_presets_images(tmp_path: Path) -> None:
+    results = demo.run_demo(
+        models=["dit"], presets=["ToMeSD"], device="cpu", steps=1, repeats=1, progress=False, grid=tmp_path / "g.png"
+    )
+    (result,) = results
+    plain, merged = result.rows
+    assert plain.images is not None and merged.images is not None
+    assert plain.images.shape == (len(demo.ZOO_CLASSES), 3, 64, 64)
+    assert result.model.image_names == demo.ZOO_CLASSES
+    assert not torch.equal(plain.images, merged.images)  # merging changed the images, a little
+    picture = np.asarray(Image.open(tmp_path / "g.png"))
+    assert picture.shape == demo.generated_images_grid(results).shape
+    # The plain row's first image is in the grid, enlarged 2x, where the layout puts it.
+    first = (plain.images[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8).repeat(2, 0).repeat(2, 1)
+    found = any(
+        np.array_equal(picture[y : y + 128, 190 : 190 + 128], first) for y in range(picture.shape[0] - 127)
+    )
+    assert found
+
+
+def test_no_grid_without_a_trained_model(tmp_path: Path, capsys) -> None:
+    results = demo.run_demo(models=["vit"], device="cpu", repeats=1, progress=False, grid=tmp_path / "g.png")
+    assert demo.generated_images_grid(results) is None
+    assert not (tmp_path / "g.png").exists()
 
 
 def test_fidelity_measures() -> None:

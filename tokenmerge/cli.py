@@ -90,8 +90,8 @@ def _add_demo(sub: Any) -> None:
             "Build small models (a diffusion UNet, a DiT and a ViT) without downloading anything, apply each "
             "preset, and print per model: tokens per merged layer, time against the plain model and how close the "
             "output stays to the plain output. The trained models of tokenmerge.zoo are used where their weights "
-            "are installed (the UNet on a GPU only), random-weight ones otherwise. Writes a PNG of merged token "
-            "groups. Uses the GPU when there is one."
+            "are installed, random-weight ones otherwise. Writes a PNG of the images the trained models generate "
+            "with and without each preset, and a PNG of merged token groups. Uses the GPU when there is one."
         ),
     )
     parser.add_argument(
@@ -109,14 +109,31 @@ def _add_demo(sub: Any) -> None:
         help=f"comma-separated presets (default: all that apply: {','.join(PRESET_NAMES)})",
     )
     parser.add_argument("--device", type=_device, default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
-    parser.add_argument("--steps", type=_positive_int, default=None, help="denoising steps per generation")
-    parser.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per config; the best is shown")
+    parser.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=None,
+        help="denoising steps per generation (default: 8 for the trained models, 4 for random-weight ones)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=None,
+        help="timed runs per config after a warm-up; the best is shown (default: 1 on a CPU, 3 on a GPU)",
+    )
     parser.add_argument("--seed", type=_non_negative_int, default=0, help="seed of weights, inputs and merging")
     parser.add_argument(
         "--out",
         type=Path,
         default=Path("tokenmerge-demo.png"),
         help="where to write the picture of merged tokens (default: ./tokenmerge-demo.png)",
+    )
+    parser.add_argument(
+        "--grid",
+        type=Path,
+        default=Path("tokenmerge-demo-images.png"),
+        help="where to write the trained models' images with and without each preset "
+        "(default: ./tokenmerge-demo-images.png)",
     )
     parser.add_argument(
         "--random-weights",
@@ -143,6 +160,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         stream=sys.stdout,
         zoo=not args.random_weights,
         weights_dir=args.zoo_weights,
+        grid=args.grid,
     )
     return 0
 

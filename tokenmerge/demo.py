@@ -1,10 +1,14 @@
 """``tokenmerge demo``: merging on small built-in models, measured against the plain models.
 
-Nothing is downloaded: the models are built from configs with seeded random weights.
-Each preset that applies to a model is timed against the plain model, and its output
-compared with the plain output. Weights do not change the speed; they do change which
-tokens look alike, so the fidelity column of random-weight models says how much
-merging perturbs a network, not image quality.
+Nothing is downloaded. The diffusion models are the trained reference models shipped in
+`tokenmerge.zoo` (a UNet in the Stable Diffusion layout and a DiT, 64x64 px), which
+generate a few images per preset; without their weights (or with ``zoo=False``) small
+models with seeded random weights stand in. The ViT has random weights. Each preset that
+applies to a model is timed against the plain model and its output compared with the
+plain output: the PSNR of the generated images for the trained models; for random-weight
+models a cosine similarity, which says how much merging perturbs a network, not image
+quality. `generated_images_grid` puts the trained models' images side by side, and
+`merged_groups_picture` draws the token groups a ViT merges.
 """
 
 from __future__ import annotations
@@ -45,7 +49,11 @@ __all__ = [
     "Fidelity",
     "resolve_device",
     "merged_groups_picture",
+    "generated_images_grid",
     "visualize_image",
+    "ZOO_CLASSES",
+    "DEFAULT_STEPS",
+    "DEFAULT_REPEATS",
 ]
 
 #: Models the demo can build, in the order it runs them.
@@ -87,6 +95,11 @@ class DemoModel:
         job: runs one generation (or forward) and returns its output tensor.
         configs: preset name -> `MergeConfig`, for the presets that apply.
         fidelity: how its output is compared with the plain output.
+        makes_images: whether ``job`` returns images, ``(B, 3, H, W)`` in [0, 1] (the
+            trained models), which go into the demo's grid of generated images.
+        image_names: what each image of the batch shows (its class), when it makes images.
+        warmup: a cheaper run through every layer (a one-step generation), the warm-up
+            before timing; None warms up with ``job`` itself.
     """
 
     key: str
@@ -96,6 +109,9 @@ class DemoModel:
     job: Callable[[], Tensor]
     configs: dict[str, MergeConfig]
     fidelity: Fidelity = field(default_factory=lambda: COSINE)
+    makes_images: bool = False
+    image_names: tuple[str, ...] = ()
+    warmup: Callable[[], Tensor] | None = None
 
 
 @dataclass
@@ -111,6 +127,8 @@ class DemoRow:
             the plain output: a cosine similarity (1.0 is identical) for random-weight
             models, a PSNR in dB (inf is identical) for trained ones.
         plans: ``"computed/reused"`` merge plans in the last job (reset before each job).
+        images: the last job's images when the model makes images (`DemoModel.makes_images`),
+            ``(B, 3, H, W)`` in [0, 1] on the CPU; else None.
     """
 
     preset: str
@@ -119,6 +137,7 @@ class DemoRow:
     speedup: float
     fidelity: float
     plans: str = ""
+    images: Tensor | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -153,14 +172,20 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(
-    job: Callable[[], Tensor], device: torch.device, repeats: int = 3, before: Callable[[], object] | None = None
+    job: Callable[[], Tensor],
+    device: torch.device,
+    repeats: int = 1,
+    before: Callable[[], object] | None = None,
+    warmup: Callable[[], object] | None = None,
 ) -> tuple[float, Tensor]:
     """Best wall time of ``repeats`` runs of ``job`` after one warm-up, and its last output.
 
-    ``before`` (untimed) runs before every run, e.g. a merge handle's ``reset``.
+    ``before`` (untimed) runs before every timed run, e.g. a merge handle's ``reset``;
+    ``warmup`` is the warm-up run (``job`` itself when None; a one-step generation is
+    enough to build every layer's kernels, buffers and partition tables).
     """
     with torch.inference_mode():
-        output = job()
+        (warmup or job)()
         times = []
         for _ in range(repeats):
             if before is not None:
@@ -417,11 +442,17 @@ def _build_vit(device: torch.device, seed: int, steps: int) -> DemoModel:
 
 
 #: The demo model each trained `tokenmerge.zoo` model stands in for, and the devices it runs on in the demo.
-#: The trained UNet (4,096 tokens at its top level) takes minutes on a CPU: there it is left to a GPU.
 ZOO_MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "unet": ("unet-photos", ("cuda",)),
+    "unet": ("unet-photos", ("cuda", "cpu")),
     "dit": ("dit-photos", ("cuda", "cpu")),
 }
+#: Classes the trained models generate in the demo, one image each (a batch of 4).
+ZOO_CLASSES: tuple[str, ...] = ("astronaut", "coffee", "grass", "rocket")
+#: Denoising steps of one demo generation: random-weight models, trained models.
+DEFAULT_STEPS: dict[bool, int] = {False: 4, True: 8}
+#: Timed runs per config, after a warm-up: on a CPU (the demo stays under a minute on two
+#: cores), on a GPU.
+DEFAULT_REPEATS: dict[bool, int] = {False: 1, True: 3}
 
 
 def zoo_weights_ready(name: str, weights_dir: Path | str | None = None) -> bool:
@@ -454,26 +485,30 @@ def _build_zoo(key: str, name: str, device: torch.device, seed: int, steps: int,
     target = pipe.unet if spec["kind"] == "unet" else pipe.transformer
     size = int(spec["denoiser"]["sample_size"])
     patch = int(spec["denoiser"].get("patch_size") or 1)
-    labels = ["astronaut"] if "astronaut" in pipe.class_names else [0]
+    labels = [c for c in ZOO_CLASSES if c in pipe.class_names] or [0]
 
-    def job() -> Tensor:
+    def generate(num_steps: int) -> Tensor:
         generator = torch.Generator(device).manual_seed(seed)
-        images = pipe(labels, num_inference_steps=steps, guidance_scale=1.0, generator=generator, output_type="pt")
+        images = pipe(labels, num_inference_steps=num_steps, guidance_scale=1.0, generator=generator, output_type="pt")
         return images.images  # (B, 3, H, W) in [0, 1]
 
     tokens = (size // patch) ** 2
+    classes = ", ".join(str(label) for label in labels)
     return DemoModel(
         key=key,
         title=f"{'UNet' if key == 'unet' else 'DiT'}: tokenmerge.zoo {name!r} (trained)",
         setup=(
             f"{type(target).__name__} trained by tokenmerge on photographs, {size}x{size} px in pixel space "
-            f"({tokens} tokens{' at the top level' if key == 'unet' else ''}), class 'astronaut', batch 1, "
+            f"({tokens} tokens{' at the top level' if key == 'unet' else ''}), batch {len(labels)} ({classes}), "
             f"{steps} DDIM steps, no guidance, {device.type}"
         ),
         target=pipe,
-        job=job,
+        job=lambda: generate(steps),
         configs=_diffusion_configs(seed),
         fidelity=PSNR,
+        makes_images=True,
+        image_names=tuple(str(label) for label in labels),
+        warmup=lambda: generate(1),
     )
 
 
@@ -488,7 +523,7 @@ def build_model(
     name: str,
     device: torch.device | str = "cpu",
     seed: int = 0,
-    steps: int = 4,
+    steps: int | None = None,
     *,
     zoo: bool = True,
     weights_dir: Path | str | None = None,
@@ -502,18 +537,18 @@ def build_model(
         name: ``"unet"``, ``"dit"`` or ``"vit"``.
         device: where the model runs.
         seed: seed of weights, inputs and merging.
-        steps: denoising steps of one job (diffusion models).
+        steps: denoising steps of one job (diffusion models); `DEFAULT_STEPS` when None.
         zoo: use the trained models where possible; False always builds random-weight ones.
         weights_dir: where the zoo's weights are (the shipped ones by default).
     """
     check(name in _BUILDERS, f"model must be one of {', '.join(MODEL_NAMES)}; got {name!r}")
-    check(isinstance(steps, int) and steps >= 1, f"steps must be an int >= 1; got {steps!r}")
+    check(steps is None or (isinstance(steps, int) and steps >= 1), f"steps must be an int >= 1; got {steps!r}")
     device = torch.device(device)
     if zoo and name in ZOO_MODELS:
         zoo_name, devices = ZOO_MODELS[name]
         if device.type in devices and zoo_weights_ready(zoo_name, weights_dir):
-            return _build_zoo(name, zoo_name, device, seed, steps, weights_dir)
-    return _BUILDERS[name](device, seed, steps)
+            return _build_zoo(name, zoo_name, device, seed, steps or DEFAULT_STEPS[True], weights_dir)
+    return _BUILDERS[name](device, seed, steps or DEFAULT_STEPS[False])
 
 
 # ---------------------------------------------------------------------- running
@@ -521,9 +556,10 @@ def run_model(model: DemoModel, presets: Sequence[str], device: torch.device, re
     """Time the plain model and each applicable preset; one `DemoRow` each."""
     result = DemoResult(model)
     bar.set_postfix_str(f"{model.key} plain")
-    base_time, reference = measure(model.job, device, repeats)
+    base_time, reference = measure(model.job, device, repeats, warmup=model.warmup)
     bar.update()
-    result.rows.append(DemoRow("plain", "-", base_time, 1.0, model.fidelity.measure(reference, reference)))
+    pictures = _images_of(model, reference)
+    result.rows.append(DemoRow("plain", "-", base_time, 1.0, model.fidelity.measure(reference, reference), "", pictures))
     for name in presets:
         config = model.configs.get(name)
         if config is None:
@@ -531,17 +567,22 @@ def run_model(model: DemoModel, presets: Sequence[str], device: torch.device, re
         bar.set_postfix_str(f"{model.key} {name}")
         handle = apply(model.target, config)
         try:
-            seconds, output = measure(model.job, device, repeats, before=handle.reset)
+            seconds, output = measure(model.job, device, repeats, before=handle.reset, warmup=model.warmup)
             state = handle.state
             tokens = summarize_tokens(state.merged_tokens)
             plans = f"{state.plans_computed}/{state.plans_reused}"
         finally:
             handle.remove()
         bar.update()
+        fidelity = model.fidelity.measure(output, reference)
         result.rows.append(
-            DemoRow(name, tokens, seconds, base_time / seconds, model.fidelity.measure(output, reference), plans)
+            DemoRow(name, tokens, seconds, base_time / seconds, fidelity, plans, _images_of(model, output))
         )
     return result
+
+
+def _images_of(model: DemoModel, output: Tensor) -> Tensor | None:
+    return output.detach().float().clamp(0, 1).cpu() if model.makes_images else None  # (B, 3, H, W)
 
 
 def format_table(result: DemoResult) -> str:
@@ -631,6 +672,51 @@ def merged_groups_picture(
     return row.repeat(scale, axis=0).repeat(scale, axis=1)
 
 
+def generated_images_grid(results: Sequence[DemoResult], scale: int = 2) -> Any:
+    """The images each preset generated beside the plain model's, as one ``(H, W, 3)`` uint8 image.
+
+    One block per model that makes images (the trained ones): a row per preset (plain
+    first), one column per class, the row's time against plain and PSNR on its left.
+    Same seed, same initial noise in every row, so the rows differ only by merging.
+
+    Args:
+        results: `run_demo`'s results; models without images are left out.
+        scale: nearest-neighbour enlargement of the generated images.
+
+    Returns:
+        The grid, or None when no model made images.
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    blocks = [r for r in results if r.rows and r.rows[0].images is not None]
+    if not blocks:
+        return None
+    label_width, line, gap = 190, 14, 4
+    side = max(int(r.rows[0].images.shape[-1]) for r in blocks) * scale  # type: ignore[union-attr]
+    columns = max(int(r.rows[0].images.shape[0]) for r in blocks)  # type: ignore[union-attr]
+    heights = [2 * line + len(r.rows) * (side + gap) + 2 * gap for r in blocks]
+    canvas = Image.new("RGB", (label_width + columns * (side + gap) + gap, sum(heights)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    top = 0
+    for result, height in zip(blocks, heights):
+        draw.text((gap, top + 2), result.model.title, fill=(0, 0, 0))
+        for column, name in enumerate(result.model.image_names):
+            draw.text((label_width + column * (side + gap), top + line + 2), name, fill=(90, 90, 90))
+        for index, row in enumerate(result.rows):
+            y = top + 2 * line + gap + index * (side + gap)
+            fidelity = result.model.fidelity.format(row.fidelity)
+            text = "plain" if row.preset == "plain" else f"{row.preset}\n{row.speedup:.2f}x, {fidelity}"
+            draw.multiline_text((gap, y + side // 2 - line), text, fill=(0, 0, 0))
+            assert row.images is not None
+            pixels = (row.images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # (B, h, w, 3)
+            for column, picture in enumerate(pixels):
+                tile = Image.fromarray(picture).resize((side, side), Image.Resampling.NEAREST)
+                canvas.paste(tile, (label_width + column * (side + gap), y))
+        top += height
+    return np.asarray(canvas).copy()
+
+
 def visualize_image(
     image: Path | str,
     out: Path | str,
@@ -688,13 +774,14 @@ def run_demo(
     presets: Sequence[str] = PRESET_NAMES,
     device: str = "auto",
     steps: int | None = None,
-    repeats: int = 3,
+    repeats: int | None = None,
     seed: int = 0,
     out: Path | str | None = None,
     progress: bool = True,
     stream: TextIO | None = None,
     zoo: bool = True,
     weights_dir: Path | str | None = None,
+    grid: Path | str | None = None,
 ) -> list[DemoResult]:
     """Run the demo: build each model, time every applicable preset against it, print the tables.
 
@@ -702,14 +789,19 @@ def run_demo(
         models: which of `MODEL_NAMES` to run.
         presets: which of `PRESET_NAMES` to try (each only where it applies).
         device: ``"auto"`` (GPU when present), ``"cpu"``, ``"cuda"``, ...
-        steps: denoising steps per generation (default 4).
-        repeats: timed runs per config (the best is shown), after one warm-up run.
+        steps: denoising steps per generation (`DEFAULT_STEPS` when None: 8 for the
+            trained models, 4 for random-weight ones).
+        repeats: timed runs per config (the best is shown), after one warm-up run;
+            `DEFAULT_REPEATS` of the device when None (1 on a CPU, 3 on a GPU).
         seed: seed of weights, inputs and merging.
         out: where to write the picture of merged tokens; None writes none.
         progress: show a progress bar on stderr.
         stream: where the tables go (stdout by default).
         zoo: use the trained `tokenmerge.zoo` models where their weights are installed.
         weights_dir: where the zoo's weights are (the shipped ones by default).
+        grid: where to write the images the trained models generated with and without
+            each preset, side by side (`generated_images_grid`); None writes none, and
+            none is written when no trained model ran.
 
     Returns:
         One `DemoResult` per model.
@@ -719,9 +811,11 @@ def run_demo(
         check(name in MODEL_NAMES, f"models must be among {', '.join(MODEL_NAMES)}; got {name!r}")
     for name in presets:
         check(name in PRESET_NAMES, f"presets must be among {', '.join(PRESET_NAMES)}; got {name!r}")
-    check(isinstance(repeats, int) and repeats >= 1, f"repeats must be an int >= 1; got {repeats!r}")
+    check(
+        repeats is None or (isinstance(repeats, int) and repeats >= 1), f"repeats must be an int >= 1; got {repeats!r}"
+    )
     resolved = resolve_device(device)
-    steps = 4 if steps is None else steps
+    repeats = repeats or DEFAULT_REPEATS[resolved.type == "cuda"]
     results = []
     built = []
     with _progress(len(models), "building models", progress) as bar:
@@ -743,13 +837,21 @@ def run_demo(
             )
             bar.refresh()
     print(
-        f"\ntime: best of {repeats} runs after a warm-up. Small models on a CPU are not where merging pays off: "
-        "see the docs' explanation of where it does.",
+        f"\ntime: {f'best of {repeats} runs' if repeats > 1 else 'one run'} after a warm-up. Small models on a CPU "
+        "are not where merging pays off: see the docs' explanation of where it does.",
         file=stream,
     )
-    if out is not None:
-        from .vis import save_png
+    from .vis import save_png
 
+    picture = generated_images_grid(results) if grid is not None else None
+    if picture is not None:
+        written = save_png(grid, picture).resolve()  # type: ignore[arg-type]
+        print(
+            f"\nwrote {written}: the images the trained models generated without merging (top row) and with "
+            "each preset (same seed and noise; time against plain and PSNR on the left)",
+            file=stream,
+        )
+    if out is not None:
         with _progress(1, "drawing merged tokens", progress) as bar:
             written = save_png(out, merged_groups_picture(seed=seed, device=resolved)).resolve()
             bar.update()
