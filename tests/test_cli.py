@@ -122,9 +122,10 @@ def test_summarize_tokens() -> None:
 
 
 def test_demo_runs_every_model_and_preset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "groups.png"
-    status = cli.main(["demo", "--device", "cpu", "--steps", "2", "--repeats", "1", "--no-progress", "--out", str(out)])
-    assert status == 0
+    out, grid = tmp_path / "groups.png", tmp_path / "images.png"
+    argv = ["demo", "--device", "cpu", "--steps", "2", "--repeats", "1", "--no-progress"]
+    status = cli.main([*argv, "--out", str(out), "--grid", str(grid)])
+    assert status == 0 and grid.exists()
     text = capsys.readouterr().out
     for title in ("UNet", "DiT", "ViT"):
         assert title in text
