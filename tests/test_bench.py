@@ -193,3 +193,14 @@ def test_operator_counts_of_full_size_models_on_the_meta_device(capsys: pytest.C
     merged_ops, ideal_ops = int(merged.split()[1]), int(ideal.split()[1])
     assert plain < ideal_ops < merged_ops  # the ideal only slices; ToMe also matches
     assert "per merging layer (12)" in merged
+
+
+def test_zoo_step_profile_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import zoo_step_profile
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert zoo_step_profile.main(["--model", "dit-photos", "--repeats", "1", "--rows", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "plain:" in out and "tokenmerge ToMeSD(0.5):" in out and "Self CPU" in out
