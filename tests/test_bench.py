@@ -7,12 +7,14 @@ kind runs, that the figures are derived consistently, and that the outputs are w
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import io
 import json
 import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -179,12 +181,17 @@ def test_gpu_script_dry_run_section(tmp_path: Path) -> None:
     assert (tmp_path / "all.png").is_file()
 
 
-def test_operator_counts_of_full_size_models_on_the_meta_device(capsys: pytest.CaptureFixture[str]) -> None:
+def _benchmark_script(name: str) -> Any:
+    """Import ``benchmarks/<name>.py`` as a module."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        import op_counts
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_operator_counts_of_full_size_models_on_the_meta_device(capsys: pytest.CaptureFixture[str]) -> None:
+    op_counts = _benchmark_script("op_counts")
     assert op_counts.main(["--arch", "vit-b16", "--batch", "2", "--methods", "tome:13"]) == 0
     lines = capsys.readouterr().out.splitlines()
     plain = int(lines[1].split("plain ")[1].split()[0])
@@ -196,11 +203,7 @@ def test_operator_counts_of_full_size_models_on_the_meta_device(capsys: pytest.C
 
 
 def test_zoo_step_profile_runs(capsys: pytest.CaptureFixture[str]) -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import zoo_step_profile
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    zoo_step_profile = _benchmark_script("zoo_step_profile")
     assert zoo_step_profile.main(["--model", "dit-photos", "--repeats", "1", "--rows", "3"]) == 0
     out = capsys.readouterr().out
     assert "plain:" in out and "tokenmerge ToMeSD(0.5):" in out and "Self CPU" in out

@@ -227,9 +227,7 @@ def test_image_grid_holds_each_presets_images(tmp_path: Path) -> None:
     assert picture.shape == demo.generated_images_grid(results).shape
     # The plain row's first image is in the grid, enlarged 2x, where the layout puts it.
     first = (plain.images[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8).repeat(2, 0).repeat(2, 1)
-    found = any(
-        np.array_equal(picture[y : y + 128, 190 : 190 + 128], first) for y in range(picture.shape[0] - 127)
-    )
+    found = any(np.array_equal(picture[y : y + 128, 190 : 190 + 128], first) for y in range(picture.shape[0] - 127))
     assert found
 
 

@@ -61,10 +61,10 @@ from .bench_timing import (
     COMPILE_MODES,
     compile_model,
     compile_stats,
+    count_ops,
     reset_compiler,
     resolve_device,
     resolve_dtype,
-    count_ops,
     time_calls,
     timed_once,
 )

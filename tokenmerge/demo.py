@@ -559,7 +559,9 @@ def run_model(model: DemoModel, presets: Sequence[str], device: torch.device, re
     base_time, reference = measure(model.job, device, repeats, warmup=model.warmup)
     bar.update()
     pictures = _images_of(model, reference)
-    result.rows.append(DemoRow("plain", "-", base_time, 1.0, model.fidelity.measure(reference, reference), "", pictures))
+    result.rows.append(
+        DemoRow("plain", "-", base_time, 1.0, model.fidelity.measure(reference, reference), "", pictures)
+    )
     for name in presets:
         config = model.configs.get(name)
         if config is None:

@@ -232,7 +232,9 @@ def _partition_table(h: int, w: int, sx: int, sy: int, device: str) -> Tensor:
     ``src_idx``, ``dst_idx`` and ``src_cell`` of the draw of key k, side by side, so a
     lookup is one index op."""
     shape = (h // sy, w // sx)
-    rows = [torch.cat(cell_partition(h, w, sx, sy, hash_randint(sx * sy, shape, key), device)) for key in range(PARTITIONS)]
+    rows = [
+        torch.cat(cell_partition(h, w, sx, sy, hash_randint(sx * sy, shape, key), device)) for key in range(PARTITIONS)
+    ]
     return torch.stack(rows)
 
 
