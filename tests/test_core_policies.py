@@ -235,3 +235,14 @@ def test_ca_tome_defaults_are_the_papers_c3() -> None:
     assert config.cache.steps == CA_TOME_C3 == (0, 8, 11, 13, 20, 25, 30, 35, 45, 46, 47, 48, 49)
     assert config.threshold.threshold == 0.7
     assert isinstance(config.matcher, RandomGrid) and config.matcher.sx == config.matcher.sy == 2
+
+
+def test_timestep_key_is_kept_per_tensor_and_follows_in_place_updates() -> None:
+    from tokenmerge.policies.rng import hash_int, timestep_key
+
+    t = torch.tensor([981.0, 981.0])
+    first = timestep_key(t)
+    assert timestep_key(t) is first  # the same tensor again (the next layer of a call): computed once
+    assert int(timestep_key(t, hashed=True)) == hash_int(int(first))
+    t.fill_(961.0)  # a buffer reused for the next step
+    assert int(timestep_key(t)) == timestep_key(961.0) != int(first)

@@ -49,8 +49,8 @@ def timestep_key(timestep: Tensor | float | int | None, hashed: bool = False) ->
     device: reading it on the host would synchronise. Timesteps are keyed to 1/1024, so
     flow-matching sigmas in [0, 1] give distinct keys too. ``hashed=True`` returns
     `hash_int` of the key instead. In eager mode the result for the last timestep tensor
-    is kept while that same tensor object comes back (every layer of one denoiser call),
-    so its few kernels run once per call, not once per layer.
+    is kept while that same tensor object comes back unchanged (every layer of one
+    denoiser call), so its few kernels run once per call, not once per layer.
     """
     if timestep is None:
         return hash_int(0) if hashed else 0
@@ -59,9 +59,18 @@ def timestep_key(timestep: Tensor | float | int | None, hashed: bool = False) ->
         return hash_int(key) if hashed else key
     if torch.compiler.is_compiling():
         return _tensor_keys(timestep)[int(hashed)]
-    if _LAST_KEYS[0] is not timestep:
-        _LAST_KEYS[:] = [timestep, *_tensor_keys(timestep)]
-    return _LAST_KEYS[2 if hashed else 1]
+    version = _version_of(timestep)
+    if _LAST_KEYS[0] is not timestep or _LAST_KEYS[1] != version:
+        _LAST_KEYS[:] = [timestep, version, *_tensor_keys(timestep)]
+    return _LAST_KEYS[3 if hashed else 2]
+
+
+def _version_of(tensor: Tensor) -> int | None:
+    """The tensor's in-place version counter (None for inference tensors, which keep none)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
 
 
 def _tensor_keys(timestep: Tensor) -> tuple[Tensor, Tensor]:
@@ -71,9 +80,10 @@ def _tensor_keys(timestep: Tensor) -> tuple[Tensor, Tensor]:
     return key, _hash_tensor(key)
 
 
-#: ``[timestep tensor, its key, the key's hash]`` of the last eager `timestep_key` call (a
-#: strong reference, so the tensor's id cannot be reused by another while it is kept).
-_LAST_KEYS: list[Any] = [None, None, None]
+#: ``[timestep tensor, its version, its key, the key's hash]`` of the last eager `timestep_key`
+#: call (a strong reference, so the tensor's id cannot be reused by another while it is
+#: kept; the version counter catches in-place updates, except of inference tensors).
+_LAST_KEYS: list[Any] = [None, None, None, None]
 
 
 def hash_randint(
