@@ -24,10 +24,10 @@ from collections import Counter
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from tokenmerge.bench_methods import Method, parse_method, tomesd_available
 from tokenmerge.bench_models import Workload, build_model, get_arch
+from tokenmerge.bench_timing import OperatorCounter
 
 #: (arch, resolution, batch, methods) of the default table: the issue's target rows.
 DEFAULT_ROWS: tuple[tuple[str, int, int, tuple[str, ...]], ...] = (
@@ -36,19 +36,6 @@ DEFAULT_ROWS: tuple[tuple[str, int, int, tuple[str, ...]], ...] = (
     ("dit-xl-2", 512, 8, ("block:0.5",)),
     ("vit-b16", 224, 256, ("tome:13",)),
 )
-
-
-class OperatorCounter(TorchDispatchMode):
-    """Counts the ATen operators dispatched inside it, by name; views are left out."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if not func.is_view and func is not torch.ops.aten.detach.default:
-            self.counts[func.__name__] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def count(work: Workload, model: torch.nn.Module) -> Counter[str]:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = [
     "COMPILE_MODES",
@@ -28,6 +30,7 @@ __all__ = [
     "CompileStats",
     "compile_stats",
     "count_ops",
+    "OperatorCounter",
 ]
 
 #: The modes a row can run in: eager, `torch.compile` default and CUDA-graph replay.
@@ -171,23 +174,29 @@ def timed_once(run: Callable[[], Any], device: torch.device) -> tuple[Any, float
     return result, time.perf_counter() - begin
 
 
+class OperatorCounter(TorchDispatchMode):
+    """Counts, by name, the ATen operators that compute (views left out) dispatched inside it.
+
+    In eager mode on a GPU each one is at least one kernel launch. A custom operator (the
+    fused best-match kernel) counts once.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if not func.is_view and func is not torch.ops.aten.detach.default:
+            self.counts[func.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
 def count_ops(call: Callable[[], Any]) -> int:
     """How many ATen operators that compute (views left out) one ``call`` dispatches.
 
     In eager mode on a GPU each one is at least one kernel launch, so this is the
     launch count that bounds a small step's time (on any device; it is not a timing).
-    A custom operator (the fused best-match kernel) counts once.
     """
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class _Counter(TorchDispatchMode):
-        count = 0
-
-        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            if not func.is_view and func is not torch.ops.aten.detach.default:
-                _Counter.count += 1
-            return func(*args, **(kwargs or {}))
-
-    with torch.inference_mode(), _Counter():
+    with torch.inference_mode(), OperatorCounter() as counter:
         call()
-    return _Counter.count
+    return sum(counter.counts.values())

@@ -688,12 +688,12 @@ def generated_images_grid(results: Sequence[DemoResult], scale: int = 2) -> Any:
     Returns:
         The grid, or None when no model made images.
     """
-    import numpy as np
-    from PIL import Image, ImageDraw
-
     blocks = [r for r in results if r.rows and r.rows[0].images is not None]
     if not blocks:
         return None
+    import numpy as np
+    from PIL import Image, ImageDraw
+
     label_width, line, gap = 190, 14, 4
     side = max(int(r.rows[0].images.shape[-1]) for r in blocks) * scale  # type: ignore[union-attr]
     columns = max(int(r.rows[0].images.shape[0]) for r in blocks)  # type: ignore[union-attr]
