@@ -95,6 +95,29 @@ def test_weighted_merge_conserves_mass_and_sizes(case: dict, data: st.DataObject
 
 
 @given(grid_case(), st.data())
+def test_matrix_and_index_forms_agree(case: dict, data: st.DataObject) -> None:
+    metric = make_metric(case).double()
+    matching = match(case, metric)
+    r = data.draw(st.integers(0, matching.max_merge), label="r")
+    plan = MergePlan.from_matching(matching, r, protected=case["protected"])
+    gen = torch.Generator().manual_seed(case["seed"])
+    size = torch.randint(1, 5, metric.shape[:2], generator=gen).double()  # (B, N)
+    for mode in ("mean", "weighted", "sum"):
+        index = plan.merge(metric, mode, size, form="index")
+        matrix = plan.merge(metric, mode, size, form="matrix")
+        torch.testing.assert_close(matrix, index, rtol=1e-12, atol=1e-12)
+    # merge_with_size: the weighted merge and the merged sizes in one call, any size layout
+    for layout in (size, size[..., None], size[:1]):
+        merged, new_size = plan.merge_with_size(metric, "weighted", layout)
+        torch.testing.assert_close(merged, plan.merge(metric, "weighted", layout))
+        torch.testing.assert_close(new_size, plan.merge_size(layout))
+    with pytest.raises(TokenMergeError, match="form must be one of"):
+        plan.merge(metric, "mean", form="dense")  # type: ignore[arg-type]
+    with pytest.raises(TokenMergeError, match="mode must be one of"):
+        plan.merge_with_size(metric, "median", size)  # type: ignore[arg-type]
+
+
+@given(grid_case(), st.data())
 def test_sources_partition_the_original_tokens(case: dict, data: st.DataObject) -> None:
     metric = make_metric(case).float()
     token_map = identity_token_map(case["batch"], metric.shape[1])

@@ -285,8 +285,11 @@ class _Run:
         """Whether ``x`` is laid out as the current forward expects."""
         return x.shape[0] == self.batch and x.shape[1] == self.num_tokens
 
-    def advance(self, plan: MergePlan) -> None:
-        """Account for ``plan`` having merged the tokens (call after merging with the old sizes)."""
+    def advance(self, plan: MergePlan, sizes: Tensor | None = None) -> None:
+        """Account for ``plan`` having merged the tokens (call after merging with the old sizes).
+
+        ``sizes``: the merged sizes when the merge already computed them (`MergePlan.merge_with_size`).
+        """
         if self.user_mask is not None:
             current = self.mask if self.mask is not None else _additive(self.user_mask, self.dtype)
             self.mask = carry_mask(current, plan, self.mode, self.sizes)
@@ -295,7 +298,7 @@ class _Run:
             if previous is None:
                 previous = identity_token_map(plan.batch, self.num_input, device=plan.slot.device)  # (B, N0)
             self.token_map = plan.merge_token_map(previous)  # (B, N0)
-        self.sizes = plan.merge_size(self.sizes)  # (B, N - r)
+        self.sizes = plan.merge_size(self.sizes) if sizes is None else sizes  # (B, N - r)
         self.num_tokens = plan.num_out
         self.merged = True
 
@@ -336,6 +339,7 @@ class _BlockHooks:
         self.metric: Tensor | None = None
         self.plan: MergePlan | None = None
         self.residual: Tensor | None = None  # (B, N - r, C) the merged residual stream
+        self.sizes: Tensor | None = None  # (B, N - r) token sizes after the merge
         self.branch: Tensor | None = None  # (B, N - r, C) the MLP branch on merged tokens
 
     def attach(self, hooks: HookSet, block: nn.Module, prop_attn: bool) -> None:
@@ -379,7 +383,7 @@ class _BlockHooks:
 
     def norm2_pre(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         run, metric = self.run, self.metric
-        self.metric, self.plan, self.residual, self.branch = None, None, None, None
+        self.metric, self.plan, self.residual, self.branch, self.sizes = None, None, None, None, None
         x = args[0]  # (B, N, C)
         if metric is None or metric.shape[:2] != x.shape[:2]:
             return None
@@ -402,7 +406,7 @@ class _BlockHooks:
         if run.is_causal:
             raise TokenMergeError("is_causal must be False while tokens merge: merged tokens have no causal order")
         self.plan = plan
-        self.residual = plan.merge(x, run.mode, run.sizes)  # (B, N - r, C)
+        self.residual, self.sizes = plan.merge_with_size(x, run.mode, run.sizes)  # (B, N - r, C), (B, N - r)
         return (self.residual, *args[1:]), kwargs
 
     def branch_post(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> Any:
@@ -413,13 +417,13 @@ class _BlockHooks:
         return out.new_zeros(())  # timm adds this to x (N tokens): x comes out unchanged, and is discarded
 
     def block_post(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> Any:
-        plan, run, residual, branch = self.plan, self.run, self.residual, self.branch
-        self.plan, self.residual, self.branch = None, None, None
+        plan, run, residual, branch, sizes = self.plan, self.run, self.residual, self.branch, self.sizes
+        self.plan, self.residual, self.branch, self.sizes = None, None, None, None
         if plan is None:
             return None
         if residual is None or branch is None:  # pragma: no cover - timm's Block.forward is checked to be Block's
             raise TokenMergeError(f"{self.key}: the block did not run norm2 and drop_path2 as timm's Block does")
-        run.advance(plan)
+        run.advance(plan, sizes)
         return residual + branch  # (B, N - r, C): ToMe's x_merged + ls2(mlp(norm2(x_merged)))
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..errors import TokenMergeError, check
-from ..plan import MergeMode, MergePlan
+from ..plan import MergeForm, MergeMode, MergePlan
 from .base import Matcher, Matching, MergeContext, ThresholdPolicy
 
 __all__ = ["IdealMatcher", "IdealPlan", "TokenCounts"]
@@ -98,14 +98,22 @@ class IdealPlan(MergePlan):
         return IdealPlan(batch, num_in, r, protected, device)
 
     # ------------------------------------------------------------------ applying
-    def merge(self, x: Tensor, mode: MergeMode = "mean", size: Tensor | None = None) -> Tensor:
-        """Keep the first ``N - r`` tokens of ``x`` ``(B, N, ...)`` (``mode`` and ``size`` are ignored)."""
+    def merge(
+        self, x: Tensor, mode: MergeMode = "mean", size: Tensor | None = None, *, form: MergeForm = "auto"
+    ) -> Tensor:
+        """Keep the first ``N - r`` tokens of ``x`` ``(B, N, ...)`` (``mode``, ``size``, ``form`` are ignored)."""
         self._check_input(x, self.num_in, "x")
         if self.r == 0:
             return x
         if x.shape[0] != self.batch:
             x = x.expand(self.batch, *x.shape[1:])
         return x[:, : self.num_out]  # (B, N - r, *F)
+
+    def merge_with_size(
+        self, x: Tensor, mode: MergeMode = "weighted", size: Tensor | None = None, *, form: MergeForm = "auto"
+    ) -> tuple[Tensor, Tensor]:
+        """`merge` and `merge_size`: two slices."""
+        return self.merge(x), self.merge_size(size)
 
     def unmerge(self, y: Tensor) -> Tensor:
         """Back to N tokens: ``y`` followed by copies of its mergeable tokens; one copy kernel."""
