@@ -46,37 +46,52 @@ class Section:
     batch: int
     methods: list[str]
     mode: str
-    estimate_s: float  # expected compile time before one was seen in this section
+    estimate_s: float  # expected compile time of the plain model before one was seen in this section
+    merge_factor: float = 1.0  # compile time of a merging row over the plain one's
     seen: list[float] = field(default_factory=list)
 
-    def expected_s(self, stateful: bool) -> float:
-        base = max(self.seen) if self.seen else self.estimate_s
-        return base * (2.5 if stateful else 1.0) + 10.0  # + warm-up and timed calls
+    def factor(self, stateful: bool, merges: bool) -> float:
+        """How many plain compiles a row costs: a stateful row 2.5, a merging row ``merge_factor``."""
+        return (2.5 if stateful else 1.0) * (self.merge_factor if merges else 1.0)
 
+    def expected_s(self, stateful: bool, merges: bool = True) -> float:
+        base = max(self.seen) if self.seen else self.estimate_s
+        return base * self.factor(stateful, merges) + 10.0  # + warm-up and timed calls
+
+
+#: Every section feeds smooth latents/images (`tokenmerge.bench_models.smooth_noise`): fixed
+#: ratios take the same time on any input, and the similarity threshold of CAToMe then merges
+#: on random weights about as much as on trained ones (73-75 %) instead of nothing.
+INPUTS = "smooth"
 
 GPU_SECTIONS = [
     Section("sd15-1024", "sd15", 1024, 2, ["tomesd:0.5", "catome:0.7"], "reduce-overhead", 60),
-    Section("sd15-512", "sd15", 512, 2, ["tomesd:0.5", "catome:0.7"], "reduce-overhead", 50),
+    Section("sd15-512", "sd15", 512, 2, ["tomesd:0.5", "catome:0.7"], "reduce-overhead", 55),
+    # A merged ViT compiles every block apart (each has its own token count): about 4x the
+    # plain model's compile (CPU inductor, ViT-B/16: 101 s vs 26 s). The rows without
+    # proportional attention show what its mask costs (it takes SDPA off the flash kernel).
+    Section("vit-b16", "vit-b16", 224, 256, ["tome:13", "tome:13,prop_attn=0"], "default", 15, merge_factor=4.5),
     Section("dit-xl-2-512", "dit-xl-2", 512, 8, ["block:0.5"], "default", 45),
-    Section("vit-b16", "vit-b16", 224, 256, ["tome:13"], "default", 25),
 ]
 
-#: Compiled rows, most wanted first: the targets' rows, then their ideals (overheads), then the rest.
+#: Compiled rows, most wanted first: the rows of the targets still open or missed, then the
+#: met targets' rows again, then their ideals (overheads), then the rest.
 PRIORITY = [
     ("sd15-1024", "plain"),
-    ("sd15-1024", "ToMeSD(0.5)"),
+    ("sd15-1024", "CAToMe(0.7)"),
     ("sd15-512", "plain"),
     ("sd15-512", "ToMeSD(0.5)"),
-    ("dit-xl-2-512", "plain"),
-    ("dit-xl-2-512", "block r=0.5"),
-    ("sd15-1024", "ideal@ToMeSD(0.5)"),
-    ("sd15-1024", "CAToMe(0.7)"),
     ("vit-b16", "plain"),
     ("vit-b16", "ToMe(13)"),
+    ("sd15-1024", "ToMeSD(0.5)"),
     ("sd15-512", "ideal@ToMeSD(0.5)"),
-    ("dit-xl-2-512", "ideal@block r=0.5"),
-    ("sd15-1024", "ideal@CAToMe(0.7)"),
     ("vit-b16", "ideal@ToMe(13)"),
+    ("sd15-1024", "ideal@CAToMe(0.7)"),
+    ("sd15-1024", "ideal@ToMeSD(0.5)"),
+    ("dit-xl-2-512", "plain"),
+    ("dit-xl-2-512", "block r=0.5"),
+    ("dit-xl-2-512", "ideal@block r=0.5"),
+    ("vit-b16", "ToMe(13, prop_attn=0)"),
     ("sd15-512", "CAToMe(0.7)"),
     ("sd15-512", "ideal@CAToMe(0.7)"),
 ]
@@ -86,7 +101,9 @@ DRY_ARCH = {"sd15": "sd15-tiny", "dit-xl-2": "dit-xl-2-tiny", "vit-b16": "vit-ti
 
 def dry_sections() -> list[Section]:
     """The GPU sections with tiny CPU models at 64 px, batch 2."""
-    return [Section(s.name, DRY_ARCH[s.arch], 64, 2, list(s.methods), s.mode, 5.0) for s in GPU_SECTIONS]
+    return [
+        Section(s.name, DRY_ARCH[s.arch], 64, 2, list(s.methods), s.mode, 5.0, s.merge_factor) for s in GPU_SECTIONS
+    ]
 
 
 # ---------------------------------------------------------------------- checks
@@ -153,6 +170,69 @@ def _time_pair(fast: Any, slow: Any, args: tuple[Any, ...], device: torch.device
     return out
 
 
+def check_attention(device: torch.device) -> dict[str, Any]:
+    """What proportional attention's mask costs SDPA at ViT-B/16's shapes (batch 256, 12 heads of 64).
+
+    Times `scaled_dot_product_attention` on 197 tokens (the plain model) and on 184 (after
+    one ToMe(13) merge) without a mask, with the ``(B, 1, 1, N)`` log-size mask the ViT
+    adapter passes (the backend PyTorch picks), and with each backend forced (an error
+    means the backend refused those inputs); and on 192 tokens, a multiple of 16, where
+    the memory-efficient kernel takes the mask without SDPA padding it into a full
+    ``(B, H, N, N + pad)`` copy first. Milliseconds per call.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    cuda = device.type == "cuda"
+    batch, heads, width = (256, 12, 64) if cuda else (2, 2, 8)
+    dtype = torch.float16 if cuda else torch.float32
+    report: dict[str, Any] = {"shape": f"batch {batch}, {heads} heads of {width}", "ms": {}}
+    gen = torch.Generator(device=device).manual_seed(0)
+    for tokens in (197, 184, 192):
+        q, k, v = (
+            torch.randn(batch, heads, tokens, width, device=device, dtype=dtype, generator=gen) for _ in range(3)
+        )
+        sizes = torch.rand(batch, tokens, device=device, generator=gen) * 3 + 1
+        mask = sizes.log().to(dtype)[:, None, None, :]  # (B, 1, 1, N)
+        cases: list[tuple[str, Any, Any]] = [(f"N={tokens} no mask", None, None)]
+        if tokens != 197:  # 192 = 12 x 16: the mask needs no padding (below, SDPA pads and copies it)
+            cases.append((f"N={tokens} mask", mask, None))
+        if tokens == 184:
+            for backend in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"):
+                if hasattr(SDPBackend, backend):
+                    cases.append((f"N={tokens} mask, {backend.lower()} only", mask, getattr(SDPBackend, backend)))
+        for name, attn_mask, backend in cases:
+
+            def call(attn_mask: Any = attn_mask, qkv: tuple[Any, ...] = (q, k, v)) -> Any:
+                return torch.nn.functional.scaled_dot_product_attention(*qkv, attn_mask=attn_mask)
+
+            try:
+                if backend is None:
+                    report["ms"][name] = _time_call(call, device)
+                else:
+                    with sdpa_kernel([backend]):
+                        report["ms"][name] = _time_call(call, device)
+            except Exception as error:  # noqa: BLE001 - a refused backend is a finding, not a failure
+                report["ms"][name] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
+    return report
+
+
+def _time_call(call: Any, device: torch.device) -> float:
+    for _ in range(3):
+        call()
+    if device.type != "cuda":
+        started = time.perf_counter()
+        for _ in range(5):
+            call()
+        return round((time.perf_counter() - started) * 1000 / 5, 4)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        call()
+    end.record()
+    torch.cuda.synchronize()
+    return round(start.elapsed_time(end) / 20, 4)
+
+
 def check_syncs(session: BenchSession) -> dict[str, Any]:
     """Host-device synchronisations in one eager denoising step, plain vs ToMeSD(0.5)."""
     work = session.runner.work
@@ -214,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
 
     checks: dict[str, Any] = {"triton": check_triton(device)}
     print("triton check:", json.dumps(checks["triton"]), flush=True)
+    if any(s.arch.startswith("vit") for s in sections):
+        checks["attention"] = check_attention(device)
+        print("attention check:", json.dumps(checks["attention"]), flush=True)
 
     # Eager rows of every section first: cheap, and they give the ideals' token counts.
     sessions: dict[str, BenchSession] = {}
@@ -231,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                 repeats=repeats,
                 schedule=4 if args.dry_run else 50,
                 sample_steps=3 if args.dry_run else 20,
+                inputs=INPUTS,
                 progress=sys.stderr.isatty(),
             )
             if "syncs" not in checks and section.arch in ("sd15", "sd15-tiny"):
@@ -259,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         if method.kind == "tomesd":
             session.run_compiled(method, section.mode)  # recorded as skipped (tomesd is not compiled)
             continue
-        need = section.expected_s(method.stateful)
+        merges = method.kind != "plain"
+        need = section.expected_s(method.stateful, merges)
         if need > remaining():
             session.skip(method, section.mode, f"time budget (expected {need:.0f} s, {max(remaining(), 0):.0f} s left)")
             continue
@@ -267,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         row = session.run_compiled(method, section.mode, row_timeout_s=None if args.dry_run else remaining() + 10)
         if row.compile_s is not None:
             spent = row.compile_s + (row.warmup_s or 0.0)
-            section.seen.append(spent / (2.5 if method.stateful else 1.0))
+            section.seen.append(spent / section.factor(method.stateful, merges))
         print(f"    {row.status}: {row.time_ms} ms, compile {row.compile_s} s", flush=True)
 
     results: list[BenchResult] = []

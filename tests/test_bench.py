@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
+import tokenmerge
 from tokenmerge import TokenMergeError
 from tokenmerge.bench import BenchRow, RowTimeout, _watchdog, format_table, run_bench
-from tokenmerge.bench_methods import parse_method
-from tokenmerge.bench_models import get_arch
+from tokenmerge.bench_methods import merged_fraction, parse_method
+from tokenmerge.bench_models import INPUT_KINDS, Workload, build_model, get_arch, smooth_noise
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -151,6 +153,29 @@ def test_method_specs_build_the_presets() -> None:
     assert parse_method("todo:2").build(None).kv_only  # type: ignore[misc]
 
 
+def test_smooth_inputs_make_a_threshold_merge_on_random_weights() -> None:
+    spec = get_arch("sd15-tiny")
+    model = build_model(spec, 64, device=torch.device("cpu"), dtype=torch.float32)
+    merged = {}
+    for kind in INPUT_KINDS:
+        work = Workload(spec, model, 2, 64, torch.device("cpu"), torch.float32, schedule=2, inputs=kind)
+        handle = tokenmerge.apply(model, tokenmerge.CAToMe(0.7))
+        try:
+            with torch.no_grad():
+                work.step(model, 0)
+            merged[kind] = merged_fraction(dict(handle.state.merged_tokens))
+        finally:
+            handle.remove()
+    assert merged["smooth"] > 0.5 > merged["noise"]  # i.i.d. noise on random weights: few similar tokens
+    field = smooth_noise((2, 4, 32, 32), torch.Generator().manual_seed(0))
+    assert field.shape == (2, 4, 32, 32)
+    assert torch.allclose(field.std(dim=(2, 3)), torch.ones(2, 4), atol=1e-4)
+    neighbours = torch.corrcoef(torch.stack([field[..., :-1].flatten(), field[..., 1:].flatten()]))[0, 1]
+    assert neighbours > 0.9
+    with pytest.raises(TokenMergeError, match="inputs must be one of"):
+        Workload(spec, model, 2, 64, torch.device("cpu"), torch.float32, inputs="images")
+
+
 def test_watchdog_stops_a_row_that_runs_too_long() -> None:
     with pytest.raises(RowTimeout):
         with _watchdog(0.05):
@@ -175,8 +200,16 @@ def test_gpu_script_dry_run_section(tmp_path: Path) -> None:
     assert gpu_table.main(["--dry-run", "--sections", "vit-b16", "--out", str(tmp_path), "--repeats", "1"]) == 0
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["checks"]["triton"]["device"] == "cpu"
+    timed = data["checks"]["attention"]["ms"]
+    assert isinstance(timed["N=197 no mask"], float) and isinstance(timed["N=184 mask"], float)
+    assert "N=184 mask, math only" in timed
     rows = data["runs"][0]["rows"]
-    assert {(row["mode"], row["method"]) for row in rows} >= {("eager", "ToMe(13)"), ("default", "ToMe(13)")}
+    assert data["runs"][0]["meta"]["inputs"] == "smooth"
+    assert {(row["mode"], row["method"]) for row in rows} >= {
+        ("eager", "ToMe(13)"),
+        ("default", "ToMe(13)"),
+        ("eager", "ToMe(13, prop_attn=0)"),
+    }
     assert all(row["status"] == "ok" for row in rows)
     assert (tmp_path / "all.png").is_file()
 
@@ -200,6 +233,9 @@ def test_operator_counts_of_full_size_models_on_the_meta_device(capsys: pytest.C
     merged_ops, ideal_ops = int(merged.split()[1]), int(ideal.split()[1])
     assert plain < ideal_ops < merged_ops  # the ideal only slices; ToMe also matches
     assert "per merging layer (12)" in merged
+    # ViT-B/16 at r = 13: about 59 % of the plain FLOPs (the exact figure is in BENCHMARKS.md)
+    ratio = float(merged.split("FLOP ratio ")[1].split("x")[0])
+    assert 1.6 < ratio < 1.8 and "FLOP ratio" in ideal
 
 
 def test_zoo_step_profile_runs(capsys: pytest.CaptureFixture[str]) -> None:

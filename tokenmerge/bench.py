@@ -56,7 +56,7 @@ from typing import IO, Any
 import torch
 
 from .bench_methods import Method, mean_token_counts, merged_fraction, parse_method, tomesd_available
-from .bench_models import ARCHS, ArchSpec, Workload, build_model, get_arch
+from .bench_models import ARCHS, INPUT_KINDS, ArchSpec, Workload, build_model, get_arch
 from .bench_timing import (
     COMPILE_MODES,
     compile_model,
@@ -499,6 +499,7 @@ class BenchSession:
         fidelity: bool = True,
         fullgraph: bool = False,
         seed: int = 0,
+        inputs: str = "noise",
         time_budget_s: float | None = None,
         compile_estimate_s: float = 60.0,
         row_timeout_s: float | None = None,
@@ -520,7 +521,7 @@ class BenchSession:
         self.methods = [Method.plain(), *parsed, *(Method.tomesd(r) for r in tomesd)]
         meta = environment(dev, argv)
         meta.update({"arch": spec.name, "source": spec.source, "resolution": res, "batch": b, "dtype": str(dt)})
-        meta.update({"backend": backend, "weights": weights or "random", "seed": seed})
+        meta.update({"backend": backend, "weights": weights or "random", "seed": seed, "inputs": inputs})
         self.result = BenchResult(meta=meta)
         options = {
             "fidelity": fidelity,
@@ -536,7 +537,7 @@ class BenchSession:
         }
         self.bar = _progress(progress, len(self.methods))
         model = build_model(spec, res, weights, seed, dev, dt)
-        work = Workload(spec, model, b, res, dev, dt, seed, schedule if spec.diffusion else 1)
+        work = Workload(spec, model, b, res, dev, dt, seed, schedule if spec.diffusion else 1, inputs)
         self.runner = _Runner(work, options, self.result, self.bar)
         self.compile_order: list[Method] = []
 
@@ -611,6 +612,7 @@ def run_bench(
     fidelity: bool = True,
     fullgraph: bool = False,
     seed: int = 0,
+    inputs: str = "noise",
     time_budget_s: float | None = None,
     compile_estimate_s: float = 60.0,
     row_timeout_s: float | None = None,
@@ -648,6 +650,9 @@ def run_bench(
         fidelity: run the sampling loop (rel L2 is always measured).
         fullgraph: compile traceable rows with ``fullgraph=True`` (a graph break errors).
         seed: seed of the weights, the inputs and the merging.
+        inputs: ``"noise"`` or ``"smooth"`` latents/images (`tokenmerge.bench_models.Workload`):
+            smooth inputs make a similarity threshold on random weights merge about as
+            much as it does on trained weights.
         time_budget_s: skip the rows that would end after this many seconds.
         compile_estimate_s: expected compile time before one was seen (for the budget).
         row_timeout_s: abandon a compiled row after this many seconds (a watchdog alarm; POSIX
@@ -682,6 +687,7 @@ def run_bench(
         fidelity=fidelity,
         fullgraph=fullgraph,
         seed=seed,
+        inputs=inputs,
         time_budget_s=time_budget_s,
         compile_estimate_s=compile_estimate_s,
         row_timeout_s=row_timeout_s,
@@ -926,6 +932,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--no-fidelity", action="store_true", help="skip the sampling loop (rel L2 stays)")
     parser.add_argument("--fullgraph", action="store_true", help="compile traceable rows with fullgraph=True")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, inputs and merging")
+    parser.add_argument(
+        "--inputs",
+        default="noise",
+        choices=INPUT_KINDS,
+        help="i.i.d. noise, or noise smooth over space (a threshold then merges on random weights about "
+        "as much as on trained ones); default: %(default)s",
+    )
     parser.add_argument("--time-budget", type=float, default=None, help="skip rows that would end after N seconds")
     parser.add_argument("--json", default=None, help="write the results as JSON here")
     parser.add_argument("--plot", default=None, help="write the speed-vs-fidelity plot (PNG) here")
@@ -955,6 +968,7 @@ def bench_main(args: argparse.Namespace) -> int:
         fidelity=not args.no_fidelity,
         fullgraph=args.fullgraph,
         seed=args.seed,
+        inputs=args.inputs,
         time_budget_s=args.time_budget,
         json_path=args.json,
         plot_path=args.plot,
