@@ -27,7 +27,9 @@ def ToMe(
 
     Args:
         r: tokens merged per layer: an int, a per-layer list, or ``(r, inflection)``.
-        prop_attn: proportional attention (``log(size)`` added to attention logits).
+        prop_attn: proportional attention (``log(size)`` added to attention logits). It
+            reaches SDPA as a mask, which rules out the flash kernel on CUDA; ``False``
+            keeps attention mask-free (ToMe uses it for models not trained with merging).
         trace_source: keep which patches every token covers (for `tokenmerge.vis` and
             dense outputs).
         seed: unused by ToMe's deterministic matcher; kept for a uniform signature.

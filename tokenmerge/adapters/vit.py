@@ -8,7 +8,9 @@ copied or replaced; its ``forward`` runs as written)::
 
 * ``attn`` pre-hook: proportional attention. ``log(size)`` ``(B, 1, 1, N)`` is added to
   the ``attn_mask`` keyword timm already forwards to ``scaled_dot_product_attention``,
-  so the fused kernel stays in use. Nothing is added before the first merge.
+  so attention stays one fused kernel (on CUDA the memory-efficient or cuDNN one: flash
+  attention takes no mask; for N not a multiple of 16 SDPA first pads the mask into a
+  full ``(B, H, N, N + pad)`` copy). Nothing is added before the first merge.
 * ``attn.k_norm`` post-hook: the matching metric, the keys attention really uses
   (after qk-norm when the model has it; ``k_norm`` is an ``nn.Identity`` otherwise,
   which makes the metric exactly ToMe's ``k.mean(heads)``).

@@ -13,8 +13,10 @@ implementation and the fallback everywhere else is the PyTorch form), so `torch.
 treats it as one opaque node: no graph break, and CUDA graphs capture it.
 
 Set ``TOKENMERGE_TRITON=0`` to always use the PyTorch form, ``=1`` to use the kernel for
-every size (by default it is used from ``2**20`` similarity entries up in a compiled graph,
-from ``2**26`` in eager mode).
+every size. By default it is used where the matrix it does not write would be large:
+from ``2**28`` similarity entries (512 MB in half precision; SD 1.5 at 2048 px, batch 2,
+has 1.6e9). Below that, cuBLAS and a row maximum were faster on an H100 (SD 1.5 at
+1024 px, batch 2, 1e8 entries: 0.225 ms against the kernel's 0.259 ms; BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -37,11 +39,12 @@ __all__ = [
 ]
 
 #: Similarity entries (``B * Ns * Nd``) from which the fused kernel is used by default in a
-#: compiled graph (CUDA graphs hide its launch cost)...
-MIN_ENTRIES = 1 << 20
-#: ... and in eager mode, where its Python launch (tens of microseconds) must be paid for by
-#: the matrix it does not write (SD 1.5 at 1024 px, batch 2: 10**8 entries, 400 MB).
-MIN_ENTRIES_EAGER = 1 << 26
+#: compiled graph, and in eager mode. Both follow the H100 run in BENCHMARKS.md: at
+#: 1e8 entries (SD 1.5, 1024 px, batch 2) the PyTorch form took 0.225 ms and the kernel
+#: 0.259 ms, at 6e6 (512 px) 0.038 ms and 0.085 ms (eager, launches included); so the
+#: kernel is kept for sizes where the matrix itself is the problem (512 MB and more).
+MIN_ENTRIES = 1 << 28
+MIN_ENTRIES_EAGER = 1 << 28
 
 
 def best_match_reference(src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor]:
