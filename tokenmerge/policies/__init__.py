@@ -1,6 +1,6 @@
 """Merging policies: the `Matcher`, `ThresholdPolicy` and `PairCache` interfaces and their implementations."""
 
-from .base import CacheEntry, Matcher, Matching, MergeContext, PairCache, ThresholdPolicy
+from .base import CacheEntry, Matcher, Matching, MergeContext, PairCache, ThresholdPolicy, unit_rows
 from .caches import CA_TOME_C3, DriftTriggered, EveryK, NoCache, RecomputeAt
 from .ideal import IdealMatcher, IdealPlan, TokenCounts
 from .matchers import AlternatingBipartite, RandomGrid, StridedGrid, grid_partition
@@ -11,6 +11,7 @@ __all__ = [
     "ThresholdPolicy",
     "PairCache",
     "Matching",
+    "unit_rows",
     "MergeContext",
     "CacheEntry",
     "AlternatingBipartite",

@@ -20,7 +20,7 @@ from torch import Tensor
 from ..plan import MergePlan
 from .best_match import best_match
 
-__all__ = ["MergeContext", "Matching", "Matcher", "ThresholdPolicy", "PairCache", "CacheEntry"]
+__all__ = ["MergeContext", "Matching", "Matcher", "ThresholdPolicy", "PairCache", "CacheEntry", "unit_rows"]
 
 
 @dataclass
@@ -115,16 +115,36 @@ class Matching:
         batch, _, channels = metric.shape
         src_idx = src_idx.expand(batch, -1) if src_idx.dim() == 1 else src_idx  # (B, Ns)
         dst_idx = dst_idx.expand(batch, -1) if dst_idx.dim() == 1 else dst_idx  # (B, Nd)
-        unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(metric.dtype).tiny)
+        unit = unit_rows(metric)  # (B, N, C)
         src = unit.gather(1, src_idx[..., None].expand(-1, -1, channels))  # (B, Ns, C)
         dst = unit.gather(1, dst_idx[..., None].expand(-1, -1, channels))  # (B, Nd, C)
+        return cls.by_features(src, dst, src_idx, dst_idx)
+
+    @classmethod
+    def by_features(cls, src: Tensor, dst: Tensor, src_idx: Tensor, dst_idx: Tensor) -> Matching:
+        """Pair each source with the destination of largest dot product, features already split.
+
+        Args:
+            src: ``(B, Ns, C)`` source features (unit rows for cosine similarity; views are fine).
+            dst: ``(B, Nd, C)`` destination features.
+            src_idx: ``(Ns,)`` or ``(B, Ns)`` positions of the sources.
+            dst_idx: ``(Nd,)`` or ``(B, Nd)`` positions of the destinations.
+        """
+        batch = src.shape[0]
+        src_idx = src_idx.expand(batch, -1) if src_idx.dim() == 1 else src_idx  # (B, Ns)
+        dst_idx = dst_idx.expand(batch, -1) if dst_idx.dim() == 1 else dst_idx  # (B, Nd)
         if dst.shape[1] == 0:
             score = src.new_full(src.shape[:2], float("-inf"))  # (B, Ns)
-            best = torch.zeros(src.shape[:2], dtype=torch.long, device=metric.device)  # (B, Ns)
+            best = torch.zeros(src.shape[:2], dtype=torch.long, device=src.device)  # (B, Ns)
         else:
             # max over destinations of src @ dst^T; fused on CUDA (see best_match)
             score, best = best_match(src, dst)  # (B, Ns), (B, Ns)
         return cls(src_idx=src_idx, dst_idx=dst_idx, best=best, score=score)
+
+
+def unit_rows(metric: Tensor) -> Tensor:
+    """``metric`` ``(B, N, C)`` with every row scaled to unit length (zero rows stay zero)."""
+    return metric / metric.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(metric.dtype).tiny)
 
 
 class Matcher(ABC):

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..errors import TokenMergeError, check
-from .base import Matcher, Matching, MergeContext
+from .base import Matcher, Matching, MergeContext, unit_rows
 from .rng import PARTITIONS, hash_randint, partition_key
 
 __all__ = ["AlternatingBipartite", "RandomGrid", "StridedGrid", "grid_partition", "cell_partition", "infer_grid"]
@@ -33,11 +33,13 @@ class AlternatingBipartite(Matcher):
     def match(self, metric: Tensor, ctx: MergeContext) -> Matching:
         """Match ``metric`` ``(B, N, C)``: ``ceil(N / 2)`` sources, ``floor(N / 2)`` destinations."""
         num_tokens = metric.shape[1]
-        if torch.compiler.is_compiling():  # inline: inductor folds the aranges into the gathers
+        if torch.compiler.is_compiling():  # inline: inductor folds the aranges into their users
             src_idx, dst_idx = _alternating(num_tokens, metric.device)
         else:  # eager: built once per length and device, not two kernels per call
             src_idx, dst_idx = _alternating_cached(num_tokens, str(metric.device))
-        return Matching.by_similarity(metric, src_idx, dst_idx)
+        unit = unit_rows(metric)  # (B, N, C)
+        # Strided views, not gathers: the even and odd rows are read where they lie.
+        return Matching.by_features(unit[:, 0::2], unit[:, 1::2], src_idx, dst_idx)
 
 
 def _alternating(num_tokens: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
@@ -262,7 +264,7 @@ class StridedGrid(RandomGrid):
         batch, num_tokens, _ = metric.shape
         h, w = infer_grid(num_tokens, ctx)
         src_idx, dst_idx, src_cell = self.partition(h, w, ctx, metric.device)
-        unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(metric.dtype).tiny)
+        unit = unit_rows(metric)  # (B, N, C)
         if dst_idx.numel() == 0:
             score = metric.new_full((batch, src_idx.numel()), float("-inf"))
         else:
