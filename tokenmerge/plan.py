@@ -178,7 +178,8 @@ class MergePlan:
     def _mean(self, x: Tensor) -> Tensor:
         if self.count is None and not torch.compiler.is_compiling():
             # Eager: one mean scatter-reduce (destination included) instead of counting the groups,
-            # a scatter-add and a division: fewer kernel launches for the same means.
+            # a scatter-add and a division: fewer Python dispatches for the same means (inside,
+            # ATen still counts and divides: about as many kernels).
             out = x.gather(1, _expand_index(self.keep_idx, x))  # (B, N - r, *F)
             merged = x.gather(1, _expand_index(self.merged_idx, x))  # (B, r, *F)
             return out.scatter_reduce(1, _expand_index(self.merged_slot, x), merged, "mean", include_self=True)
