@@ -140,6 +140,8 @@ def test_bad_input_names_the_argument() -> None:
         parse_method("tomesd2:0.5")
     with pytest.raises(TokenMergeError, match="ratio must be at most 0.75"):
         parse_method("tomesd:0.9")
+    with pytest.raises(TokenMergeError, match="inputs must be one of"):
+        run_bench("vit-tiny", inputs="images", compile_modes=["eager"], **QUICK)
     with pytest.raises(TokenMergeError, match="resolution for vit-tiny must be a positive multiple of 16"):
         run_bench("vit-tiny", resolution=70, compile_modes=["eager"], **QUICK)
 

@@ -22,7 +22,10 @@ Figures per row and mode:
   run in eager mode and shown on the compiled rows too, which ``cmp/eager`` checks);
   ``agree``: top-1 agreement with plain (ViT); ``cmp/eager``: relative L2 of the compiled
   output vs the same row in eager mode (a CUDA-graph replay check).
-* ``merged``: tokens removed / tokens entering, over the merging layers.
+* ``merged``: tokens removed / tokens entering, over the merging layers. For a similarity
+  threshold it depends on the inputs: random weights fed i.i.d. noise (``--inputs noise``,
+  the default) have few similar tokens; ``--inputs smooth`` gives about the count trained
+  weights give (`tokenmerge.bench_models.smooth_noise`).
 * ``ops`` (eager rows): ATen operators one call dispatches, views left out
   (`tokenmerge.bench_timing.count_ops`; counted on one extra call at the schedule's
   first step, a recompute step for cached policies). On a GPU each is at least one
@@ -507,6 +510,8 @@ class BenchSession:
         argv: Sequence[str] | None = None,
     ) -> None:
         spec = get_arch(arch)
+        if inputs not in INPUT_KINDS:  # before the model is built
+            raise TokenMergeError(f"inputs must be one of {INPUT_KINDS}; got {inputs!r}")
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         names = list(DEFAULT_METHODS[spec.family] if methods is None else methods)

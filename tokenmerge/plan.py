@@ -242,8 +242,7 @@ class MergePlan:
         if x.shape[0] != self.batch:
             x = x.expand(self.batch, *x.shape[1:])
         if mode == "weighted" and size is not None:
-            flat = _flat_size(size).expand(self.batch, -1)  # (B, N)
-            return self._weighted(x, flat, self.merge_size(flat), form)
+            return self.merge_with_size(x, mode, size, form=form)[0]
         if form == "matrix" and self._use_matrix(x, form):  # "auto" keeps the index form here: as few passes
             total = self._matrix_sum(x)  # (B, N - r, C)
             return total if mode == "sum" else total / self.group_count()[..., None].to(x.dtype)
