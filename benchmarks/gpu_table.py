@@ -349,6 +349,12 @@ def main(argv: list[str] | None = None) -> int:
             checks.setdefault("failed_sections", []).append(section.name)
         print(f"    done at {time.monotonic() - started:.0f} s", flush=True)
 
+    # The eager tables now, and the JSON after every compiled row: a run cut short keeps them.
+    for session in sessions.values():
+        print(format_table(session.snapshot().rows, session.result.meta), flush=True)
+    partial = out / "results.json"
+    _write(partial, [s.snapshot() for s in sessions.values()], checks, started, backend, budget)
+
     # Compiled rows by priority, while the budget holds them.
     by_name = {s.name: s for s in sections}
     done: set[tuple[str, str]] = set()
@@ -375,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             spent = row.compile_s + (row.warmup_s or 0.0)
             section.seen.append(spent / section.factor(method.stateful, merges))
         print(f"    {row.status}: {row.time_ms} ms, compile {row.compile_s} s", flush=True)
+        _write(partial, [s.snapshot() for s in sessions.values()], checks, started, backend, budget)
 
     results: list[BenchResult] = []
     for name, session in sessions.items():

@@ -584,11 +584,16 @@ class BenchSession:
         self.result.rows.append(row)
         return row
 
+    def snapshot(self) -> BenchResult:
+        """The result so far, speedups and overheads derived; the session stays usable."""
+        _derive(self.result.rows)
+        self.result.meta["modes"] = list(dict.fromkeys(row.mode for row in self.result.rows))
+        return self.result
+
     def finish(self) -> BenchResult:
         """Derive speedups and overheads, release the model, and return the result."""
         self.bar.close()
-        _derive(self.result.rows)
-        self.result.meta["modes"] = list(dict.fromkeys(row.mode for row in self.result.rows))
+        self.snapshot()
         self.runner.model = None  # type: ignore[assignment]
         self.runner.work.model = None  # type: ignore[assignment]
         if self.runner.device.type == "cuda":
