@@ -245,3 +245,10 @@ def test_zoo_step_profile_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert zoo_step_profile.main(["--model", "dit-photos", "--repeats", "1", "--rows", "3"]) == 0
     out = capsys.readouterr().out
     assert "plain:" in out and "tokenmerge ToMeSD(0.5):" in out and "Self CPU" in out
+
+
+def test_merge_forms_script_times_both_forms(capsys: pytest.CaptureFixture[str]) -> None:
+    merge_forms = _benchmark_script("merge_forms")
+    assert merge_forms.main(["--shapes", "2x17x8x3", "--repeats", "2"]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("B=2 N=17 C=8 r=3: index ") and "matrix/index" in line

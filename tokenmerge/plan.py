@@ -40,10 +40,11 @@ MERGE_FORMS: tuple[str, ...] = ("auto", "index", "matrix")
 #: Largest token count N for which an eager ``form="auto"`` weighted merge of ``(B, N, C)``
 #: uses the matrix form, per device type (other devices: never). Its product costs
 #: ``2 (N - r) N C`` FLOPs per image against about six memory passes over ``x`` for the
-#: index form. On a 2-core CPU (float32, ViT-B/16's 197 tokens, r = 13) the matrix merge
-#: took 0.63-0.78 of the index one's time (batch 64 and 16), about the same at 1025 tokens
-#: of width 1152 (batch 16, r = 512); a GPU's tensor cores move the break-even point
-#: further out (not yet measured).
+#: index form. ``python benchmarks/merge_forms.py --threads 2`` on the 2-core CPU (torch
+#: 2.14.1, float32): at ViT-B/16's 197 tokens (r = 13) the matrix merge took 0.62 of the
+#: index one's time at batch 64 and 0.89 at batch 16; at 1025 tokens of width 1152 (batch
+#: 16, r = 512) 0.98. A GPU's tensor cores should move the break-even point further out;
+#: the GPU figures are open (the same script with ``--device cuda --dtype float16``).
 MATRIX_MERGE_MAX_TOKENS: dict[str, int] = {"cpu": 256, "cuda": 1024}
 
 
