@@ -34,6 +34,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tokenmerge.bench import BenchResult, BenchSession, format_table, write_plot  # noqa: E402
+from tokenmerge.bench_timing import time_calls  # noqa: E402
 
 
 @dataclass
@@ -239,20 +240,11 @@ def check_attention(device: torch.device) -> dict[str, Any]:
 
 
 def _time_call(call: Any, device: torch.device) -> float:
+    """Mean milliseconds per call after three warm-up calls (`time_calls`: CUDA events on a GPU)."""
     for _ in range(3):
         call()
-    if device.type != "cuda":
-        started = time.perf_counter()
-        for _ in range(5):
-            call()
-        return round((time.perf_counter() - started) * 1000 / 5, 4)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        call()
-    end.record()
-    torch.cuda.synchronize()
-    return round(start.elapsed_time(end) / 20, 4)
+    calls = 20 if device.type == "cuda" else 5
+    return round(time_calls(lambda _: call(), range(calls), device).mean_ms, 4)
 
 
 def check_syncs(session: BenchSession) -> dict[str, Any]:

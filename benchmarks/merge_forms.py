@@ -16,11 +16,10 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-import time
-from collections.abc import Callable
 
 import torch
 
+from tokenmerge.bench_timing import timed_once
 from tokenmerge.plan import MergePlan
 from tokenmerge.policies.base import Matching
 
@@ -38,15 +37,6 @@ def plan_for(batch: int, tokens: int, r: int, device: torch.device) -> MergePlan
     best = torch.randint(0, dst.shape[1], src.shape, generator=gen)
     matching = Matching(src_idx=src, dst_idx=dst, best=best, score=torch.rand(src.shape, generator=gen))
     return MergePlan.from_matching(matching, r, protected=1).to(device)
-
-
-def best_time(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds of one call of ``fn`` (synchronised on a GPU)."""
-    started = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - started
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                     fn()
             for _ in range(args.repeats):
                 for form, fn in forms.items():
-                    best[form] = min(best[form], best_time(fn, device))
+                    best[form] = min(best[form], timed_once(fn, device)[1])
         ratio = best["matrix"] / best["index"]
         print(
             f"B={batch} N={tokens} C={width} r={r}: index {best['index'] * 1e3:.2f} ms, "
