@@ -355,6 +355,18 @@ def test_a_layout_grid_reaches_the_context_and_traces_under_compile() -> None:
     assert torch.equal(eager, compiled)
 
 
+def test_merge_state_plans_a_layout_inside_a_full_graph() -> None:
+    state = _state()  # traceable: planned inline
+    layout = TokenLayout.video(2, 4, 4, prefix=1, suffix=3)
+    metric = torch.randn(2, layout.num_tokens, 4)
+
+    def merge(m: Tensor) -> Tensor:
+        return state.plan("layer", m, layout=layout).merge(m)
+
+    expected = merge(metric)
+    assert torch.equal(torch.compile(merge, backend="eager", fullgraph=True)(metric), expected)
+
+
 def test_ideal_matcher_takes_a_prefix_layout_and_refuses_a_suffix() -> None:
     metric = torch.randn(1, 17, 4)
     plan = IdealMatcher().build_plan(metric, MergeContext(), FixedRatio(0.5), TokenLayout.image(4, 4, prefix=1))

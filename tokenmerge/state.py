@@ -188,7 +188,8 @@ class MergeState:
         if metric.dim() != 3:
             raise TokenMergeError(f"metric must be 3-D (B, N, C); got shape {tuple(metric.shape)}")
         if layout is not None:
-            check(grid is None and protected == 0, f"give layout or grid/protected, not both; got layout={layout}")
+            if grid is not None or protected:
+                raise TokenMergeError(f"give layout or grid/protected, not both; got layout={layout}")
             layout.check_tokens(metric.shape[1])
             # An int prefix where the layout has no suffix: old-style matchers and caches see ints.
             grid, protected = layout.grid, (layout if layout.suffix else layout.prefix)  # type: ignore[assignment]

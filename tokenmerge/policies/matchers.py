@@ -136,10 +136,10 @@ def grid_partition(
     cell_y = (rows // sy).clamp_max(max(cells_y - 1, 0))  # (h, 1) nearest full cell row
     cell_x = (cols // sx).clamp_max(max(cells_x - 1, 0))  # (1, w)
     planar = t == 1 and st == 1
-    frames = torch.arange(t, device=device)[:, None, None]  # (t, 1, 1)
     if planar:
         cell = (cell_y * cells_x + cell_x).reshape(-1)  # (N,) nearest full cell of every token
     else:
+        frames = torch.arange(t, device=device)[:, None, None]  # (t, 1, 1)
         cell_t = (frames // st).clamp_max(max(cells_t - 1, 0))  # (t, 1, 1)
         cell = (cell_t * (cells_y * cells_x) + cell_y * cells_x + cell_x).reshape(-1)  # (N,)
     if num_dst == 0:
