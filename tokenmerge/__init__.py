@@ -14,6 +14,7 @@ preset: `ToMeSD`, `CAToMe`, `ToMe`, `ToDo`) and `apply` it to a model::
 from .api import MergeHandle, apply, get_handle, remove
 from .config import MergeConfig
 from .errors import TokenMergeError
+from .layout import TokenLayout
 from .plan import MergePlan, identity_token_map, proportional_attention_bias, source_matrix
 from .presets import CAToMe, ToDo, ToMe, ToMeSD
 from .state import MergeState
@@ -28,6 +29,7 @@ __all__ = [
     "MergeConfig",
     "MergeState",
     "MergePlan",
+    "TokenLayout",
     "TokenMergeError",
     "ToMe",
     "ToMeSD",

@@ -6,7 +6,30 @@ and unmerges ``(B, N - r, ...)`` back to ``N``. Everything here is index arithme
 on tensors: no `nn.Module`, no host-device synchronisation, no data-dependent shapes
 (``r`` is a Python int), so it traces cleanly under `torch.compile`.
 
-Output layout of a merge: ``[protected prefix | unmerged sources | destinations]``.
+Output layout of a merge: ``[protected prefix | unmerged sources | destinations |
+protected suffix]``. The protected spans (a `tokenmerge.layout.TokenLayout`'s prefix and
+suffix: class and register tokens, text tokens before or after the image) keep their
+positions, and `merge` and `unmerge` return their values bitwise.
+
+Per-token side data follows a merge through the same plan, so an adapter never
+re-derives it. For every output position ``j`` the plan knows its *seed*
+``keep_idx[:, j]``: the token itself when it was kept (a protected token, an unmerged
+source, a destination); for a destination, the group it now stands for is itself plus
+the sources merged into it.
+
+* **Hidden states** ``(B, N, C)``: `merge` (mean, size-weighted mean or sum over each
+  group), `unmerge` back (every merged source receives its destination's value).
+* **Token sizes** ``(B, N)``: `merge_size` sums them over each group (the total is
+  conserved; ToMe's proportional attention adds their log).
+* **Sources** (which original tokens each token covers): `merge_token_map` follows a
+  ``(B, N0)`` map of original tokens to current positions; `source_matrix` expands it.
+* **Rotary cos/sin, position ids** and other per-token tables: `select` takes, for every
+  output position, the value of its seed. A kept token keeps its own; a merged group
+  takes its destination's (it attends from the destination's place, as in ToMeSD,
+  where the merged value is written back at the destination); the merged sources'
+  entries are dropped, and after `unmerge` they get their own again simply by using the
+  unmerged table. Tables with a batch axis (B or 1) and shared ones without (``(N,
+  D)``) both work; the result has a batch axis of B whenever the plan merges.
 """
 
 from __future__ import annotations
@@ -20,6 +43,7 @@ from torch import Tensor
 from .errors import TokenMergeError
 
 if TYPE_CHECKING:
+    from .layout import TokenLayout
     from .policies.base import Matching
 
 __all__ = [
@@ -59,6 +83,9 @@ def _expand_index(index: Tensor, x: Tensor) -> Tensor:
 class MergePlan:
     """Which tokens merge into which, as index tensors only.
 
+    Output order: ``[protected prefix | unmerged sources | destinations | protected
+    suffix]``; protected tokens are never merged and keep their values bitwise.
+
     Attributes:
         slot: ``(B, N)`` output position of every input token; merged sources share
             the slot of their destination. `unmerge` is a single gather with it.
@@ -85,16 +112,44 @@ class MergePlan:
         return cls(slot=arange, keep_idx=arange, merged_idx=empty, merged_slot=empty)
 
     @classmethod
-    def from_matching(cls, matching: Matching, r: int, protected: int = 0) -> MergePlan:
+    def from_matching(
+        cls,
+        matching: Matching,
+        r: int,
+        protected: int = 0,
+        *,
+        suffix: int = 0,
+        layout: TokenLayout | None = None,
+    ) -> MergePlan:
         """Merge the ``r`` best-scoring sources of ``matching`` into their destinations.
 
         Args:
             matching: sources, destinations and best pairs over the mergeable tokens
-                (token positions counted after the protected prefix).
+                (token positions counted from the first mergeable token).
             r: how many source tokens to merge, ``0 <= r <= matching.max_merge``.
             protected: number of prefix tokens (class, distillation, registers) that
                 are never merged; they keep output positions ``0 .. protected - 1``.
+            suffix: number of tokens after the mergeable span that are never merged
+                (SD3's text tokens); they become the last ``suffix`` output positions.
+            layout: the whole token layout instead of ``protected`` and ``suffix``
+                (give one or the other); its span must hold exactly the matching's tokens.
+
+        The output order is ``[prefix | unmerged sources | destinations | suffix]``.
         """
+        if layout is not None:
+            if protected or suffix:
+                raise TokenMergeError(
+                    f"give layout or protected/suffix, not both; got layout={layout}, "
+                    f"protected={protected!r}, suffix={suffix!r}"
+                )
+            if matching.num_src + matching.num_dst != layout.num_mergeable:
+                raise TokenMergeError(
+                    f"layout {layout} has {layout.num_mergeable} mergeable tokens but the matching "
+                    f"covers {matching.num_src + matching.num_dst}"
+                )
+            protected, suffix = layout.prefix, layout.suffix
+        if protected < 0 or suffix < 0:
+            raise TokenMergeError(f"protected and suffix must be >= 0; got protected={protected}, suffix={suffix}")
         src_idx, dst_idx = matching.src_idx, matching.dst_idx  # (B, Ns), (B, Nd)
         batch, num_src = src_idx.shape
         num_dst = dst_idx.shape[1]
@@ -103,7 +158,8 @@ class MergePlan:
                 f"r must be between 0 and the number of mergeable sources ({matching.max_merge}); got {r}"
             )
         device = src_idx.device
-        num_tokens = protected + num_src + num_dst
+        span_stop = protected + num_src + num_dst  # one past the last mergeable token
+        num_tokens = span_stop + suffix
         if r == 0:  # nothing merges: keep the original order, so merge/unmerge are the identity
             return cls.identity(batch, num_tokens, device)
         num_out = num_tokens - r
@@ -115,9 +171,12 @@ class MergePlan:
         if protected:  # positions were counted after the prefix (skipped when there is none: fewer kernels)
             prefix = torch.arange(protected, device=device).expand(batch, protected)  # (B, P)
             unmerged_idx, merged_idx = unmerged_idx + protected, merged_idx + protected
-            keep_idx = torch.cat([prefix, unmerged_idx, dst_idx + protected], dim=1)  # (B, N - r)
+            parts = [prefix, unmerged_idx, dst_idx + protected]
         else:
-            keep_idx = torch.cat([unmerged_idx, dst_idx], dim=1)  # (B, N - r)
+            parts = [unmerged_idx, dst_idx]
+        if suffix:  # the suffix keeps its tokens, after the destinations
+            parts.append(torch.arange(span_stop, num_tokens, device=device).expand(batch, suffix))  # (B, S)
+        keep_idx = torch.cat(parts, dim=1)  # (B, N - r)
         first_dst_slot = protected + num_src - r
         merged_slot = matching.best.gather(1, merged_src) + first_dst_slot  # (B, r)
 
@@ -303,6 +362,47 @@ class MergePlan:
         if token_map.shape[0] != self.batch:
             token_map = token_map.expand(self.batch, -1)
         return self.slot.gather(1, token_map)  # (B, N0)
+
+    def select(self, x: Tensor, dim: int = 1) -> Tensor:
+        """Per-token side data for the merged tokens: the value of each output position's seed token.
+
+        For output position ``j`` this takes ``x`` at input token ``keep_idx[:, j]``: a
+        kept token's own value, and for a merged group its destination's (so a merged
+        token attends with its destination's rotary position). The merged sources'
+        values are dropped. Nothing is averaged: use it for rotary cos/sin, position
+        ids, masks, anything indexed by token rather than summed.
+
+        Args:
+            x: a tensor whose axis ``dim`` is the token axis (size N). With ``dim >= 1``
+                axis 0 is a batch axis of size B or 1: ``(B, N)`` position ids, ``(B, N,
+                D)`` or ``(1, H, N, D)`` rotary tables. With ``dim == 0`` it is a table
+                shared by the batch, ``(N, *F)`` such as rotary cos/sin ``(N, D)``.
+            dim: the token axis (negative counts from the end).
+
+        Returns:
+            ``x`` with its token axis of size ``N - r`` and its batch axis of size B
+            (the plan's choice may differ per batch element); a shared table ``(N, *F)``
+            becomes ``(B, N - r, *F)``. When the plan merges nothing, ``x`` itself (a
+            shared table: a broadcast view ``(B, N, *F)``).
+        """
+        axis = dim + x.dim() if dim < 0 else dim
+        if not 0 <= axis < x.dim() or x.shape[axis] != self.num_in:
+            raise TokenMergeError(f"x must have its {self.num_in} tokens on axis dim={dim}; got shape {tuple(x.shape)}")
+        if axis == 0:  # a table shared by the batch: (N, *F) -> (B, N - r, *F)
+            if self.r == 0:
+                return x.unsqueeze(0).expand(self.batch, *x.shape)
+            return x[self.keep_idx]  # (B, N - r, *F)
+        if x.shape[0] not in (self.batch, 1):
+            raise TokenMergeError(
+                f"x must have a batch axis of size {self.batch} or 1 before its token axis dim={dim}; "
+                f"got shape {tuple(x.shape)}"
+            )
+        if self.r == 0:
+            return x
+        lead, trail = axis - 1, x.dim() - axis - 1
+        index = self.keep_idx.reshape(self.batch, *([1] * lead), self.num_out, *([1] * trail))  # (B, 1.., N - r, 1..)
+        index = index.expand(self.batch, *x.shape[1:axis], self.num_out, *x.shape[axis + 1 :])
+        return x.expand(self.batch, *x.shape[1:]).gather(axis, index)  # (B, ..., N - r, ...)
 
 
 def _check_mode_and_form(mode: str, form: str) -> None:

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from .config import MergeConfig
 from .errors import TokenMergeError, check
+from .layout import TokenLayout, num_mergeable
 from .plan import MergePlan
 from .policies.base import MergeContext
 
@@ -167,22 +168,31 @@ class MergeState:
         layer: str,
         metric: Tensor,
         *,
+        layout: TokenLayout | None = None,
         layer_index: int = 0,
         num_layers: int = 1,
-        grid: tuple[int, int] | None = None,
+        grid: tuple[int, ...] | None = None,
         protected: int = 0,
     ) -> MergePlan:
         """The merge plan for one layer call, from the cache or matched afresh.
 
         Args:
             layer: the layer's key.
-            metric: ``(B, N, C)`` features the matching compares (protected prefix included).
+            metric: ``(B, N, C)`` features the matching compares (protected tokens included).
+            layout: the token layout (protected prefix, mergeable grid, protected suffix);
+                its grid becomes ``MergeContext.grid``. Instead of ``grid`` and ``protected``.
             layer_index, num_layers: the layer's place among the merging layers.
-            grid: ``(h, w)`` of the mergeable tokens when they are image patches.
-            protected: prefix tokens that are never merged.
+            grid: ``(h, w)`` of the mergeable tokens when they are image patches (without ``layout``).
+            protected: prefix tokens that are never merged (without ``layout``).
         """
         if metric.dim() != 3:
             raise TokenMergeError(f"metric must be 3-D (B, N, C); got shape {tuple(metric.shape)}")
+        if layout is not None:
+            if grid is not None or protected:
+                raise TokenMergeError(f"give layout or grid/protected, not both; got layout={layout}")
+            layout.check_tokens(metric.shape[1])
+            # An int prefix where the layout has no suffix: old-style matchers and caches see ints.
+            grid, protected = layout.grid, (layout if layout.suffix else layout.prefix)  # type: ignore[assignment]
         if self.traceable:
             return self._plan_inline(layer, metric, layer_index, num_layers, grid, protected)
         return self._plan_cached(layer, metric, layer_index, num_layers, grid, protected)
@@ -197,7 +207,7 @@ class MergeState:
             layer=layer,
             layer_index=layer_index,
             num_layers=num_layers,
-            num_tokens=metric.shape[1] - protected,
+            num_tokens=num_mergeable(protected, metric.shape[1]),
             grid=grid,
             generator=self.generator,
             seed=self.seed,
@@ -215,7 +225,7 @@ class MergeState:
     ) -> MergePlan:
         # Runs eagerly even inside a compiled model, so the plans it caches are ordinary
         # tensors (never a CUDA graph's static outputs that a later replay overwrites).
-        ctx = self.context(layer, layer_index, num_layers, metric.shape[1] - protected, grid)
+        ctx = self.context(layer, layer_index, num_layers, num_mergeable(protected, metric.shape[1]), grid)
         key = (layer, self.call_index)
         plan = self.cache.lookup(key, metric, ctx, protected)
         if plan is not None:

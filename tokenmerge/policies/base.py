@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..layout import TokenLayout
 from ..plan import MergePlan
 from .best_match import best_match
 
@@ -31,8 +32,11 @@ class MergeContext:
         layer: a key naming the layer (unique within a model, e.g. its module path).
         layer_index: 0-based position of the layer among the merged layers.
         num_layers: how many layers merge in the model.
-        num_tokens: mergeable tokens N (the protected prefix excluded).
-        grid: ``(height, width)`` of the token grid when tokens are image patches.
+        num_tokens: mergeable tokens N (the protected prefix and suffix excluded).
+        grid: shape of the mergeable tokens' grid, row-major: ``(n,)``, ``(height,
+            width)`` for image patches or ``(frames, height, width)`` for video (the
+            layout's `~tokenmerge.layout.TokenLayout.grid`); None when unknown (the
+            grid matchers then assume a square image).
         step: 0-based denoising step of the current generation, or None outside a
             sampling loop (ViTs, a bare forward).
         num_steps: steps in the current generation when known.
@@ -52,7 +56,7 @@ class MergeContext:
     layer_index: int = 0
     num_layers: int = 1
     num_tokens: int = 0
-    grid: tuple[int, int] | None = None
+    grid: tuple[int, ...] | None = None
     step: int | None = None
     num_steps: int | None = None
     call_index: int = 0
@@ -167,14 +171,28 @@ class Matcher(ABC):
         """Match the tokens of ``metric`` ``(B, N, C)``; see `Matching`."""
 
     def build_plan(
-        self, metric: Tensor, ctx: MergeContext, threshold: ThresholdPolicy, protected: int = 0
+        self, metric: Tensor, ctx: MergeContext, threshold: ThresholdPolicy, protected: int | TokenLayout = 0
     ) -> MergePlan:
-        """Match ``metric`` ``(B, N, C)`` (protected prefix included) and build the plan.
+        """Match ``metric`` ``(B, N, C)`` (protected tokens included) and build the plan.
 
         The default matches the mergeable tokens, asks ``threshold`` how many merge and
         builds a `MergePlan`. A matcher that can build its plan more directly (the
         zero-overhead reference in `tokenmerge.policies.ideal`) overrides this.
+
+        Args:
+            metric: ``(B, N, C)`` features of all N tokens.
+            ctx: the call's context (``ctx.grid`` is the mergeable span's grid).
+            threshold: decides how many sources merge.
+            protected: the number of protected prefix tokens (the rest merges), or the
+                whole `~tokenmerge.layout.TokenLayout` (prefix, span, suffix). `MergeState`
+                passes an int whenever the layout has no suffix, so an override written
+                for ints keeps working.
         """
+        if isinstance(protected, TokenLayout):
+            protected.check_tokens(metric.shape[1])
+            span = metric[:, protected.merge_start : protected.merge_stop]  # (B, M, C) the mergeable tokens
+            matching = self.match(span, ctx)
+            return MergePlan.from_matching(matching, threshold.num_merged(matching, ctx), layout=protected)
         matching = self.match(metric[:, protected:], ctx)
         r = threshold.num_merged(matching, ctx)
         return MergePlan.from_matching(matching, r, protected=protected)
@@ -212,7 +230,7 @@ class CacheEntry:
     Attributes:
         plan: the merge plan (index tensors only).
         step: denoising step it was computed at.
-        signature: batch size, token count and device it is valid for.
+        signature: batch size, token count, protected tokens, grid and device it is valid for.
         extra: whatever a `PairCache` subclass wants to keep beside it.
     """
 
@@ -226,7 +244,10 @@ class PairCache(ABC):
     """Holds the plan computed for each layer and decides when to compute it afresh.
 
     Entries are keyed per layer (and per call within a step). A plan is never reused
-    for a different batch size, token count or device. `reset` forgets everything; the
+    for a different batch size, token count, token layout, grid or device. ``protected`` in
+    `lookup` and `store` is the protected prefix length or the whole
+    `~tokenmerge.layout.TokenLayout` (as `Matcher.build_plan` takes it); subclasses that
+    override only `should_recompute` need not care. `reset` forgets everything; the
     adapters call it at the start of every new generation.
     """
 
@@ -237,18 +258,20 @@ class PairCache(ABC):
     def should_recompute(self, entry: CacheEntry, metric: Tensor, ctx: MergeContext) -> bool:
         """Whether the cached ``entry`` must be replaced for this call."""
 
-    def lookup(self, key: Any, metric: Tensor, ctx: MergeContext, protected: int = 0) -> MergePlan | None:
+    def lookup(self, key: Any, metric: Tensor, ctx: MergeContext, protected: int | TokenLayout = 0) -> MergePlan | None:
         """The cached plan for ``key`` if it may be reused now, else None."""
         entry = self._entries.get(key)
-        if entry is None or entry.signature != _signature(metric, protected):
+        if entry is None or entry.signature != _signature(metric, ctx, protected):
             return None
         if self.should_recompute(entry, metric, ctx):
             return None
         return entry.plan
 
-    def store(self, key: Any, plan: MergePlan, metric: Tensor, ctx: MergeContext, protected: int = 0) -> CacheEntry:
+    def store(
+        self, key: Any, plan: MergePlan, metric: Tensor, ctx: MergeContext, protected: int | TokenLayout = 0
+    ) -> CacheEntry:
         """Remember ``plan`` for ``key``; returns the new entry."""
-        entry = CacheEntry(plan=plan, step=ctx.step, signature=_signature(metric, protected))
+        entry = CacheEntry(plan=plan, step=ctx.step, signature=_signature(metric, ctx, protected))
         self._entries[key] = entry
         return entry
 
@@ -268,8 +291,12 @@ class PairCache(ABC):
         return f"{type(self).__name__}({_fields(self)})"
 
 
-def _signature(metric: Tensor, protected: int) -> tuple[Any, ...]:
-    return (metric.shape[0], metric.shape[1], protected, metric.device)
+def _signature(metric: Tensor, ctx: MergeContext, protected: int | TokenLayout) -> tuple[Any, ...]:
+    # A layout with no suffix is its prefix count (its grid is ctx.grid): the same entry
+    # whichever form was passed.
+    if isinstance(protected, TokenLayout) and not protected.suffix:
+        protected = protected.prefix
+    return (metric.shape[0], metric.shape[1], protected, ctx.grid, metric.device)
 
 
 def _fields(obj: object) -> str:

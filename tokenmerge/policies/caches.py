@@ -6,7 +6,7 @@
 * `DriftTriggered`: recompute when the cached pairs have stopped being similar.
 
 All of them recompute when there is no step information (a bare forward), when the
-batch size, token count or device changed, and after `reset`.
+batch size, token count, token layout, grid or device changed, and after `reset`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..errors import check
+from ..layout import TokenLayout
 from ..plan import MergePlan
 from .base import CacheEntry, MergeContext, PairCache
 
@@ -30,11 +31,13 @@ CA_TOME_C3: tuple[int, ...] = (0, 8, 11, 13, 20, 25, 30, 35, 45, 46, 47, 48, 49)
 class NoCache(PairCache):
     """Never reuse a plan: match afresh in every call."""
 
-    def lookup(self, key: Any, metric: Tensor, ctx: MergeContext, protected: int = 0) -> MergePlan | None:
+    def lookup(self, key: Any, metric: Tensor, ctx: MergeContext, protected: int | TokenLayout = 0) -> MergePlan | None:
         """Always None."""
         return None
 
-    def store(self, key: Any, plan: MergePlan, metric: Tensor, ctx: MergeContext, protected: int = 0) -> CacheEntry:
+    def store(
+        self, key: Any, plan: MergePlan, metric: Tensor, ctx: MergeContext, protected: int | TokenLayout = 0
+    ) -> CacheEntry:
         """Keeps nothing."""
         return CacheEntry(plan=plan, step=ctx.step, signature=())
 
@@ -133,7 +136,9 @@ class DriftTriggered(PairCache):
         dst = metric.gather(1, dst_idx[..., None].expand(-1, -1, channels))  # (B, r, C)
         return torch.nn.functional.cosine_similarity(src.float(), dst.float(), dim=-1).mean()
 
-    def store(self, key: Any, plan: MergePlan, metric: Tensor, ctx: MergeContext, protected: int = 0) -> CacheEntry:
+    def store(
+        self, key: Any, plan: MergePlan, metric: Tensor, ctx: MergeContext, protected: int | TokenLayout = 0
+    ) -> CacheEntry:
         """Cache ``plan`` with the mean similarity of its pairs."""
         entry = super().store(key, plan, metric, ctx, protected)
         entry.extra["similarity"] = float(self.pair_similarity(plan, metric))

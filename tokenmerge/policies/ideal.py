@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..errors import TokenMergeError, check
+from ..layout import TokenLayout
 from ..plan import MergeForm, MergeMode, MergePlan
 from .base import Matcher, Matching, MergeContext, ThresholdPolicy
 
@@ -169,9 +170,12 @@ class IdealMatcher(Matcher):
         raise TokenMergeError("IdealMatcher has no matching; it builds its plan directly (build_plan)")
 
     def build_plan(
-        self, metric: Tensor, ctx: MergeContext, threshold: ThresholdPolicy, protected: int = 0
+        self, metric: Tensor, ctx: MergeContext, threshold: ThresholdPolicy, protected: int | TokenLayout = 0
     ) -> MergePlan:
-        """An `IdealPlan` for ``metric`` ``(B, N, C)`` with the count ``threshold`` gives."""
+        """An `IdealPlan` for ``metric`` ``(B, N, C)`` with the count ``threshold`` gives (no protected suffix)."""
+        if isinstance(protected, TokenLayout):
+            check(protected.suffix == 0, f"IdealMatcher takes no protected suffix; got layout {protected}")
+            protected = protected.prefix
         batch, num_tokens = metric.shape[0], metric.shape[1]
         r = threshold.num_merged(_Counts(num_tokens - protected), ctx)  # type: ignore[arg-type]
         r = min(r, max(num_tokens - protected - 1, 0))
