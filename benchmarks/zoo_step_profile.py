@@ -1,6 +1,6 @@
 """Profile one denoising step of a trained reference model with and without merging (CPU or GPU).
 
-One step of ``tokenmerge.zoo``'s model at the fidelity benchmark's batch (2 images with
+One step of ``tokenmerge.tools.zoo``'s model at the fidelity benchmark's batch (2 images with
 classifier-free guidance: a batch of 4), plain, with tokenmerge's ToMeSD and, when it is
 installed, with the tomesd library at the same ratio: the best wall time of a few steps and
 a `torch.profiler` table of the operators that take the most time. Timings on a shared
@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 import tokenmerge
-from tokenmerge import zoo
+from tokenmerge.tools import zoo
 
 
 def best_ms(step: Callable[[], object], repeats: int) -> float:

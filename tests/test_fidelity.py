@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import tokenmerge
-from tokenmerge import fidelity, zoo
-from tokenmerge.fidelity import CA_TOME_CONFIGS, FidelityMethod
+from tokenmerge.tools import fidelity, zoo
+from tokenmerge.tools.fidelity import CA_TOME_CONFIGS, FidelityMethod
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Fidelity benchmark: what merging costs in image quality on the trained reference models.
 
 For several seeds, `run_fidelity` samples full generations (DDIM, classifier-free
-guidance) from a `tokenmerge.zoo` model, first unmerged and then with each method, and
+guidance) from a `tokenmerge.tools.zoo` model, first unmerged and then with each method, and
 reports per method:
 
 * **PSNR** and **SSIM** of the final images against the unmerged images of the same seed;
@@ -11,7 +11,7 @@ reports per method:
   the ratio of the fastest times (every method runs on a seed before the next seed, and
   the minimum is the estimate least disturbed by other work on the machine);
 * **RFD**: a distribution distance between all generated images and the held-out crops
-  of the training photographs (`tokenmerge.zoo.heldout`), in the feature space of a fixed
+  of the training photographs (`tokenmerge.tools.zoo.heldout`), in the feature space of a fixed
   random-weight convolutional network (`RandomFeatures`). It is *not* Inception FID: its
   values are comparable only with each other. `inception_fid` computes the real FID for
   users who have the FID Inception weights locally (needs ``torch-fidelity``).
@@ -21,7 +21,7 @@ C1-C3, rescaled to the number of steps), ToDo, block-range merging (DiT), plus t
 ``tomesd`` library and the official CA-ToMe code (``ca-tome``) as reference rows when
 they are installed (UNet only: both patch SD UNets).
 
-Command line: ``tokenmerge fidelity --help`` or ``python -m tokenmerge.fidelity --help``.
+Command line: ``tokenmerge fidelity --help`` or ``python -m tokenmerge.tools.fidelity --help``.
 """
 
 from __future__ import annotations
@@ -42,13 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .api import apply
-from .config import MergeConfig
-from .errors import TokenMergeError, check
-from .policies.caches import NoCache
-from .policies.matchers import RandomGrid
-from .policies.thresholds import FixedRatio
-from .presets import CAToMe, ToDo, ToMeSD
+from ..api import apply
+from ..config import MergeConfig
+from ..errors import TokenMergeError, check
+from ..policies.caches import NoCache
+from ..policies.matchers import RandomGrid
+from ..policies.thresholds import FixedRatio
+from ..presets import CAToMe, ToDo, ToMeSD
 
 __all__ = [
     "CA_TOME_CONFIGS",
@@ -529,7 +529,7 @@ def run_fidelity(
     """Run the fidelity benchmark on one reference model.
 
     Args:
-        model: a `tokenmerge.zoo` model name.
+        model: a `tokenmerge.tools.zoo` model name.
         seeds: one generation per seed (noise seed; the classes rotate with the seed).
         num_steps: DDIM steps per generation.
         guidance_scale: classifier-free guidance weight.
@@ -697,7 +697,9 @@ def write_plot(rows: Sequence[FidelityRow], path: str | Path, title: str = "") -
 # ---------------------------------------------------------------------- command line
 def add_fidelity_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the fidelity benchmark's options to ``parser`` (for ``tokenmerge fidelity``)."""
-    parser.add_argument("--models", default="unet-photos,dit-photos", help="comma-separated tokenmerge.zoo models")
+    parser.add_argument(
+        "--models", default="unet-photos,dit-photos", help="comma-separated tokenmerge.tools.zoo models"
+    )
     parser.add_argument("--seeds", type=int, default=4, help="generations per method (seeds 0..N-1)")
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps per generation")
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
@@ -769,7 +771,7 @@ def fidelity_main(args: argparse.Namespace) -> int:
     print(format_table(rows))
     if args.json:
         payload = {
-            "command": "python -m tokenmerge.fidelity " + " ".join(sys.argv[1:]),
+            "command": "python -m tokenmerge.tools.fidelity " + " ".join(sys.argv[1:]),
             "runs": metas,
             "rows": FidelityResult(rows, {}).to_json()["rows"],
         }
@@ -784,9 +786,9 @@ def fidelity_main(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m tokenmerge.fidelity``."""
+    """``python -m tokenmerge.tools.fidelity``."""
     parser = add_fidelity_arguments(
-        argparse.ArgumentParser(prog="python -m tokenmerge.fidelity", description=__doc__.splitlines()[0])
+        argparse.ArgumentParser(prog="python -m tokenmerge.tools.fidelity", description=__doc__.splitlines()[0])
     )
     args = parser.parse_args(argv)
     try:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import TokenMergeError
+from ..errors import TokenMergeError
 
 __all__ = [
     "ArchSpec",

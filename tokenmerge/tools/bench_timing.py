@@ -1,4 +1,4 @@
-"""Timing, memory and compilation for `tokenmerge.bench`.
+"""Timing, memory and compilation for `tokenmerge.tools.bench`.
 
 Each call is timed on the device's own timeline: a pair of CUDA events around it, read
 after one synchronisation at the end of the loop (a CPU timer when there is no GPU).
@@ -53,7 +53,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     names = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     names.update({"float32": torch.float32, "fp32": torch.float32})
     if dtype not in names:
-        from .errors import TokenMergeError
+        from ..errors import TokenMergeError
 
         raise TokenMergeError(f"dtype must be auto, float16, bfloat16 or float32; got {dtype!r}")
     return names[dtype]

@@ -1,10 +1,10 @@
 """Train the reference models on crops of scikit-image's photographs.
 
-Run ``python examples/train_reference.py --help`` (or ``python -m tokenmerge.zoo.train``).
+Run ``python examples/train_reference.py --help`` (or ``python -m tokenmerge.tools.zoo.train``).
 Writes, for each model, ``<name>.safetensors`` (fp16 EMA weights), ``<name>.json`` (the
 model spec, the exact command, the loss curve, final loss, steps, hardware and time)
 and the held-out evaluation crops ``heldout_crops.npz``; copy them into
-``tokenmerge/zoo/weights/`` to ship them.
+``tokenmerge/tools/zoo/weights/`` to ship them.
 
 Deterministic for a given ``--steps`` on a given device: all random draws come from
 seeded generators. With a ``--minutes`` budget the script times a few steps first, fixes

@@ -1,7 +1,7 @@
 """``tokenmerge demo``: merging on small built-in models, measured against the plain models.
 
 Nothing is downloaded. The diffusion models are the trained reference models shipped in
-`tokenmerge.zoo` (a UNet in the Stable Diffusion layout and a DiT, 64x64 px), which
+`tokenmerge.tools.zoo` (a UNet in the Stable Diffusion layout and a DiT, 64x64 px), which
 generate a few images per preset; without their weights (or with ``zoo=False``) small
 models with seeded random weights stand in. The ViT has random weights. Each preset that
 applies to a model is timed against the plain model and its output compared with the
@@ -24,10 +24,10 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor
 
-from .api import apply
-from .config import MergeConfig
-from .errors import TokenMergeError, check
-from .presets import CAToMe, ToDo, ToMe, ToMeSD
+from ..api import apply
+from ..config import MergeConfig
+from ..errors import TokenMergeError, check
+from ..presets import CAToMe, ToDo, ToMe, ToMeSD
 
 __all__ = [
     "MODEL_NAMES",
@@ -441,7 +441,7 @@ def _build_vit(device: torch.device, seed: int, steps: int) -> DemoModel:
     )
 
 
-#: The demo model each trained `tokenmerge.zoo` model stands in for, and the devices it runs on in the demo.
+#: The demo model each trained `tokenmerge.tools.zoo` model stands in for, and the devices it runs on in the demo.
 ZOO_MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "unet": ("unet-photos", ("cuda", "cpu")),
     "dit": ("dit-photos", ("cuda", "cpu")),
@@ -456,10 +456,10 @@ DEFAULT_REPEATS: dict[bool, int] = {False: 1, True: 3}
 
 
 def zoo_weights_ready(name: str, weights_dir: Path | str | None = None) -> bool:
-    """Whether `tokenmerge.zoo` is installed and has the trained weights of ``name``."""
+    """Whether `tokenmerge.tools.zoo` is installed and has the trained weights of ``name``."""
     import importlib.util
 
-    if importlib.util.find_spec("tokenmerge.zoo") is None:
+    if importlib.util.find_spec("tokenmerge.tools.zoo") is None:
         return False
     from . import zoo
 
@@ -496,7 +496,7 @@ def _build_zoo(key: str, name: str, device: torch.device, seed: int, steps: int,
     classes = ", ".join(str(label) for label in labels)
     return DemoModel(
         key=key,
-        title=f"{'UNet' if key == 'unet' else 'DiT'}: tokenmerge.zoo {name!r} (trained)",
+        title=f"{'UNet' if key == 'unet' else 'DiT'}: tokenmerge.tools.zoo {name!r} (trained)",
         setup=(
             f"{type(target).__name__} trained by tokenmerge on photographs, {size}x{size} px in pixel space "
             f"({tokens} tokens{' at the top level' if key == 'unet' else ''}), batch {len(labels)} ({classes}), "
@@ -530,7 +530,7 @@ def build_model(
 ) -> DemoModel:
     """Build one of the demo's models (see `MODEL_NAMES`).
 
-    The trained `tokenmerge.zoo` model when its weights are installed and it suits the
+    The trained `tokenmerge.tools.zoo` model when its weights are installed and it suits the
     device (`ZOO_MODELS`), else a small model with seeded random weights.
 
     Args:
@@ -625,8 +625,8 @@ def _picture_vit(seed: int, device: torch.device, arch: str = "vit_tiny_patch16_
 
 
 def _groups(model: torch.nn.Module, pixels: Any, r: int, device: torch.device) -> Any:
-    """The merged groups of ``pixels`` ``(H, W, 3)`` uint8 drawn by `tokenmerge.vis`."""
-    from .adapters.vit import merge_record
+    """The merged groups of ``pixels`` ``(H, W, 3)`` uint8 drawn by `tokenmerge.tools.vis`."""
+    from ..adapters.vit import merge_record
     from .vis import visualize
 
     batch = torch.from_numpy(pixels).permute(2, 0, 1).float()[None].to(device) / 255.0  # (1, 3, H, W)
@@ -799,7 +799,7 @@ def run_demo(
         out: where to write the picture of merged tokens; None writes none.
         progress: show a progress bar on stderr.
         stream: where the tables go (stdout by default).
-        zoo: use the trained `tokenmerge.zoo` models where their weights are installed.
+        zoo: use the trained `tokenmerge.tools.zoo` models where their weights are installed.
         weights_dir: where the zoo's weights are (the shipped ones by default).
         grid: where to write the images the trained models generated with and without
             each preset, side by side (`generated_images_grid`); None writes none, and

@@ -2,7 +2,7 @@
 
 Two class-conditional pixel-space models (64 x 64 RGB) trained by tokenmerge itself on
 crops of the photographs bundled with scikit-image, one class per photograph
-(see `tokenmerge.zoo.specs.CLASS_NAMES`):
+(see `tokenmerge.tools.zoo.specs.CLASS_NAMES`):
 
 * ``"dit-photos"``: a `DiTTransformer2DModel` with patch 2 (1,024 tokens);
 * ``"unet-photos"``: a `UNet2DConditionModel` in the SD layout (cross-attention blocks
@@ -10,12 +10,12 @@ crops of the photographs bundled with scikit-image, one class per photograph
 
 They load offline in one call and can be merged like any diffusers pipeline::
 
-    from tokenmerge import zoo
+    from tokenmerge.tools import zoo
     pipe = zoo.load("unet-photos")
     images = pipe(["grass", "coffee"], num_inference_steps=25, generator=torch.Generator().manual_seed(0)).images
     tokenmerge.apply(pipe, tokenmerge.ToMeSD(ratio=0.5, seed=0))
 
-How the shipped weights were trained is in ``tokenmerge/zoo/README.md`` and in each
+How the shipped weights were trained is in ``tokenmerge/tools/zoo/README.md`` and in each
 model's JSON record (`info`). Importing this module does not import diffusers; `load` does.
 """
 
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import TokenMergeError, check
+from ...errors import TokenMergeError, check
 
 __all__ = ["WEIGHTS_DIR", "names", "info", "load", "heldout"]
 
