@@ -18,7 +18,8 @@ Figures per row and mode:
   1 is no gain at all; the ideal replays the method's token counts with a slice for
   the merge and a repeat for the unmerge (`tokenmerge.tools.ideal`).
 * ``rel L2``: relative L2 error of the output vs the plain model's (eager, same inputs);
-  ``PSNR``: of the final latents of a short DDIM loop (same seed) vs plain (diffusion;
+  ``PSNR``: of the final latents of a short DDIM loop (same seed) vs plain, peak 1
+  (`tokenmerge.tools.common.psnr`; diffusion;
   run in eager mode and shown on the compiled rows too, which ``cmp/eager`` checks);
   ``agree``: top-1 agreement with plain (ViT); ``cmp/eager``: relative L2 of the compiled
   output vs the same row in eager mode (a CUDA-graph replay check).
@@ -67,11 +68,12 @@ from .bench_timing import (
     compile_stats,
     count_ops,
     reset_compiler,
-    resolve_device,
     resolve_dtype,
     time_calls,
     timed_once,
 )
+from .common import device_argument, psnr, resolve_device
+from .common import progress as progress_bar
 
 __all__ = [
     "BenchRow",
@@ -172,16 +174,6 @@ def rel_l2(output: torch.Tensor, reference: torch.Tensor) -> float:
     """``||output - reference|| / ||reference||`` in float32."""
     output, reference = output.float(), reference.float()
     return float((output - reference).norm() / reference.norm().clamp_min(1e-12))
-
-
-def psnr(output: torch.Tensor, reference: torch.Tensor) -> float:
-    """PSNR in dB with the reference's value range as the peak (``inf`` when identical)."""
-    output, reference = output.float(), reference.float()
-    mse = float((output - reference).pow(2).mean())
-    peak = float(reference.max() - reference.min())
-    if mse == 0.0:
-        return math.inf
-    return 10.0 * math.log10(peak * peak / mse)
 
 
 def top1_agreement(output: torch.Tensor, reference: torch.Tensor) -> float:
@@ -540,7 +532,7 @@ class BenchSession:
             "row_timeout_s": row_timeout_s,
             "budget": _Budget(time_budget_s, compile_estimate_s),
         }
-        self.bar = _progress(progress, len(self.methods))
+        self.bar = progress_bar(len(self.methods), enabled=progress)
         model = build_model(spec, res, weights, seed, dev, dt)
         work = Workload(spec, model, b, res, dev, dt, seed, schedule if spec.diffusion else 1, inputs)
         self.runner = _Runner(work, options, self.result, self.bar)
@@ -780,29 +772,6 @@ def _check_modes(modes: Sequence[str]) -> list[str]:
     return ["eager", *[m for m in modes if m != "eager"]]
 
 
-def _progress(enabled: bool, total: int) -> Any:
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        enabled = False
-    if not enabled:
-        return _NoBar()
-    return tqdm(total=total, file=sys.stderr, dynamic_ncols=True, leave=False)
-
-
-class _NoBar:
-    total = 0
-
-    def update(self, _: int) -> None:
-        pass
-
-    def set_description(self, _: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 # ---------------------------------------------------------------------- output
 _COLUMNS: list[tuple[str, Callable[[BenchRow], str]]] = [
     ("mode", lambda r: r.mode),
@@ -919,7 +888,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     parser.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the arch's)")
     parser.add_argument("--batch", type=int, default=None, help="denoiser batch, or ViT images (default: the arch's)")
-    parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--device", type=device_argument, default="auto", help="auto (GPU if present), cpu, cuda, cuda:N or mps"
+    )
     parser.add_argument("--dtype", default="auto", help="auto (float16 on a GPU, float32 on the CPU), float16, ...")
     parser.add_argument(
         "--compile",

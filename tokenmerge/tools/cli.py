@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ..errors import TokenMergeError
+from .common import device_argument
 
 __all__ = ["main", "build_parser", "EXIT_USAGE"]
 
@@ -56,12 +57,6 @@ def _int_at_least(minimum: int, wanted: str) -> Callable[[str], int]:
 
 _positive_int = _int_at_least(1, "a positive integer")
 _non_negative_int = _int_at_least(0, "an integer >= 0")
-
-
-def _device(text: str) -> str:
-    if text == "auto" or text == "cpu" or text.startswith("cuda") or text == "mps":
-        return text
-    raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda, cuda:N or mps; got {text!r}")
 
 
 def _csv(choices: Sequence[str]) -> Callable[[str], list[str]]:
@@ -108,7 +103,9 @@ def _add_demo(sub: Any) -> None:
         metavar="LIST",
         help=f"comma-separated presets (default: all that apply: {','.join(PRESET_NAMES)})",
     )
-    parser.add_argument("--device", type=_device, default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--device", type=device_argument, default="auto", help="auto (GPU if present), cpu, cuda, cuda:N or mps"
+    )
     parser.add_argument(
         "--steps",
         type=_positive_int,
@@ -214,7 +211,9 @@ def _add_visualize(sub: Any) -> None:
     parser.add_argument("--checkpoint", type=Path, default=None, help="local state dict for --arch")
     parser.add_argument("--out", type=Path, default=None, help="output PNG (default: IMAGE-merged.png beside it)")
     parser.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the random weights")
-    parser.add_argument("--device", type=_device, default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--device", type=device_argument, default="auto", help="auto (GPU if present), cpu, cuda, cuda:N or mps"
+    )
     parser.set_defaults(run=_run_visualize)
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ...errors import TokenMergeError, check
+from ..common import resolve_device
 
 __all__ = ["WEIGHTS_DIR", "names", "info", "load", "heldout"]
 
@@ -79,7 +80,7 @@ def load(
 
     Args:
         name: ``"dit-photos"`` or ``"unet-photos"``.
-        device: where the pipeline runs.
+        device: where the pipeline runs (`tokenmerge.tools.common.resolve_device`: ``"auto"``, ``"cpu"``, ...).
         dtype: its floating-point type (the weights are stored in fp16).
         weights_dir: a directory written by the training script; the shipped weights by default.
 
@@ -90,12 +91,14 @@ def load(
         guidance_scale=3.0, generator=...)``.
 
     Raises:
-        TokenMergeError: for an unknown name, a non-floating dtype or missing weights.
+        TokenMergeError: for an unknown name, a device that is not present, a non-floating dtype or
+            missing weights.
     """
     check(
         isinstance(dtype, torch.dtype) and dtype.is_floating_point,
         f"dtype must be a floating torch.dtype; got {dtype!r}",
     )
+    resolved = resolve_device(device)
     record = info(name, weights_dir)
     from safetensors.torch import load_file
 
@@ -120,7 +123,7 @@ def load(
         part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         module.load_state_dict(part, strict=True)
         # torch's own Module.to: diffusers' override warns about fp32 modules on every dtype cast
-        torch.nn.Module.to(module, device=torch.device(device), dtype=dtype).eval().requires_grad_(False)
+        torch.nn.Module.to(module, device=resolved, dtype=dtype).eval().requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
