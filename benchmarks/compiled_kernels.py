@@ -21,8 +21,8 @@ import time
 import torch
 from torch._inductor import metrics
 
-from tokenmerge.bench_methods import Method, parse_method
-from tokenmerge.bench_models import ArchSpec, Workload, build_model, get_arch
+from tokenmerge.tools.bench_methods import Method, parse_method
+from tokenmerge.tools.bench_models import ArchSpec, Workload, build_model, get_arch
 
 
 def top_levels_spec() -> ArchSpec:

@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tokenmerge.bench import BenchResult, BenchSession, format_table, write_plot  # noqa: E402
-from tokenmerge.bench_timing import time_calls  # noqa: E402
+from tokenmerge.tools.bench import BenchResult, BenchSession, format_table, write_plot  # noqa: E402
+from tokenmerge.tools.bench_timing import time_calls  # noqa: E402
 
 
 @dataclass
@@ -60,7 +60,7 @@ class Section:
         return base * self.factor(stateful, merges) + 10.0  # + warm-up and timed calls
 
 
-#: Every section feeds smooth latents/images (`tokenmerge.bench_models.smooth_noise`): fixed
+#: Every section feeds smooth latents/images (`tokenmerge.tools.bench_models.smooth_noise`): fixed
 #: ratios take the same time on any input, and the similarity threshold of CAToMe then merges
 #: on random weights about as much as on trained ones (73-75 %) instead of nothing.
 INPUTS = "smooth"

@@ -19,9 +19,9 @@ import sys
 
 import torch
 
-from tokenmerge.bench_timing import timed_once
 from tokenmerge.plan import MergePlan
 from tokenmerge.policies.base import Matching
+from tokenmerge.tools.bench_timing import timed_once
 
 #: ``BxNxCxR``: batch, tokens (a class token included), width, tokens removed.
 DEFAULT_SHAPES = ("64x197x768x13", "16x197x768x13", "16x1025x1152x512")

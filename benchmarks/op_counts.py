@@ -32,10 +32,10 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from tokenmerge.bench_methods import Method, parse_method, tomesd_available
-from tokenmerge.bench_models import Workload, build_model, get_arch
-from tokenmerge.bench_timing import OperatorCounter
 from tokenmerge.plan import MATRIX_MERGE_MAX_TOKENS
+from tokenmerge.tools.bench_methods import Method, parse_method, tomesd_available
+from tokenmerge.tools.bench_models import Workload, build_model, get_arch
+from tokenmerge.tools.bench_timing import OperatorCounter
 
 #: (arch, resolution, batch, methods) of the default table: the issue's target rows.
 DEFAULT_ROWS: tuple[tuple[str, int, int, tuple[str, ...]], ...] = (

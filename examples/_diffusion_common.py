@@ -20,6 +20,7 @@ import torch
 
 import tokenmerge
 from tokenmerge.policies import CA_TOME_C3
+from tokenmerge.tools.common import device_argument, resolve_device, synchronize
 
 __all__ = ["add_arguments", "build_config", "compare", "parse", "pick_device", "pick_dtype", "sampler"]
 
@@ -52,7 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, model: str, steps: int, si
     parser.add_argument("--batch", type=int, default=1, help="images per call")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per setting (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per setting first")
-    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    parser.add_argument(
+        "--device", type=device_argument, default=None, help="cpu, cuda, cuda:N, mps (default: cuda when available)"
+    )
     parser.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"), help="model dtype")
     parser.add_argument("--out", default=None, help="folder to save the images (plain_*.png, merged_*.png)")
 
@@ -60,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, model: str, steps: int, si
 def pick_device(args: argparse.Namespace) -> torch.device:
     """``--device``, else cuda when available, else cpu (always cpu for ``--tiny``)."""
     if args.device:
-        return torch.device(args.device)
+        return resolve_device(args.device)
     return torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
 
 
@@ -121,20 +124,15 @@ def sampler(pipe: Any, args: argparse.Namespace, **inputs: Any) -> Callable[[], 
     return generate
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(generate: Callable[[], torch.Tensor], device: torch.device, warmup: int, repeats: int) -> tuple[Any, float]:
     for _ in range(warmup):
         generate()
     times, images = [], None
     for _ in range(max(repeats, 1)):
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         images = generate()
-        _synchronize(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return images, statistics.median(times)
 

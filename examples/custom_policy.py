@@ -136,7 +136,7 @@ def make_config(seed: int = 0) -> tokenmerge.MergeConfig:
 
 
 def _tiny_pipeline(seed: int) -> tuple[object, dict[str, object]]:
-    from tokenmerge.adapters.diffusion_tiny import tiny_prompt_embeds, tiny_sd_pipeline
+    from tokenmerge.tools.tiny import tiny_prompt_embeds, tiny_sd_pipeline
 
     pipe = tiny_sd_pipeline(seed)
     return pipe, {"prompt_embeds": tiny_prompt_embeds(seed=seed), "guidance_scale": 1.0}

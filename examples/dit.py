@@ -23,7 +23,7 @@ from _diffusion_common import add_arguments, build_config, compare, parse, pick_
 def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Any:
     """The pipeline: from ``--model`` (hub id or folder), or the tiny one with ``--tiny``."""
     if args.tiny:
-        from tokenmerge.adapters.diffusion_tiny import tiny_dit_pipeline
+        from tokenmerge.tools.tiny import tiny_dit_pipeline
 
         pipe = tiny_dit_pipeline(seed=args.seed)
     else:

@@ -23,7 +23,7 @@ PROMPT = "a small cactus with a happy face in the Sahara desert"
 def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Any:
     """The pipeline: from ``--model`` (hub id or folder), or the tiny one with ``--tiny``."""
     if args.tiny:
-        from tokenmerge.adapters.diffusion_tiny import tiny_pixart_pipeline
+        from tokenmerge.tools.tiny import tiny_pixart_pipeline
 
         pipe = tiny_pixart_pipeline(seed=args.seed)
     else:
@@ -36,7 +36,7 @@ def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> 
 
 def tiny_prompt(batch: int, seed: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Random caption embeddings and masks standing in for PixArt's T5 encoder."""
-    from tokenmerge.adapters.diffusion_tiny import CAPTION_DIM
+    from tokenmerge.tools.tiny import CAPTION_DIM
 
     caption = torch.randn(batch, 8, CAPTION_DIM, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
     mask = torch.ones(batch, 8, device=device)

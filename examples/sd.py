@@ -22,7 +22,7 @@ PROMPT = "a photograph of an astronaut riding a horse"
 def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Any:
     """The pipeline: from ``--model`` (hub id or folder), or the tiny one with ``--tiny``."""
     if args.tiny:
-        from tokenmerge.adapters.diffusion_tiny import tiny_sd_pipeline
+        from tokenmerge.tools.tiny import tiny_sd_pipeline
 
         pipe = tiny_sd_pipeline(seed=args.seed)
     else:
@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     dtype = pick_dtype(args, device)
     pipe = load(args, device, dtype)
     if args.tiny:
-        from tokenmerge.adapters.diffusion_tiny import tiny_prompt_embeds
+        from tokenmerge.tools.tiny import tiny_prompt_embeds
 
         text = tiny_prompt_embeds(args.batch, seed=args.seed).to(device, dtype)
         prompt: dict[str, Any] = {"prompt_embeds": text, "negative_prompt_embeds": torch.zeros_like(text)}

@@ -24,7 +24,7 @@ PROMPT = "a photograph of an astronaut riding a horse"
 def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Any:
     """The pipeline: from ``--model`` (hub id or folder), or the tiny one with ``--tiny``."""
     if args.tiny:
-        from tokenmerge.adapters.diffusion_tiny import tiny_sdxl_pipeline
+        from tokenmerge.tools.tiny import tiny_sdxl_pipeline
 
         pipe = tiny_sdxl_pipeline(seed=args.seed)
     else:
@@ -37,7 +37,7 @@ def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> 
 
 def tiny_prompt(batch: int, seed: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Random text and pooled embeddings standing in for SDXL's two text encoders."""
-    from tokenmerge.adapters.diffusion_tiny import POOLED_DIM, tiny_prompt_embeds
+    from tokenmerge.tools.tiny import POOLED_DIM, tiny_prompt_embeds
 
     text = tiny_prompt_embeds(batch, seed=seed).to(device, dtype)
     pooled = torch.randn(batch, POOLED_DIM, generator=torch.Generator().manual_seed(seed)).to(device, dtype)

@@ -8,7 +8,7 @@ Examples::
     nice -n 19 python examples/train_reference.py --device cpu --steps 400 --out cpu-weights
 
 Copy the ``*.safetensors``, ``*.json`` and ``heldout_crops.npz`` it writes into
-``tokenmerge/zoo/weights/`` to ship them. See ``tokenmerge/zoo/README.md``.
+``tokenmerge/tools/zoo/weights/`` to ship them. See ``tokenmerge/tools/zoo/README.md``.
 """
 
 import sys
@@ -19,7 +19,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tokenmerge.zoo.train import main  # noqa: E402
+from tokenmerge.tools.zoo.train import main  # noqa: E402
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import tokenmerge
+from tokenmerge.tools.common import device_argument, resolve_device, synchronize
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -57,10 +58,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N images (0: all)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up batches before each timed pass")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_argument, default="auto", help="auto (GPU if present), cpu, cuda, ...")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="autocast dtype on CUDA")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.device = str(resolve_device(args.device))  # "auto" becomes the device it picks
+    return args
 
 
 def parse_r(text: str) -> int | list[int] | tuple[int, float]:
@@ -98,10 +101,6 @@ def evaluate(model: nn.Module, loader: DataLoader, args: argparse.Namespace) -> 
     cuda = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=DTYPES[args.dtype]) if cuda and args.dtype != "float32" else nullcontext()
 
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize(device)
-
     correct = seen = 0
     seconds = 0.0
     with torch.inference_mode(), autocast:
@@ -113,10 +112,10 @@ def evaluate(model: nn.Module, loader: DataLoader, args: argparse.Namespace) -> 
             warm += 1
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device)
-            sync()
+            synchronize(device)
             start = time.perf_counter()
             logits = model(images)
-            sync()
+            synchronize(device)
             seconds += time.perf_counter() - start
             correct += int((logits.argmax(-1) == labels).sum())
             seen += labels.numel()

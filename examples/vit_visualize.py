@@ -27,8 +27,8 @@ from timm.data import resolve_data_config
 from torch import nn
 
 import tokenmerge
-from tokenmerge import vis
 from tokenmerge.adapters.vit import merge_record
+from tokenmerge.tools import vis
 
 
 def data_config(model: nn.Module) -> dict[str, Any]:

@@ -139,7 +139,7 @@ def _diffusers_tiny_target(
     dtype: torch.dtype = torch.float32,
     guidance: bool = True,
 ) -> DiffusersTinyTarget:
-    from tokenmerge.adapters import diffusion_tiny as tiny
+    from tokenmerge.tools import tiny
 
     gen = torch.Generator().manual_seed(123)
     height, width = size
@@ -221,7 +221,7 @@ def diffusers_tiny():
 @pytest.fixture
 def diffusers_tiny_sd_pipeline():
     """A tiny `StableDiffusionPipeline` (DDIM, progress bar off); call it with ``prompt_embeds``."""
-    from tokenmerge.adapters.diffusion_tiny import tiny_sd_pipeline
+    from tokenmerge.tools.tiny import tiny_sd_pipeline
 
     pipe = tiny_sd_pipeline()
     pipe.set_progress_bar_config(disable=True)

@@ -21,9 +21,9 @@ import torch
 
 import tokenmerge
 from tokenmerge import TokenMergeError
-from tokenmerge.bench import BenchRow, RowTimeout, _watchdog, format_table, run_bench
-from tokenmerge.bench_methods import merged_fraction, parse_method
-from tokenmerge.bench_models import INPUT_KINDS, Workload, build_model, get_arch, smooth_noise
+from tokenmerge.tools.bench import BenchRow, RowTimeout, _watchdog, format_table, run_bench
+from tokenmerge.tools.bench_methods import merged_fraction, parse_method
+from tokenmerge.tools.bench_models import INPUT_KINDS, Workload, build_model, get_arch, smooth_noise
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,7 +119,7 @@ def test_dit_block_range_and_time_budget() -> None:
 
 
 def test_command_line_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from tokenmerge.cli import main
+    from tokenmerge.tools.cli import main
 
     path = tmp_path / "vit.json"
     argv = ["bench", "--arch", "vit-tiny", "--methods", "tome:2", "--no-compile", "--repeats", "1"]

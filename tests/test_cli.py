@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tokenmerge import TokenMergeError, cli, demo
+from tokenmerge import TokenMergeError
+from tokenmerge.tools import cli, common, demo
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -138,7 +139,7 @@ def test_demo_runs_every_model_and_preset(tmp_path: Path, capsys: pytest.Capture
         assert picture.size == (2 * (3 * 224 + 2 * 6), 2 * 224)  # photo, r=8, r=12 with gaps, scaled 2x
 
 
-SAMPLE = ROOT / "tokenmerge" / "assets" / "sample.png"
+SAMPLE = ROOT / "tokenmerge" / "tools" / "assets" / "sample.png"
 
 
 def test_visualize_writes_the_groups(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -205,7 +206,7 @@ def test_demo_command_writes_the_image_grid_and_the_token_groups(tmp_path: Path,
     assert cli.main([*argv, "--repeats", "1", "--no-progress", "--out", str(groups), "--grid", str(grid)]) == 0
     out = capsys.readouterr().out
     assert f"wrote {grid.resolve()}" in out and f"wrote {groups.resolve()}" in out
-    assert "tokenmerge.zoo 'dit-photos' (trained)" in out and "PSNR vs plain" in out
+    assert "tokenmerge.tools.zoo 'dit-photos' (trained)" in out and "PSNR vs plain" in out
     with Image.open(grid) as image:
         width, height = image.size
     # One block (the DiT; the ViT makes no images): plain + ToMeSD + ToDo rows of 4 images of 128 px.
@@ -241,8 +242,8 @@ def test_fidelity_measures() -> None:
     import torch
 
     images = torch.rand(2, 3, 8, 8)
-    assert demo.psnr_to_reference(images, images) == float("inf")
-    assert abs(demo.psnr_to_reference(images.clamp(0.1, 0.9), images) - demo.psnr_to_reference(images, images)) > 0
+    assert demo.PSNR.measure is common.psnr  # the one PSNR (tests/test_tools_common.py)
+    assert demo.PSNR.measure(images, images) == float("inf")
     assert demo.PSNR.format(31.25) == "31.2 dB" and demo.COSINE.format(0.99996) == "1.0000"
     assert demo.cosine_to_reference(images, 2 * images) == pytest.approx(1.0)
 

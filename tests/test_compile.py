@@ -21,7 +21,6 @@ import torch._dynamo
 
 import tokenmerge
 from tokenmerge import MergeConfig
-from tokenmerge.bench_models import Workload, build_model, get_arch
 from tokenmerge.policies import (
     MergeContext,
     RandomGrid,
@@ -31,6 +30,7 @@ from tokenmerge.policies import (
 from tokenmerge.policies.best_match import best_match, best_match_reference
 from tokenmerge.policies.rng import hash_randint, timestep_key
 from tokenmerge.state import MergeState
+from tokenmerge.tools.bench_models import Workload, build_model, get_arch
 
 
 @pytest.fixture(autouse=True)

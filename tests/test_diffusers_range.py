@@ -15,8 +15,8 @@ from diffusers.models.attention_processor import Attention, AttnProcessor
 
 import tokenmerge
 from tokenmerge import MergeConfig
-from tokenmerge.adapters import diffusion_tiny as tiny
 from tokenmerge.policies import FixedRatio, StridedGrid
+from tokenmerge.tools import tiny
 
 pytestmark = pytest.mark.usefixtures("diffusers_one_thread")
 

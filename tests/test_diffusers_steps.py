@@ -9,8 +9,8 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 
 import tokenmerge
-from tokenmerge.adapters import diffusion_tiny as tiny
 from tokenmerge.policies import MergeContext, RandomGrid, RecomputeAt
+from tokenmerge.tools import tiny
 
 pytestmark = pytest.mark.usefixtures("diffusers_one_thread")
 

@@ -7,7 +7,7 @@ path is, in this order of preference:
 2. the arguments in a module-level ``TINY_ARGS = [...]`` literal of the script (read
    without importing it); ``{tmp}``, ``{images}`` and ``{photos}`` in them are replaced by
    a temporary folder, a generated ImageNet-style image folder and a generated .npz of
-   photographs for ``tokenmerge.zoo`` training;
+   photographs for ``tokenmerge.tools.zoo`` training;
 3. the entry for the script in `TINY_PATHS` below (for examples that declare neither).
 
 An example with none of these fails the test, saying so. Each runs in a fresh
@@ -95,7 +95,7 @@ def _photos(path: Path) -> Path:
     """An .npz of random 96x112 photographs, one per class of the reference models (as --export-photos writes)."""
     import numpy as np
 
-    from tokenmerge.zoo.specs import CLASS_NAMES
+    from tokenmerge.tools.zoo.specs import CLASS_NAMES
 
     rng = np.random.default_rng(0)
     np.savez_compressed(path, **{name: rng.integers(0, 256, (96, 112, 3), dtype=np.uint8) for name in CLASS_NAMES})

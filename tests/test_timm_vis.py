@@ -1,4 +1,4 @@
-"""`tokenmerge.vis`: group pictures, PNG writing and the shipped sample image."""
+"""`tokenmerge.tools.vis`: group pictures, PNG writing and the shipped sample image."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from PIL import Image
 from torch import nn
 
 import tokenmerge
-from tokenmerge import TokenMergeError, vis
+from tokenmerge import TokenMergeError
 from tokenmerge.adapters.vit import merge_record
+from tokenmerge.tools import vis
 
 
 def gradient_image(height: int, width: int) -> np.ndarray:
@@ -60,7 +61,7 @@ def test_save_png_round_trips_through_pillow(tmp_path: Path) -> None:
 
 
 def test_sample_image_ships_with_the_package() -> None:
-    asset = Path(tokenmerge.__file__).parent / "assets" / vis.SAMPLE_IMAGE
+    asset = Path(tokenmerge.__file__).parent / "tools" / "assets" / vis.SAMPLE_IMAGE
     assert asset.stat().st_size < 150_000
     image = vis.load_sample_image()
     assert image.shape == (224, 224, 3) and image.dtype == np.uint8 and image.std() > 20

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import tokenmerge
-from tokenmerge import zoo
-from tokenmerge.zoo import photos, train
-from tokenmerge.zoo.specs import CLASS_NAMES, SPECS
+from tokenmerge.tools import zoo
+from tokenmerge.tools.zoo import photos, train
+from tokenmerge.tools.zoo.specs import CLASS_NAMES, SPECS
 
 
 @pytest.fixture
@@ -22,7 +22,7 @@ def zoo_no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     """Any attempt to open a network connection fails the test."""
 
     def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("tokenmerge.zoo tried to use the network")
+        raise AssertionError("tokenmerge.tools.zoo tried to use the network")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

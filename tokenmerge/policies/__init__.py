@@ -2,7 +2,6 @@
 
 from .base import CacheEntry, Matcher, Matching, MergeContext, PairCache, ThresholdPolicy, unit_rows
 from .caches import CA_TOME_C3, DriftTriggered, EveryK, NoCache, RecomputeAt
-from .ideal import IdealMatcher, IdealPlan, TokenCounts
 from .matchers import AlternatingBipartite, RandomGrid, StridedGrid, grid_partition
 from .thresholds import FixedCount, FixedRatio, Scheduled, SimilarityThreshold, layer_schedule
 
@@ -28,7 +27,4 @@ __all__ = [
     "EveryK",
     "DriftTriggered",
     "CA_TOME_C3",
-    "IdealMatcher",
-    "IdealPlan",
-    "TokenCounts",
 ]

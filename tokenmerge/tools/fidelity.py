@@ -1,17 +1,18 @@
 """Fidelity benchmark: what merging costs in image quality on the trained reference models.
 
 For several seeds, `run_fidelity` samples full generations (DDIM, classifier-free
-guidance) from a `tokenmerge.zoo` model, first unmerged and then with each method, and
+guidance) from a `tokenmerge.tools.zoo` model, first unmerged and then with each method, and
 reports per method:
 
-* **PSNR** and **SSIM** of the final images against the unmerged images of the same seed;
+* **PSNR** (peak 1: `tokenmerge.tools.common.psnr`) and **SSIM** of the final images against
+  the unmerged images of the same seed;
 * **merged**: tokens removed / tokens entering, summed over the layers that merge and
   averaged over the denoising steps (for ToDo: the keys/values pooled away);
 * **speed**: the fastest generation over the seeds, and the speed-up over unmerged as
   the ratio of the fastest times (every method runs on a seed before the next seed, and
   the minimum is the estimate least disturbed by other work on the machine);
 * **RFD**: a distribution distance between all generated images and the held-out crops
-  of the training photographs (`tokenmerge.zoo.heldout`), in the feature space of a fixed
+  of the training photographs (`tokenmerge.tools.zoo.heldout`), in the feature space of a fixed
   random-weight convolutional network (`RandomFeatures`). It is *not* Inception FID: its
   values are comparable only with each other. `inception_fid` computes the real FID for
   users who have the FID Inception weights locally (needs ``torch-fidelity``).
@@ -21,7 +22,7 @@ C1-C3, rescaled to the number of steps), ToDo, block-range merging (DiT), plus t
 ``tomesd`` library and the official CA-ToMe code (``ca-tome``) as reference rows when
 they are installed (UNet only: both patch SD UNets).
 
-Command line: ``tokenmerge fidelity --help`` or ``python -m tokenmerge.fidelity --help``.
+Command line: ``tokenmerge fidelity --help`` or ``python -m tokenmerge.tools.fidelity --help``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import math
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,13 +43,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .api import apply
-from .config import MergeConfig
-from .errors import TokenMergeError, check
-from .policies.caches import NoCache
-from .policies.matchers import RandomGrid
-from .policies.thresholds import FixedRatio
-from .presets import CAToMe, ToDo, ToMeSD
+from ..api import apply
+from ..config import MergeConfig
+from ..errors import TokenMergeError, check
+from ..policies.caches import NoCache
+from ..policies.matchers import RandomGrid
+from ..policies.thresholds import FixedRatio
+from ..presets import CAToMe, ToDo, ToMeSD
+from .common import device_argument, psnr, resolve_device, seeded, synchronize
 
 __all__ = [
     "CA_TOME_CONFIGS",
@@ -59,7 +61,6 @@ __all__ = [
     "scale_schedule",
     "default_methods",
     "run_fidelity",
-    "psnr",
     "ssim",
     "frechet_distance",
     "feature_distance",
@@ -85,15 +86,6 @@ StepHook = Callable[[int], None]
 
 
 # ---------------------------------------------------------------------- image metrics
-def psnr(images: Tensor, reference: Tensor) -> float:
-    """PSNR in dB of ``images`` against ``reference`` (both ``(B, 3, H, W)`` in [0, 1]), from the pooled MSE.
-
-    Returns ``inf`` when they are identical.
-    """
-    mse = F.mse_loss(images.double(), reference.double()).item()
-    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
-
-
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> Tensor:
     coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-(coords**2) / (2 * sigma**2))
@@ -389,14 +381,6 @@ class FidelityResult:
         return {"meta": self.meta, "rows": [{k: clean(v) for k, v in asdict(row).items()} for row in self.rows]}
 
 
-@contextlib.contextmanager
-def _seeded_global_rng(seed: int, device: torch.device) -> Iterator[None]:
-    """Library rows fork the global RNG for their random grids: seed it, and restore it afterwards."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
-
-
 def _library_available(name: str) -> str | None:
     """None when the library imports, else why not."""
     module = {"tomesd": "tomesd", "ca-tome": "ca_tome"}[name]
@@ -438,11 +422,6 @@ def _attach_library(method: FidelityMethod, pipe: Any) -> tuple[Detach, StepHook
     return detach, set_step
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _labels(seed: int, count: int, num_classes: int) -> list[int]:
     return [(seed * count + i) % num_classes for i in range(count)]
 
@@ -461,7 +440,7 @@ def _generate(
             step_hook(index + 1)
             return kwargs
 
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     out = pipe(
         labels,
@@ -471,7 +450,7 @@ def _generate(
         output_type="pt",
         callback_on_step_end=callback,
     )
-    _sync(device)
+    synchronize(device)
     return out.images.float().cpu(), time.perf_counter() - start
 
 
@@ -502,7 +481,8 @@ def _run_once(
             snapshots.append(dict(handle.state.merged_tokens))
 
     hook = step_hook if (handle is not None or library_hook is not None) else None
-    context = _seeded_global_rng(seed, pipe._execution_device) if method.library else contextlib.nullcontext()
+    # Library rows draw their random grids from the global RNG: seed it, and restore it afterwards.
+    context = seeded(seed, pipe._execution_device) if method.library else contextlib.nullcontext()
     try:
         with context:
             images, seconds = _generate(pipe, labels, seed, num_steps, guidance, hook)
@@ -529,7 +509,7 @@ def run_fidelity(
     """Run the fidelity benchmark on one reference model.
 
     Args:
-        model: a `tokenmerge.zoo` model name.
+        model: a `tokenmerge.tools.zoo` model name.
         seeds: one generation per seed (noise seed; the classes rotate with the seed).
         num_steps: DDIM steps per generation.
         guidance_scale: classifier-free guidance weight.
@@ -552,6 +532,7 @@ def run_fidelity(
         isinstance(images_per_seed, int) and images_per_seed >= 1,
         f"images_per_seed must be >= 1; got {images_per_seed!r}",
     )
+    device = resolve_device(device)
     pipe = zoo.load(model, device=device, dtype=dtype, weights_dir=weights_dir)
     kind = "dit" if hasattr(pipe, "transformer") else "unet"
     num_blocks = len(pipe.transformer.transformer_blocks) if kind == "dit" else 0
@@ -616,7 +597,7 @@ def run_fidelity(
         "scheduler": type(pipe.scheduler).__name__,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device)
-        if torch.device(device).type == "cuda"
+        if device.type == "cuda"
         else platform.processor() or platform.machine(),
         "dtype": str(dtype).replace("torch.", ""),
         "torch": torch.__version__,
@@ -697,7 +678,9 @@ def write_plot(rows: Sequence[FidelityRow], path: str | Path, title: str = "") -
 # ---------------------------------------------------------------------- command line
 def add_fidelity_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the fidelity benchmark's options to ``parser`` (for ``tokenmerge fidelity``)."""
-    parser.add_argument("--models", default="unet-photos,dit-photos", help="comma-separated tokenmerge.zoo models")
+    parser.add_argument(
+        "--models", default="unet-photos,dit-photos", help="comma-separated tokenmerge.tools.zoo models"
+    )
     parser.add_argument("--seeds", type=int, default=4, help="generations per method (seeds 0..N-1)")
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps per generation")
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
@@ -710,7 +693,9 @@ def add_fidelity_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--no-libraries", action="store_true", help="skip the tomesd and ca-tome reference rows")
     parser.add_argument("--no-distance", action="store_true", help="skip the RFD distance to held-out crops")
     parser.add_argument("--fid-weights", default=None, help="local FID Inception weights: also report real FID")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    parser.add_argument(
+        "--device", type=device_argument, default="cpu", help="cpu (default), cuda, cuda:N, mps or auto"
+    )
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--weights-dir", default=None, help="load the models from here instead of the shipped weights")
     parser.add_argument("--json", default=None, help="write the results as JSON here")
@@ -769,7 +754,7 @@ def fidelity_main(args: argparse.Namespace) -> int:
     print(format_table(rows))
     if args.json:
         payload = {
-            "command": "python -m tokenmerge.fidelity " + " ".join(sys.argv[1:]),
+            "command": "python -m tokenmerge.tools.fidelity " + " ".join(sys.argv[1:]),
             "runs": metas,
             "rows": FidelityResult(rows, {}).to_json()["rows"],
         }
@@ -784,9 +769,9 @@ def fidelity_main(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m tokenmerge.fidelity``."""
+    """``python -m tokenmerge.tools.fidelity``."""
     parser = add_fidelity_arguments(
-        argparse.ArgumentParser(prog="python -m tokenmerge.fidelity", description=__doc__.splitlines()[0])
+        argparse.ArgumentParser(prog="python -m tokenmerge.tools.fidelity", description=__doc__.splitlines()[0])
     )
     args = parser.parse_args(argv)
     try:

@@ -29,14 +29,14 @@ from typing import Any
 
 from torch import nn
 
-from . import presets
-from .api import apply
-from .config import MergeConfig
-from .errors import TokenMergeError
-from .policies.caches import NoCache
-from .policies.ideal import IdealMatcher, TokenCounts
-from .policies.matchers import RandomGrid
-from .policies.thresholds import FixedRatio
+from .. import presets
+from ..api import apply
+from ..config import MergeConfig
+from ..errors import TokenMergeError
+from ..policies.caches import NoCache
+from ..policies.matchers import RandomGrid
+from ..policies.thresholds import FixedRatio
+from .ideal import IdealMatcher, TokenCounts
 
 __all__ = ["Method", "parse_method", "tomesd_available", "mean_token_counts", "merged_fraction"]
 

@@ -28,7 +28,7 @@ from diffusers.schedulers import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
-from ..errors import TokenMergeError, check
+from ...errors import TokenMergeError, check
 
 __all__ = ["ClassTokens", "PixelDiffusionPipeline", "PixelDiTPipeline", "PixelUNetPipeline", "StepCallback"]
 

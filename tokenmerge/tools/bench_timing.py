@@ -1,4 +1,4 @@
-"""Timing, memory and compilation for `tokenmerge.bench`.
+"""Timing, memory and compilation for `tokenmerge.tools.bench`.
 
 Each call is timed on the device's own timeline: a pair of CUDA events around it, read
 after one synchronisation at the end of the loop (a CPU timer when there is no GPU).
@@ -19,9 +19,11 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..errors import TokenMergeError
+from .common import synchronize
+
 __all__ = [
     "COMPILE_MODES",
-    "resolve_device",
     "resolve_dtype",
     "compile_model",
     "reset_compiler",
@@ -37,13 +39,6 @@ __all__ = [
 COMPILE_MODES: tuple[str, ...] = ("eager", "default", "reduce-overhead")
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"``: the GPU when there is one, else the CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     """``"auto"``: float16 on a GPU, float32 on the CPU; else ``float16``/``bfloat16``/``float32``."""
     if isinstance(dtype, torch.dtype):
@@ -53,8 +48,6 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     names = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     names.update({"float32": torch.float32, "fp32": torch.float32})
     if dtype not in names:
-        from .errors import TokenMergeError
-
         raise TokenMergeError(f"dtype must be auto, float16, bfloat16 or float32; got {dtype!r}")
     return names[dtype]
 
@@ -124,11 +117,6 @@ class Timing:
         return statistics.fmean(self.times_ms)
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_calls(
     run: Callable[[int], Any], indices: Sequence[int], device: torch.device, mark_step: bool = False
 ) -> Timing:
@@ -142,7 +130,7 @@ def time_calls(
             (CUDA-graph replay: each call is a new step, its outputs may be overwritten).
     """
     mark = torch.compiler.cudagraph_mark_step_begin if mark_step else None
-    _synchronize(device)
+    synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in indices]
@@ -152,7 +140,7 @@ def time_calls(
             start.record()
             run(i)
             end.record()
-        torch.cuda.synchronize(device)
+        synchronize(device)
         times = [start.elapsed_time(end) for start, end in events]
         return Timing(times, torch.cuda.max_memory_allocated(device) / 2**20)
     times = []
@@ -167,10 +155,10 @@ def time_calls(
 
 def timed_once(run: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
     """Run once (a first, compiling call) and return its result and wall time in seconds."""
-    _synchronize(device)
+    synchronize(device)
     begin = time.perf_counter()
     result = run()
-    _synchronize(device)
+    synchronize(device)
     return result, time.perf_counter() - begin
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import TokenMergeError
+from ...errors import TokenMergeError
 
 __all__ = [
     "HOLDOUT_FRACTION",
@@ -150,7 +150,7 @@ def heldout_crops(count_per_class: int = 4, size: int = 64, seed: int = 1234) ->
 
     Returns:
         ``(N, size, size, 3)`` uint8 crops and ``(N,)`` int64 labels, ``count_per_class``
-        crops of every class in `tokenmerge.zoo.specs.CLASS_NAMES` order.
+        crops of every class in `tokenmerge.tools.zoo.specs.CLASS_NAMES` order.
     """
     from .specs import CLASS_NAMES
 

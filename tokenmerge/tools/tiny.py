@@ -1,14 +1,19 @@
 """Tiny random-weight diffusers models and pipelines, built from configs (no hub download).
 
 They have the structure of the real ones (SD 1.x/2.x and SDXL UNets, DiT, PixArt-α) at a
-few hundred thousand parameters, so the tests, the examples' ``--tiny`` path and demos run
-in milliseconds on a CPU. Text encoders and tokenizers are left out: pass
-``prompt_embeds`` (see `tiny_prompt_embeds`) or class labels instead of prompts.
+few hundred thousand parameters, so the tests, the examples' ``--tiny`` path and
+`tokenmerge demo` run in milliseconds on a CPU. Text encoders and tokenizers are left
+out: pass ``prompt_embeds`` (see `tiny_prompt_embeds`) or class labels instead of prompts.
+
+Every model builder takes a ``seed``, an ``init`` (`INITS`) and keyword overrides of the
+model's config, so one builder serves the tests (the defaults) and the demo (wider
+models with the library's own initialisation).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from diffusers import (
@@ -25,7 +30,11 @@ from diffusers import (
     UNet2DConditionModel,
 )
 
+from ..errors import check
+from .common import seeded
+
 __all__ = [
+    "INITS",
     "TEXT_DIM",
     "POOLED_DIM",
     "CAPTION_DIM",
@@ -42,6 +51,12 @@ __all__ = [
     "tiny_prompt_embeds",
 ]
 
+#: How a builder initialises the weights: ``"normal"``, every parameter drawn from
+#: N(0, 0.2²) with a generator seeded by ``seed`` (the tests' default: zero-initialised
+#: layers get values too); ``"default"``, diffusers' own initialisation under ``seed``,
+#: with the weights it sets to zero (DiT's adaLN-Zero, output layers) drawn from
+#: N(0, 0.02²), so a random-weight model does not compute a constant.
+INITS: tuple[str, ...] = ("normal", "default")
 #: Width of the text embeddings the tiny UNets cross-attend to.
 TEXT_DIM = 32
 #: Width of the tiny SDXL UNet's pooled text embedding.
@@ -70,14 +85,42 @@ def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def tiny_sd_unet(seed: int = 0, sample_size: int = 16) -> UNet2DConditionModel:
+def _wake_zero_init(model: torch.nn.Module, std: float = 0.02) -> torch.nn.Module:
+    """Give small random values (global RNG) to the weights initialised to zero."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1 and not param.any():
+                param.normal_(0.0, std)
+    return model
+
+
+_Model = TypeVar("_Model", bound=torch.nn.Module)
+
+
+def _build(factory: Callable[..., _Model], config: dict[str, Any], seed: int, init: str) -> _Model:
+    """``factory(**config)`` in eval mode, its weights initialised by ``init`` (see `INITS`) from ``seed``."""
+    check(init in INITS, f"init must be one of {', '.join(INITS)}; got {init!r}")
+    if init == "normal":
+        return _randomize(factory(**config), seed)
+    with seeded(seed):
+        return _wake_zero_init(factory(**config)).eval()
+
+
+def tiny_sd_unet(seed: int = 0, sample_size: int = 16, *, init: str = "normal", **config: Any) -> UNet2DConditionModel:
     """An SD 1.x-style UNet: attention at the full latent resolution and the next level, and in the mid block.
 
     Three levels (token grids ``H x W``, ``H/2 x W/2``, ``H/4 x W/4``): cross-attention
     down blocks at the first two, a plain block at the third, a cross-attention mid block
     there too, mirrored on the way up, like SD 1.5 one level shorter.
+
+    Args:
+        seed: seed of the weights.
+        sample_size: latent side.
+        init: how the weights are initialised (`INITS`).
+        **config: overrides of the `UNet2DConditionModel` config (``block_out_channels``,
+            ``down_block_types``, ...).
     """
-    unet = UNet2DConditionModel(
+    defaults: dict[str, Any] = dict(
         sample_size=sample_size,
         in_channels=4,
         out_channels=4,
@@ -89,18 +132,21 @@ def tiny_sd_unet(seed: int = 0, sample_size: int = 16) -> UNet2DConditionModel:
         attention_head_dim=8,
         norm_num_groups=8,
     )
-    return _randomize(unet, seed)
+    return _build(UNet2DConditionModel, {**defaults, **config}, seed, init)
 
 
-def tiny_sdxl_unet(seed: int = 0, sample_size: int = 16) -> UNet2DConditionModel:
+def tiny_sdxl_unet(
+    seed: int = 0, sample_size: int = 16, *, init: str = "normal", **config: Any
+) -> UNet2DConditionModel:
     """An SDXL-style UNet: no attention at the full latent resolution, text-time added conditioning.
 
     Like SDXL, the first level is a plain down block; attention starts one level down,
     with two transformer layers per block at the lowest level and linear projections.
-    Call it with ``added_cond_kwargs={"text_embeds": (B, POOLED_DIM), "time_ids": (B, 6)}``.
+    Call it with ``added_cond_kwargs={"text_embeds": (B, POOLED_DIM), "time_ids": (B, 6)}``;
+    ``seed``, ``init`` and ``config`` as in `tiny_sd_unet`.
     """
     time_dim = 8
-    unet = UNet2DConditionModel(
+    defaults: dict[str, Any] = dict(
         sample_size=sample_size,
         in_channels=4,
         out_channels=4,
@@ -117,12 +163,18 @@ def tiny_sdxl_unet(seed: int = 0, sample_size: int = 16) -> UNet2DConditionModel
         addition_time_embed_dim=time_dim,
         projection_class_embeddings_input_dim=6 * time_dim + POOLED_DIM,
     )
-    return _randomize(unet, seed)
+    return _build(UNet2DConditionModel, {**defaults, **config}, seed, init)
 
 
-def tiny_dit(seed: int = 0, sample_size: int = 16, num_layers: int = 4) -> DiTTransformer2DModel:
-    """A DiT (ada_norm_zero blocks, class-conditional, learned sigma) with 2x2 patches."""
-    model = DiTTransformer2DModel(
+def tiny_dit(
+    seed: int = 0, sample_size: int = 16, num_layers: int = 4, *, init: str = "normal", **config: Any
+) -> DiTTransformer2DModel:
+    """A DiT (ada_norm_zero blocks, class-conditional, learned sigma) with 2x2 patches.
+
+    ``seed``, ``init`` and ``config`` (overrides of the `DiTTransformer2DModel` config) as
+    in `tiny_sd_unet`.
+    """
+    defaults: dict[str, Any] = dict(
         num_attention_heads=2,
         attention_head_dim=8,
         in_channels=4,
@@ -132,12 +184,18 @@ def tiny_dit(seed: int = 0, sample_size: int = 16, num_layers: int = 4) -> DiTTr
         patch_size=2,
         num_embeds_ada_norm=1000,
     )
-    return _randomize(model, seed)
+    return _build(DiTTransformer2DModel, {**defaults, **config}, seed, init)
 
 
-def tiny_pixart(seed: int = 0, sample_size: int = 16, num_layers: int = 4) -> PixArtTransformer2DModel:
-    """A PixArt-α transformer (ada_norm_single blocks, cross-attention to captions) with 2x2 patches."""
-    model = PixArtTransformer2DModel(
+def tiny_pixart(
+    seed: int = 0, sample_size: int = 16, num_layers: int = 4, *, init: str = "normal", **config: Any
+) -> PixArtTransformer2DModel:
+    """A PixArt-α transformer (ada_norm_single blocks, cross-attention to captions) with 2x2 patches.
+
+    ``seed``, ``init`` and ``config`` (overrides of the `PixArtTransformer2DModel` config)
+    as in `tiny_sd_unet`.
+    """
+    defaults: dict[str, Any] = dict(
         num_attention_heads=2,
         attention_head_dim=8,
         in_channels=4,
@@ -149,12 +207,12 @@ def tiny_pixart(seed: int = 0, sample_size: int = 16, num_layers: int = 4) -> Pi
         patch_size=2,
         norm_type="ada_norm_single",
     )
-    return _randomize(model, seed)
+    return _build(PixArtTransformer2DModel, {**defaults, **config}, seed, init)
 
 
 def tiny_vae(seed: int = 0, levels: int = 1) -> AutoencoderKL:
     """A VAE with ``levels`` resolution levels: images are ``2**(levels - 1)`` times larger than latents."""
-    vae = AutoencoderKL(
+    config: dict[str, Any] = dict(
         in_channels=3,
         out_channels=3,
         latent_channels=4,
@@ -164,7 +222,7 @@ def tiny_vae(seed: int = 0, levels: int = 1) -> AutoencoderKL:
         layers_per_block=1,
         norm_num_groups=8,
     )
-    return _randomize(vae, seed)
+    return _build(AutoencoderKL, config, seed, "normal")
 
 
 def tiny_sd_pipeline(seed: int = 0, scheduler: Any = None) -> StableDiffusionPipeline:

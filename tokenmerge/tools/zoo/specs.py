@@ -2,7 +2,7 @@
 
 The weights' JSON file records the configuration it was trained with; `build_pipeline`
 builds from that record, so retrained weights with another configuration still load.
-The defaults here are what `tokenmerge.zoo.train` trains.
+The defaults here are what `tokenmerge.tools.zoo.train` trains.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import check
+from ...errors import check
 
 __all__ = ["CLASS_NAMES", "ZooSpec", "SPECS", "SCHEDULER_CONFIG", "build_pipeline"]
 
@@ -51,7 +51,7 @@ class ZooSpec:
     """One reference model: its kind and the configs of its components.
 
     Attributes:
-        name: the name `tokenmerge.zoo.load` takes.
+        name: the name `tokenmerge.tools.zoo.load` takes.
         kind: ``"dit"`` or ``"unet"``.
         denoiser: keyword arguments of `DiTTransformer2DModel` or `UNet2DConditionModel`.
         class_tokens: keyword arguments of `ClassTokens` (UNet only).
@@ -92,7 +92,7 @@ class ZooSpec:
 
 _NUM_CLASSES = len(CLASS_NAMES)
 
-#: The reference models by name: what `tokenmerge.zoo.train` trains.
+#: The reference models by name: what `tokenmerge.tools.zoo.train` trains.
 SPECS: dict[str, ZooSpec] = {
     # 64x64 RGB, patch 2: 1,024 tokens of width 128 through 6 adaLN-Zero blocks (about 2 M parameters).
     "dit-photos": ZooSpec(

@@ -2,7 +2,7 @@
 
 Two class-conditional pixel-space models (64 x 64 RGB) trained by tokenmerge itself on
 crops of the photographs bundled with scikit-image, one class per photograph
-(see `tokenmerge.zoo.specs.CLASS_NAMES`):
+(see `tokenmerge.tools.zoo.specs.CLASS_NAMES`):
 
 * ``"dit-photos"``: a `DiTTransformer2DModel` with patch 2 (1,024 tokens);
 * ``"unet-photos"``: a `UNet2DConditionModel` in the SD layout (cross-attention blocks
@@ -10,12 +10,12 @@ crops of the photographs bundled with scikit-image, one class per photograph
 
 They load offline in one call and can be merged like any diffusers pipeline::
 
-    from tokenmerge import zoo
+    from tokenmerge.tools import zoo
     pipe = zoo.load("unet-photos")
     images = pipe(["grass", "coffee"], num_inference_steps=25, generator=torch.Generator().manual_seed(0)).images
     tokenmerge.apply(pipe, tokenmerge.ToMeSD(ratio=0.5, seed=0))
 
-How the shipped weights were trained is in ``tokenmerge/zoo/README.md`` and in each
+How the shipped weights were trained is in ``tokenmerge/tools/zoo/README.md`` and in each
 model's JSON record (`info`). Importing this module does not import diffusers; `load` does.
 """
 
@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import TokenMergeError, check
+from ...errors import TokenMergeError, check
+from ..common import resolve_device
 
 __all__ = ["WEIGHTS_DIR", "names", "info", "load", "heldout"]
 
@@ -79,7 +80,7 @@ def load(
 
     Args:
         name: ``"dit-photos"`` or ``"unet-photos"``.
-        device: where the pipeline runs.
+        device: where the pipeline runs (`tokenmerge.tools.common.resolve_device`: ``"auto"``, ``"cpu"``, ...).
         dtype: its floating-point type (the weights are stored in fp16).
         weights_dir: a directory written by the training script; the shipped weights by default.
 
@@ -90,12 +91,14 @@ def load(
         guidance_scale=3.0, generator=...)``.
 
     Raises:
-        TokenMergeError: for an unknown name, a non-floating dtype or missing weights.
+        TokenMergeError: for an unknown name, a device that is not present, a non-floating dtype or
+            missing weights.
     """
     check(
         isinstance(dtype, torch.dtype) and dtype.is_floating_point,
         f"dtype must be a floating torch.dtype; got {dtype!r}",
     )
+    resolved = resolve_device(device)
     record = info(name, weights_dir)
     from safetensors.torch import load_file
 
@@ -120,7 +123,7 @@ def load(
         part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         module.load_state_dict(part, strict=True)
         # torch's own Module.to: diffusers' override warns about fp32 modules on every dtype cast
-        torch.nn.Module.to(module, device=torch.device(device), dtype=dtype).eval().requires_grad_(False)
+        torch.nn.Module.to(module, device=resolved, dtype=dtype).eval().requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -6,7 +6,7 @@ similarity, no sort, no index tensors, no scatter. Run through the same adapter 
 as a real method, with the same token count in every layer (`TokenCounts`), it times
 what merging could at best save; a method's *overhead* is how far it stays from it:
 ``(time - ideal) / (plain - ideal)``. Its outputs are meaningless (tokens are dropped,
-not merged); it exists for benchmarks (`tokenmerge.bench`).
+not merged); it exists for benchmarks (`tokenmerge.tools.bench`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch import Tensor
 from ..errors import TokenMergeError, check
 from ..layout import TokenLayout
 from ..plan import MergeForm, MergeMode, MergePlan
-from .base import Matcher, Matching, MergeContext, ThresholdPolicy
+from ..policies.base import Matcher, Matching, MergeContext, ThresholdPolicy
 
 __all__ = ["IdealMatcher", "IdealPlan", "TokenCounts"]
 

@@ -1,7 +1,7 @@
 """``tokenmerge demo``: merging on small built-in models, measured against the plain models.
 
 Nothing is downloaded. The diffusion models are the trained reference models shipped in
-`tokenmerge.zoo` (a UNet in the Stable Diffusion layout and a DiT, 64x64 px), which
+`tokenmerge.tools.zoo` (a UNet in the Stable Diffusion layout and a DiT, 64x64 px), which
 generate a few images per preset; without their weights (or with ``zoo=False``) small
 models with seeded random weights stand in. The ViT has random weights. Each preset that
 applies to a model is timed against the plain model and its output compared with the
@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -24,10 +23,12 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor
 
-from .api import apply
-from .config import MergeConfig
-from .errors import TokenMergeError, check
-from .presets import CAToMe, ToDo, ToMe, ToMeSD
+from ..api import apply
+from ..config import MergeConfig
+from ..errors import TokenMergeError, check
+from ..presets import CAToMe, ToDo, ToMe, ToMeSD
+from .common import progress as progress_bar
+from .common import psnr, resolve_device, seeded, synchronize
 
 __all__ = [
     "MODEL_NAMES",
@@ -45,9 +46,7 @@ __all__ = [
     "format_table",
     "summarize_tokens",
     "cosine_to_reference",
-    "psnr_to_reference",
     "Fidelity",
-    "resolve_device",
     "merged_groups_picture",
     "generated_images_grid",
     "visualize_image",
@@ -148,29 +147,7 @@ class DemoResult:
     rows: list[DemoRow] = field(default_factory=list)
 
 
-# ---------------------------------------------------------------------- devices and timing
-def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"`` is the GPU when there is one, else the CPU; anything else is checked."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise TokenMergeError(f"device must be auto, cpu, cuda or cuda:N; got {device!r}") from None
-    if resolved.type == "cuda":
-        check(torch.cuda.is_available(), f"device must be a present device; got {device!r} but CUDA is not available")
-        check(
-            resolved.index is None or resolved.index < torch.cuda.device_count(),
-            f"device must be a present device; got {device!r} with {torch.cuda.device_count()} GPU(s)",
-        )
-    return resolved
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
+# ---------------------------------------------------------------------- timing
 def measure(
     job: Callable[[], Tensor],
     device: torch.device,
@@ -190,10 +167,10 @@ def measure(
         for _ in range(repeats):
             if before is not None:
                 before()
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             output = job()
-            _sync(device)
+            synchronize(device)
             times.append(time.perf_counter() - start)
     return min(times), output  # the best run: the least disturbed by whatever else the machine does
 
@@ -205,20 +182,12 @@ def cosine_to_reference(output: Tensor, reference: Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a, b, dim=1).mean())
 
 
-def psnr_to_reference(output: Tensor, reference: Tensor) -> float:
-    """PSNR in dB of images in [0, 1] against the reference images (inf when identical)."""
-    error = (output.detach().float() - reference.detach().float()).pow(2).mean()
-    return float("inf") if error == 0 else float(-10.0 * torch.log10(error))
-
-
 #: The random-weight models' measure: how much merging perturbs the network.
 COSINE = Fidelity(
     "cosine to plain", "cosine similarity of the outputs to the plain outputs (1.0: unchanged)", cosine_to_reference
 )
 #: The trained models' measure: how far the final images move.
-PSNR = Fidelity(
-    "PSNR vs plain", "PSNR of the final images against the plain model's (inf: unchanged)", psnr_to_reference, "dB"
-)
+PSNR = Fidelity("PSNR vs plain", "PSNR of the final images against the plain model's (inf: unchanged)", psnr, "dB")
 
 
 def summarize_tokens(merged: dict[str, tuple[int, int]]) -> str:
@@ -245,50 +214,7 @@ def summarize_tokens(merged: dict[str, tuple[int, int]]) -> str:
     return ", ".join(parts)
 
 
-# ---------------------------------------------------------------------- progress
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def clear(self) -> None:
-        pass
-
-    def refresh(self) -> None:
-        pass
-
-    def set_postfix_str(self, text: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-@contextmanager
-def _progress(total: int, desc: str, enabled: bool) -> Iterator[Any]:
-    """A tqdm bar on stderr (shown on a terminal only), or nothing."""
-    bar: Any = _NoBar()
-    if enabled:
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:  # tqdm comes with the diffusers and timm extras
-            pass
-        else:
-            bar = tqdm(total=total, desc=desc, unit="run", file=sys.stderr, leave=False, disable=None)
-    try:
-        yield bar
-    finally:
-        bar.close()
-
-
 # ---------------------------------------------------------------------- models
-@contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Seed torch inside, leave the caller's global RNG as it was."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
 def _denoise_job(call: Callable[[Tensor, Tensor], Tensor], noise: Tensor, steps: int) -> Callable[[], Tensor]:
     """A DDIM sampling loop of ``steps`` steps calling ``call(latents, timestep)`` -> noise prediction.
 
@@ -322,19 +248,6 @@ def _denoise_job(call: Callable[[Tensor, Tensor], Tensor], noise: Tensor, steps:
     return job
 
 
-def _wake_zero_init(model: torch.nn.Module, std: float = 0.02) -> torch.nn.Module:
-    """Give small random values to weights initialised to zero (DiT's adaLN-Zero, output layers).
-
-    A random-weight model with those at zero computes a constant, so merging could not
-    change its output. Draws from the global RNG (seeded by the caller).
-    """
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() > 1 and not param.any():
-                param.normal_(0.0, std)
-    return model
-
-
 def _diffusion_configs(seed: int) -> dict[str, MergeConfig]:
     """The presets every diffusion demo model runs: ToMeSD, CA-ToMe and ToDo at their usual settings."""
     return {
@@ -345,26 +258,21 @@ def _diffusion_configs(seed: int) -> dict[str, MergeConfig]:
 
 
 def _build_unet(device: torch.device, seed: int, steps: int) -> DemoModel:
-    from diffusers import UNet2DConditionModel
+    from .tiny import TEXT_DIM, tiny_sd_unet
 
     size = 32  # latent side: 1024 tokens in the top-level attention
-    with _seeded(seed):
-        unet = _wake_zero_init(
-            UNet2DConditionModel(
-                sample_size=size,
-                in_channels=4,
-                out_channels=4,
-                block_out_channels=(32, 64),
-                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                cross_attention_dim=32,
-                layers_per_block=1,
-                attention_head_dim=8,
-                norm_num_groups=8,
-            )
-        )
+    # The library's initialisation (a random-weight model that computes something), 2 levels.
+    unet = tiny_sd_unet(
+        seed,
+        size,
+        init="default",
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    with seeded(seed + 1):
         noise = torch.randn(1, 4, size, size)  # (B, C, H, W)
-        text = torch.randn(1, 8, 32)  # (B, L, D) stands in for a prompt's embedding
+        text = torch.randn(1, 8, TEXT_DIM)  # (B, L, D) stands in for a prompt's embedding
     unet = unet.to(device).eval()
     noise, text = noise.to(device), text.to(device)
     job = _denoise_job(lambda x, t: unet(x, t, encoder_hidden_states=text).sample, noise, steps)
@@ -382,23 +290,11 @@ def _build_unet(device: torch.device, seed: int, steps: int) -> DemoModel:
 
 
 def _build_dit(device: torch.device, seed: int, steps: int) -> DemoModel:
-    from diffusers import DiTTransformer2DModel
+    from .tiny import tiny_dit
 
     size, patch = 32, 2  # 16 x 16 = 256 tokens
-    with _seeded(seed):
-        dit = _wake_zero_init(
-            DiTTransformer2DModel(
-                num_attention_heads=4,
-                attention_head_dim=16,
-                in_channels=4,
-                out_channels=8,
-                num_layers=4,
-                sample_size=size,
-                patch_size=patch,
-                num_embeds_ada_norm=1000,
-                norm_num_groups=8,
-            )
-        )
+    dit = tiny_dit(seed, size, 4, init="default", num_attention_heads=4, attention_head_dim=16, patch_size=patch)
+    with seeded(seed + 1):
         noise = torch.randn(1, 4, size, size)  # (B, C, H, W)
     dit = dit.to(device).eval()
     noise = noise.to(device)
@@ -422,7 +318,7 @@ def _build_vit(device: torch.device, seed: int, steps: int) -> DemoModel:
     import timm
 
     size, depth = 128, 6  # 8 x 8 patches + class token
-    with _seeded(seed):
+    with seeded(seed):
         vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=size, depth=depth)
         images = torch.randn(4, 3, size, size)  # (B, 3, H, W)
     vit = vit.to(device).eval()
@@ -441,7 +337,7 @@ def _build_vit(device: torch.device, seed: int, steps: int) -> DemoModel:
     )
 
 
-#: The demo model each trained `tokenmerge.zoo` model stands in for, and the devices it runs on in the demo.
+#: The demo model each trained `tokenmerge.tools.zoo` model stands in for, and the devices it runs on in the demo.
 ZOO_MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "unet": ("unet-photos", ("cuda", "cpu")),
     "dit": ("dit-photos", ("cuda", "cpu")),
@@ -456,10 +352,10 @@ DEFAULT_REPEATS: dict[bool, int] = {False: 1, True: 3}
 
 
 def zoo_weights_ready(name: str, weights_dir: Path | str | None = None) -> bool:
-    """Whether `tokenmerge.zoo` is installed and has the trained weights of ``name``."""
+    """Whether `tokenmerge.tools.zoo` is installed and has the trained weights of ``name``."""
     import importlib.util
 
-    if importlib.util.find_spec("tokenmerge.zoo") is None:
+    if importlib.util.find_spec("tokenmerge.tools.zoo") is None:
         return False
     from . import zoo
 
@@ -496,7 +392,7 @@ def _build_zoo(key: str, name: str, device: torch.device, seed: int, steps: int,
     classes = ", ".join(str(label) for label in labels)
     return DemoModel(
         key=key,
-        title=f"{'UNet' if key == 'unet' else 'DiT'}: tokenmerge.zoo {name!r} (trained)",
+        title=f"{'UNet' if key == 'unet' else 'DiT'}: tokenmerge.tools.zoo {name!r} (trained)",
         setup=(
             f"{type(target).__name__} trained by tokenmerge on photographs, {size}x{size} px in pixel space "
             f"({tokens} tokens{' at the top level' if key == 'unet' else ''}), batch {len(labels)} ({classes}), "
@@ -530,7 +426,7 @@ def build_model(
 ) -> DemoModel:
     """Build one of the demo's models (see `MODEL_NAMES`).
 
-    The trained `tokenmerge.zoo` model when its weights are installed and it suits the
+    The trained `tokenmerge.tools.zoo` model when its weights are installed and it suits the
     device (`ZOO_MODELS`), else a small model with seeded random weights.
 
     Args:
@@ -543,7 +439,7 @@ def build_model(
     """
     check(name in _BUILDERS, f"model must be one of {', '.join(MODEL_NAMES)}; got {name!r}")
     check(steps is None or (isinstance(steps, int) and steps >= 1), f"steps must be an int >= 1; got {steps!r}")
-    device = torch.device(device)
+    device = resolve_device(device)
     if zoo and name in ZOO_MODELS:
         zoo_name, devices = ZOO_MODELS[name]
         if device.type in devices and zoo_weights_ready(zoo_name, weights_dir):
@@ -619,14 +515,14 @@ PICTURE_RS: tuple[int, ...] = (8, 12)
 def _picture_vit(seed: int, device: torch.device, arch: str = "vit_tiny_patch16_224") -> torch.nn.Module:
     import timm
 
-    with _seeded(seed):
+    with seeded(seed):
         model = timm.create_model(arch, pretrained=False)
     return model.to(device).eval()
 
 
 def _groups(model: torch.nn.Module, pixels: Any, r: int, device: torch.device) -> Any:
-    """The merged groups of ``pixels`` ``(H, W, 3)`` uint8 drawn by `tokenmerge.vis`."""
-    from .adapters.vit import merge_record
+    """The merged groups of ``pixels`` ``(H, W, 3)`` uint8 drawn by `tokenmerge.tools.vis`."""
+    from ..adapters.vit import merge_record
     from .vis import visualize
 
     batch = torch.from_numpy(pixels).permute(2, 0, 1).float()[None].to(device) / 255.0  # (1, 3, H, W)
@@ -663,7 +559,7 @@ def merged_groups_picture(
 
     from .vis import load_sample_image
 
-    resolved = torch.device(device)
+    resolved = resolve_device(device)
     if pixels is None:
         pixels = load_sample_image(224)
     if model is None:
@@ -751,7 +647,7 @@ def visualize_image(
 
     resolved = resolve_device(device)
     try:
-        with _seeded(seed):
+        with seeded(seed):
             model = timm.create_model(arch, pretrained=False, checkpoint_path=str(checkpoint) if checkpoint else "")
     except RuntimeError as error:  # timm's unknown model name, or a state dict of another architecture
         raise TokenMergeError(f"arch/checkpoint must be a timm ViT and its weights: {error}") from None
@@ -799,7 +695,7 @@ def run_demo(
         out: where to write the picture of merged tokens; None writes none.
         progress: show a progress bar on stderr.
         stream: where the tables go (stdout by default).
-        zoo: use the trained `tokenmerge.zoo` models where their weights are installed.
+        zoo: use the trained `tokenmerge.tools.zoo` models where their weights are installed.
         weights_dir: where the zoo's weights are (the shipped ones by default).
         grid: where to write the images the trained models generated with and without
             each preset, side by side (`generated_images_grid`); None writes none, and
@@ -820,14 +716,14 @@ def run_demo(
     repeats = repeats or DEFAULT_REPEATS[resolved.type == "cuda"]
     results = []
     built = []
-    with _progress(len(models), "building models", progress) as bar:
+    with progress_bar(len(models), "building models", progress, unit="model") as bar:
         for name in models:
             bar.set_postfix_str(name)
             built.append(build_model(name, resolved, seed, steps, zoo=zoo, weights_dir=weights_dir))
             bar.update()
     total = sum(1 + sum(p in m.configs for p in presets) for m in built)
     print(f"tokenmerge demo on {_device_name(resolved)} (torch {torch.__version__})", file=stream)
-    with _progress(total, "timing", progress) as bar:
+    with progress_bar(total, "timing", progress, unit="run") as bar:
         for model in built:
             result = run_model(model, presets, resolved, repeats, bar)
             results.append(result)
@@ -854,7 +750,7 @@ def run_demo(
             file=stream,
         )
     if out is not None:
-        with _progress(1, "drawing merged tokens", progress) as bar:
+        with progress_bar(1, "drawing merged tokens", progress) as bar:
             written = save_png(out, merged_groups_picture(seed=seed, device=resolved)).resolve()
             bar.update()
         rs = " and ".join(str(r) for r in PICTURE_RS)

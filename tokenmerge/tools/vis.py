@@ -6,8 +6,8 @@ or save (PIL is needed only to *read* `load_sample_image`). Typical use with a t
     handle = tokenmerge.apply(model, tokenmerge.ToMe(r=16, trace_source=True))
     model(batch)
     record = tokenmerge.adapters.vit.merge_record(model)
-    picture = tokenmerge.vis.visualize(image, record)   # (H, W, 3) uint8
-    tokenmerge.vis.save_png("merged.png", picture)
+    picture = tokenmerge.tools.vis.visualize(image, record)   # (H, W, 3) uint8
+    tokenmerge.tools.vis.save_png("merged.png", picture)
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from typing import Any, Protocol
 import numpy as np
 from torch import Tensor
 
-from .errors import TokenMergeError, check
+from ..errors import TokenMergeError, check
 
 __all__ = ["draw_groups", "visualize", "save_png", "load_sample_image", "SAMPLE_IMAGE"]
 
-#: Name of the demo image shipped in ``tokenmerge/assets`` (224x224 RGB, from scikit-image's ``astronaut``).
+#: Name of the demo image shipped in ``tokenmerge/tools/assets`` (224x224 RGB, from scikit-image's ``astronaut``).
 SAMPLE_IMAGE = "sample.png"
 
 
@@ -158,7 +158,7 @@ def load_sample_image(size: int | None = None) -> np.ndarray:
         from PIL import Image
     except ImportError as error:  # pragma: no cover - pillow comes with tokenmerge[timm]
         raise ImportError("load_sample_image needs Pillow: pip install 'tokenmerge[timm]'") from error
-    with (resources.files("tokenmerge") / "assets" / SAMPLE_IMAGE).open("rb") as handle:
+    with (resources.files("tokenmerge.tools") / "assets" / SAMPLE_IMAGE).open("rb") as handle:
         picture = Image.open(handle).convert("RGB")
         if size is not None:
             check(isinstance(size, int) and size >= 1, f"size must be None or an int >= 1; got {size!r}")

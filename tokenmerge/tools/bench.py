@@ -16,18 +16,19 @@ Figures per row and mode:
   plain model in eager mode.
 * ``overhead``: ``(time - ideal) / (plain - ideal)`` in the same mode: 0 is the ideal,
   1 is no gain at all; the ideal replays the method's token counts with a slice for
-  the merge and a repeat for the unmerge (`tokenmerge.policies.ideal`).
+  the merge and a repeat for the unmerge (`tokenmerge.tools.ideal`).
 * ``rel L2``: relative L2 error of the output vs the plain model's (eager, same inputs);
-  ``PSNR``: of the final latents of a short DDIM loop (same seed) vs plain (diffusion;
+  ``PSNR``: of the final latents of a short DDIM loop (same seed) vs plain, peak 1
+  (`tokenmerge.tools.common.psnr`; diffusion;
   run in eager mode and shown on the compiled rows too, which ``cmp/eager`` checks);
   ``agree``: top-1 agreement with plain (ViT); ``cmp/eager``: relative L2 of the compiled
   output vs the same row in eager mode (a CUDA-graph replay check).
 * ``merged``: tokens removed / tokens entering, over the merging layers. For a similarity
   threshold it depends on the inputs: random weights fed i.i.d. noise (``--inputs noise``,
   the default) have few similar tokens; ``--inputs smooth`` gives about the count trained
-  weights give (`tokenmerge.bench_models.smooth_noise`).
+  weights give (`tokenmerge.tools.bench_models.smooth_noise`).
 * ``ops`` (eager rows): ATen operators one call dispatches, views left out
-  (`tokenmerge.bench_timing.count_ops`; counted on one extra call at the schedule's
+  (`tokenmerge.tools.bench_timing.count_ops`; counted on one extra call at the schedule's
   first step, a recompute step for cached policies). On a GPU each is at least one
   kernel launch: the count that decides a launch-bound step. A count, not a timing, so
   it is the same on any device.
@@ -58,6 +59,7 @@ from typing import IO, Any
 
 import torch
 
+from ..errors import TokenMergeError
 from .bench_methods import Method, mean_token_counts, merged_fraction, parse_method, tomesd_available
 from .bench_models import ARCHS, INPUT_KINDS, ArchSpec, Workload, build_model, get_arch
 from .bench_timing import (
@@ -66,12 +68,12 @@ from .bench_timing import (
     compile_stats,
     count_ops,
     reset_compiler,
-    resolve_device,
     resolve_dtype,
     time_calls,
     timed_once,
 )
-from .errors import TokenMergeError
+from .common import device_argument, psnr, resolve_device
+from .common import progress as progress_bar
 
 __all__ = [
     "BenchRow",
@@ -172,16 +174,6 @@ def rel_l2(output: torch.Tensor, reference: torch.Tensor) -> float:
     """``||output - reference|| / ||reference||`` in float32."""
     output, reference = output.float(), reference.float()
     return float((output - reference).norm() / reference.norm().clamp_min(1e-12))
-
-
-def psnr(output: torch.Tensor, reference: torch.Tensor) -> float:
-    """PSNR in dB with the reference's value range as the peak (``inf`` when identical)."""
-    output, reference = output.float(), reference.float()
-    mse = float((output - reference).pow(2).mean())
-    peak = float(reference.max() - reference.min())
-    if mse == 0.0:
-        return math.inf
-    return 10.0 * math.log10(peak * peak / mse)
 
 
 def top1_agreement(output: torch.Tensor, reference: torch.Tensor) -> float:
@@ -540,7 +532,7 @@ class BenchSession:
             "row_timeout_s": row_timeout_s,
             "budget": _Budget(time_budget_s, compile_estimate_s),
         }
-        self.bar = _progress(progress, len(self.methods))
+        self.bar = progress_bar(len(self.methods), enabled=progress)
         model = build_model(spec, res, weights, seed, dev, dt)
         work = Workload(spec, model, b, res, dev, dt, seed, schedule if spec.diffusion else 1, inputs)
         self.runner = _Runner(work, options, self.result, self.bar)
@@ -636,10 +628,10 @@ def run_bench(
     """Benchmark merging on one architecture; see the module docstring for the figures.
 
     Args:
-        arch: a built-in architecture (`tokenmerge.bench_models.ARCHS`: ``sd15``, ``sd2``,
+        arch: a built-in architecture (`tokenmerge.tools.bench_models.ARCHS`: ``sd15``, ``sd2``,
             ``sdxl``, ``dit-xl-2``, ``pixart-alpha``, ``vit-b16``, ``vit-l16`` and ``*-tiny``),
             or an `ArchSpec` of your own.
-        methods: method specs (`tokenmerge.bench_methods`), e.g. ``["tomesd:0.5",
+        methods: method specs (`tokenmerge.tools.bench_methods`), e.g. ``["tomesd:0.5",
             "catome:0.7"]``; None: the family's `DEFAULT_METHODS`.
         resolution: image size in pixels (default: the architecture's).
         batch: denoiser batch (2 = one prompt with guidance) or ViT images.
@@ -652,7 +644,7 @@ def run_bench(
         tomesd: ratios for tomesd library rows; None: the ToMeSD ratios asked for, on a
             UNet when tomesd is installed; ``[]``: none.
         tomesd_compile: also compile the tomesd rows (slow: it breaks the graph).
-        weights: local weights for the model (see `tokenmerge.bench_models.load_weights`).
+        weights: local weights for the model (see `tokenmerge.tools.bench_models.load_weights`).
         warmup: warm-up calls (compiled rows: after the compiling call).
         repeats: timed calls (cached policies: rounded up to whole schedules).
         schedule: timesteps in the timing cycle of a denoiser.
@@ -660,7 +652,7 @@ def run_bench(
         fidelity: run the sampling loop (rel L2 is always measured).
         fullgraph: compile traceable rows with ``fullgraph=True`` (a graph break errors).
         seed: seed of the weights, the inputs and the merging.
-        inputs: ``"noise"`` or ``"smooth"`` latents/images (`tokenmerge.bench_models.Workload`):
+        inputs: ``"noise"`` or ``"smooth"`` latents/images (`tokenmerge.tools.bench_models.Workload`):
             smooth inputs make a similarity threshold on random weights merge about as
             much as it does on trained weights.
         time_budget_s: skip the rows that would end after this many seconds.
@@ -780,29 +772,6 @@ def _check_modes(modes: Sequence[str]) -> list[str]:
     return ["eager", *[m for m in modes if m != "eager"]]
 
 
-def _progress(enabled: bool, total: int) -> Any:
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        enabled = False
-    if not enabled:
-        return _NoBar()
-    return tqdm(total=total, file=sys.stderr, dynamic_ncols=True, leave=False)
-
-
-class _NoBar:
-    total = 0
-
-    def update(self, _: int) -> None:
-        pass
-
-    def set_description(self, _: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 # ---------------------------------------------------------------------- output
 _COLUMNS: list[tuple[str, Callable[[BenchRow], str]]] = [
     ("mode", lambda r: r.mode),
@@ -919,7 +888,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     parser.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the arch's)")
     parser.add_argument("--batch", type=int, default=None, help="denoiser batch, or ViT images (default: the arch's)")
-    parser.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--device", type=device_argument, default="auto", help="auto (GPU if present), cpu, cuda, cuda:N or mps"
+    )
     parser.add_argument("--dtype", default="auto", help="auto (float16 on a GPU, float32 on the CPU), float16, ...")
     parser.add_argument(
         "--compile",
@@ -988,7 +959,7 @@ def bench_main(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m tokenmerge.bench``."""
+    """``python -m tokenmerge.tools.bench``."""
     parser = add_bench_arguments(argparse.ArgumentParser(prog="tokenmerge bench", description=__doc__.split("\n")[0]))
     return bench_main(parser.parse_args(argv))
 

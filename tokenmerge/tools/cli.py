@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .errors import TokenMergeError
+from ..errors import TokenMergeError
+from .common import device_argument
 
 __all__ = ["main", "build_parser", "EXIT_USAGE"]
 
@@ -58,12 +59,6 @@ _positive_int = _int_at_least(1, "a positive integer")
 _non_negative_int = _int_at_least(0, "an integer >= 0")
 
 
-def _device(text: str) -> str:
-    if text == "auto" or text == "cpu" or text.startswith("cuda") or text == "mps":
-        return text
-    raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda, cuda:N or mps; got {text!r}")
-
-
 def _csv(choices: Sequence[str]) -> Callable[[str], list[str]]:
     lowered = {c.lower(): c for c in choices}
 
@@ -89,7 +84,7 @@ def _add_demo(sub: Any) -> None:
         description=(
             "Build small models (a diffusion UNet, a DiT and a ViT) without downloading anything, apply each "
             "preset, and print per model: tokens per merged layer, time against the plain model and how close the "
-            "output stays to the plain output. The trained models of tokenmerge.zoo are used where their weights "
+            "output stays to the plain output. The trained models of tokenmerge.tools.zoo are used where their weights "
             "are installed, random-weight ones otherwise. Writes a PNG of the images the trained models generate "
             "with and without each preset, and a PNG of merged token groups. Uses the GPU when there is one."
         ),
@@ -108,7 +103,9 @@ def _add_demo(sub: Any) -> None:
         metavar="LIST",
         help=f"comma-separated presets (default: all that apply: {','.join(PRESET_NAMES)})",
     )
-    parser.add_argument("--device", type=_device, default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--device", type=device_argument, default="auto", help="auto (GPU if present), cpu, cuda, cuda:N or mps"
+    )
     parser.add_argument(
         "--steps",
         type=_positive_int,
@@ -138,7 +135,7 @@ def _add_demo(sub: Any) -> None:
     parser.add_argument(
         "--random-weights",
         action="store_true",
-        help="build every model with random weights, even where tokenmerge.zoo's trained ones are installed",
+        help="build every model with random weights, even where tokenmerge.tools.zoo's trained ones are installed",
     )
     parser.add_argument("--zoo-weights", type=Path, default=None, help="read the trained models' weights from here")
     parser.add_argument("--no-progress", action="store_true", help="do not show progress bars")
@@ -170,14 +167,14 @@ def _run_demo(args: argparse.Namespace) -> int:
 _MODULE_COMMANDS: tuple[tuple[str, str, str, str, str], ...] = (
     (
         "bench",
-        "tokenmerge.bench",
+        "tokenmerge.tools.bench",
         "add_bench_arguments",
         "bench_main",
         "time merging against the plain model, eager and compiled, with memory and fidelity",
     ),
     (
         "fidelity",
-        "tokenmerge.fidelity",
+        "tokenmerge.tools.fidelity",
         "add_fidelity_arguments",
         "fidelity_main",
         "image quality of every method on the trained reference models (PSNR, SSIM, distance)",
@@ -214,7 +211,9 @@ def _add_visualize(sub: Any) -> None:
     parser.add_argument("--checkpoint", type=Path, default=None, help="local state dict for --arch")
     parser.add_argument("--out", type=Path, default=None, help="output PNG (default: IMAGE-merged.png beside it)")
     parser.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the random weights")
-    parser.add_argument("--device", type=_device, default="auto", help="auto (GPU if present), cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--device", type=device_argument, default="auto", help="auto (GPU if present), cpu, cuda, cuda:N or mps"
+    )
     parser.set_defaults(run=_run_visualize)
 
 
@@ -236,7 +235,7 @@ def _run_visualize(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     """The ``tokenmerge`` argument parser with every available sub-command."""
-    from . import __version__
+    from .. import __version__
 
     parser = _Parser(
         prog="tokenmerge",

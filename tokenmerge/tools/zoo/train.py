@@ -1,10 +1,10 @@
 """Train the reference models on crops of scikit-image's photographs.
 
-Run ``python examples/train_reference.py --help`` (or ``python -m tokenmerge.zoo.train``).
+Run ``python examples/train_reference.py --help`` (or ``python -m tokenmerge.tools.zoo.train``).
 Writes, for each model, ``<name>.safetensors`` (fp16 EMA weights), ``<name>.json`` (the
 model spec, the exact command, the loss curve, final loss, steps, hardware and time)
 and the held-out evaluation crops ``heldout_crops.npz``; copy them into
-``tokenmerge/zoo/weights/`` to ship them.
+``tokenmerge/tools/zoo/weights/`` to ship them.
 
 Deterministic for a given ``--steps`` on a given device: all random draws come from
 seeded generators. With a ``--minutes`` budget the script times a few steps first, fixes
@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..common import device_argument, resolve_device, seeded, synchronize
 from .specs import SPECS, ZooSpec, build_pipeline
 
 __all__ = ["TrainOptions", "train_model", "main", "parse_args"]
@@ -80,11 +81,6 @@ def _hardware(device: torch.device) -> str:
     return f"CPU ({cpu}, {os.cpu_count()} logical cores, {torch.get_num_threads()} threads)"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _denoise_fn(pipe: Any) -> tuple[list[nn.Module], Callable[[Tensor, Tensor, Tensor], Tensor]]:
     """The trainable modules of a pipeline and its noise prediction (model input, t, labels)."""
     if hasattr(pipe, "transformer"):
@@ -110,8 +106,7 @@ class _Trainer:
         self.spec = spec
         self.options = options
         self.device = device
-        with torch.random.fork_rng(devices=[]):  # seeded initial weights, the caller's RNG untouched
-            torch.manual_seed(options.seed)
+        with seeded(options.seed):  # seeded initial weights, the caller's RNG untouched
             self.pipe = build_pipeline(spec).to(device)
         self.modules, self.predict = _denoise_fn(self.pipe)
         self.params = [p for m in self.modules for p in m.parameters()]
@@ -163,11 +158,11 @@ class _Trainer:
         timings = []
         warmup = 1  # the first pass at a shape builds kernels and buffers (seconds on a CPU, too)
         for _ in range(TIMING_STEPS + warmup):
-            _sync(self.device)
+            synchronize(self.device)
             start = time.perf_counter()
             loss = self.loss(x0, labels, generator)
             loss.backward()
-            _sync(self.device)
+            synchronize(self.device)
             timings.append(time.perf_counter() - start)
         self.optimizer.zero_grad(set_to_none=True)
         return min(timings[warmup:]) * 1.15  # plus the optimiser step and data
@@ -272,7 +267,7 @@ def train_model(
     Returns:
         The fp16 EMA state dict and a JSON-ready record of the run.
     """
-    device = torch.device(options.device)
+    device = resolve_device(options.device)
     trainer = _Trainer(spec, options, device)
     log(
         f"== {spec.name}: {trainer.num_parameters() / 1e6:.2f} M parameters, "
@@ -363,7 +358,7 @@ def train_model(
         losses = torch.stack(pending).float().cpu().tolist()
         recent = (recent + losses)[-50:]
         curve.append([step, round(float(np.mean(losses)), 5)])
-    _sync(device)
+    synchronize(device)
     elapsed = time.perf_counter() - start
     final = float(np.mean(recent[-50:])) if recent else float("nan")
     log(f"   done: {step} steps in {elapsed:.0f}s, final loss (mean of last {min(50, len(recent))} steps) {final:.4f}")
@@ -392,7 +387,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="train_reference",
         description="Train tokenmerge's reference diffusion models on crops of scikit-image's photographs.",
     )
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
+    parser.add_argument(
+        "--device", type=device_argument, default="cpu", help="cpu (default), cuda, cuda:N, mps or auto"
+    )
     parser.add_argument("--models", default="dit-photos,unet-photos", help="comma-separated model names")
     parser.add_argument("--steps", type=int, default=None, help="optimiser steps per model")
     parser.add_argument("--minutes", type=float, default=None, help="wall-clock budget for all models together")

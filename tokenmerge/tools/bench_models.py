@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import TokenMergeError
+from ..errors import TokenMergeError
+from .common import seeded
 
 __all__ = [
     "ArchSpec",
@@ -287,9 +288,7 @@ def build_model(
     resolution = resolution or spec.resolution
     check_resolution(spec, resolution)
     device = torch.device(device)
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with seeded(seed, device):
         with device:
             model = _BUILDERS[spec.family](spec, resolution)
     if weights is not None:
