@@ -36,7 +36,7 @@ from tokenmerge.policies import (
     StridedGrid,
     ThresholdPolicy,
 )
-from tokenmerge.policies.ideal import IdealMatcher
+from tokenmerge.tools.ideal import IdealMatcher
 from tokenmerge.policies.matchers import cell_partition, grid_partition
 from tokenmerge.policies.rng import hash_randint, partition_key
 

@@ -177,7 +177,7 @@ class Matcher(ABC):
 
         The default matches the mergeable tokens, asks ``threshold`` how many merge and
         builds a `MergePlan`. A matcher that can build its plan more directly (the
-        zero-overhead reference in `tokenmerge.policies.ideal`) overrides this.
+        zero-overhead reference in `tokenmerge.tools.ideal`) overrides this.
 
         Args:
             metric: ``(B, N, C)`` features of all N tokens.
