@@ -172,7 +172,7 @@ class RangeMerge:
     @property
     def key(self) -> str:
         """The layer key of the range's plan."""
-        return f"transformer_blocks.{self.first}-{self.last}"
+        return f"{self.layout.sites[self.first].name}-{self.last}"  # e.g. transformer_blocks.4-23
 
     def clear(self) -> None:
         """Forget the plan of the previous call (done at the start of every denoiser call)."""
