@@ -90,6 +90,12 @@ class MergeConfig:
     (`tokenmerge.placements`): each adapter accepts the placements its models can
     honour and refuses the others at `tokenmerge.apply` time.
 
+    The fields the placements replaced (``merge_attn`` to ``options`` below) still
+    work: given a value other than their old default they raise a `DeprecationWarning`,
+    and they are translated when the config is applied, for the model's family (see
+    `placement_for`). Read back, they show what the placement amounts to. They cannot
+    be combined with ``placement``.
+
     Args:
         matcher: splits tokens into sources and destinations (`Matcher`).
         threshold: decides how many sources merge (`ThresholdPolicy`).
@@ -99,16 +105,16 @@ class MergeConfig:
         seed: seed of the generator random matchers draw from; merging never touches
             the global RNG or the user's generator. The generator is re-seeded at the
             start of every generation, so identical calls give identical results.
-        merge_attn, merge_crossattn, merge_mlp, max_downsample, blocks, prop_attn,
-            trace_source, kv_only, options: deprecated (a `DeprecationWarning` when
-            given a value other than the old default): the same settings as a
-            placement. They are translated when the config is applied, for the
-            family of the model: ``blocks`` is `ResidualRange` on DiT/PixArt and
-            `TokenStream.blocks` on a ViT; ``kv_only`` is `KeyValues`; the ``merge_*``
-            flags, ``max_downsample`` and ``options['protected'|'grid']`` are
-            `SubLayers`; ``prop_attn``, ``trace_source`` and ``options['dense']`` are
-            `TokenStream` (or `ResidualRange.prop_attn`). Read back, they show what
-            the placement amounts to. They cannot be combined with ``placement``.
+        merge_attn: deprecated, `SubLayers.attn`.
+        merge_crossattn: deprecated, `SubLayers.cross_attn`.
+        merge_mlp: deprecated, `SubLayers.mlp`.
+        max_downsample: deprecated, `SubLayers.max_downsample` / `KeyValues.max_downsample`.
+        blocks: deprecated, `ResidualRange` on DiT/PixArt, `TokenStream.blocks` on a ViT.
+        prop_attn: deprecated, `TokenStream.prop_attn` / `ResidualRange.prop_attn`.
+        trace_source: deprecated, `TokenStream.trace_source`.
+        kv_only: deprecated, `KeyValues`.
+        options: deprecated: ``'dense'`` is `TokenStream.dense`, ``'protected'`` and
+            ``'grid'`` are `SubLayers.protected` and `SubLayers.grid`.
         placement: where merging acts: `SubLayers`, `KeyValues`, `ResidualRange` or
             `TokenStream`; None lets the adapter pick its family's default
             (`SubLayers()` for diffusion models and block stacks, `TokenStream()` for
