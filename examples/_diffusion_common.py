@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 import tokenmerge
+from tokenmerge.placements import ResidualRange
 from tokenmerge.policies import CA_TOME_C3
 
 __all__ = ["add_arguments", "build_config", "compare", "parse", "pick_device", "pick_dtype", "sampler"]
@@ -96,7 +97,7 @@ def build_config(args: argparse.Namespace) -> tokenmerge.MergeConfig:
         config = tokenmerge.ToDo(downsample=args.downsample, **shared)
     if args.blocks:
         first, last = (int(index) for index in args.blocks.split(","))
-        config = config.replace(blocks=(first, last), mode="weighted", kv_only=False)
+        config = config.replace(placement=ResidualRange(first, last), mode="weighted")
     return config
 
 

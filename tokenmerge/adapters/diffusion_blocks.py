@@ -36,9 +36,6 @@ from .specs import BlockCall
 
 __all__ = ["SubLayerMerge", "RangeMerge", "fused_self_attention", "KV_ONLY_FUSED_MESSAGE"]
 
-# diffusers' Attention.forward(hidden_states, encoder_hidden_states=None, ...): what KeyValues reads and sets.
-_ATTENTION_HIDDEN = (0, "hidden_states")
-
 KV_ONLY_FUSED_MESSAGE = (
     "kv_only (ToDo) cannot run on a self-attention with fused QKV projections (fuse_qkv_projections): "
     "its processor has no separate key/value projection; call unfuse_qkv_projections() first"
@@ -132,7 +129,7 @@ class SubLayerMerge:
         plan, keys_values_name = self.kv.plan, self.site.spec.key_value_argument
         if plan is None or keys_values_name is None or kwargs.get(keys_values_name) is not None:
             return None
-        x = args[0] if args else kwargs.get(_ATTENTION_HIDDEN[1])  # (B, N, C)
+        x = args[0] if args else kwargs.get(self.site.spec.sublayer_input)  # (B, N, C): the attention's tokens
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[:2] != (plan.batch, plan.num_in):
             return None
         if fused_self_attention(attn):
