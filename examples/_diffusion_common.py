@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 import tokenmerge
+from tokenmerge.placements import ResidualRange
 from tokenmerge.policies import CA_TOME_C3
 from tokenmerge.tools.common import device_argument, resolve_device, synchronize
 
@@ -99,7 +100,7 @@ def build_config(args: argparse.Namespace) -> tokenmerge.MergeConfig:
         config = tokenmerge.ToDo(downsample=args.downsample, **shared)
     if args.blocks:
         first, last = (int(index) for index in args.blocks.split(","))
-        config = config.replace(blocks=(first, last), mode="weighted", kv_only=False)
+        config = config.replace(placement=ResidualRange(first, last), mode="weighted")
     return config
 
 

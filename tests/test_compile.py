@@ -21,6 +21,7 @@ import torch._dynamo
 
 import tokenmerge
 from tokenmerge import MergeConfig
+from tokenmerge.placements import ResidualRange
 from tokenmerge.policies import (
     MergeContext,
     RandomGrid,
@@ -103,7 +104,8 @@ def _tiny(name: str, resolution: int) -> Workload:
 
 def _dit_block_config() -> MergeConfig:
     return MergeConfig(
-        matcher=RandomGrid(2, 2), threshold=tokenmerge.policies.FixedRatio(0.5), seed=0, blocks=(0, 3), prop_attn=True
+        matcher=RandomGrid(2, 2), threshold=tokenmerge.policies.FixedRatio(0.5), seed=0,
+        placement=ResidualRange(0, 3, prop_attn=True),
     )
 
 

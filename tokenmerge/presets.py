@@ -3,14 +3,32 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from .config import MergeConfig
 from .errors import check
+from .placements import KeyValues, SubLayers, TokenStream
 from .policies.caches import CA_TOME_C3, NoCache, RecomputeAt
 from .policies.matchers import AlternatingBipartite, RandomGrid, StridedGrid
 from .policies.thresholds import FixedCount, FixedRatio, SimilarityThreshold
 
 __all__ = ["ToMe", "ToMeSD", "CAToMe", "ToDo"]
+
+
+def _flag(name: str, value: Any) -> bool:
+    """A preset's on/off argument: a bool, or 0/1 as tomesd takes them."""
+    ok = isinstance(value, bool) or (isinstance(value, int) and value in (0, 1))
+    check(ok, f"{name} must be a bool (or 0/1); got {value!r}")
+    return bool(value)
+
+
+def _sub_layers(attn: Any, cross_attn: Any, mlp: Any, max_downsample: int) -> SubLayers:
+    return SubLayers(
+        attn=_flag("merge_attn", attn),
+        cross_attn=_flag("merge_crossattn", cross_attn),
+        mlp=_flag("merge_mlp", mlp),
+        max_downsample=max_downsample,
+    )
 
 
 def ToMe(
@@ -30,7 +48,7 @@ def ToMe(
         prop_attn: proportional attention (``log(size)`` added to attention logits). It
             reaches SDPA as a mask, which rules out the flash kernel on CUDA; ``False``
             keeps attention mask-free (ToMe uses it for models not trained with merging).
-        trace_source: keep which patches every token covers (for `tokenmerge.vis` and
+        trace_source: keep which patches every token covers (for `tokenmerge.tools.vis` and
             dense outputs).
         seed: unused by ToMe's deterministic matcher; kept for a uniform signature.
     """
@@ -38,9 +56,10 @@ def ToMe(
         matcher=AlternatingBipartite(),
         threshold=FixedCount(r),
         mode="weighted",
-        prop_attn=prop_attn,
-        trace_source=trace_source,
         seed=seed,
+        placement=TokenStream(
+            prop_attn=_flag("prop_attn", prop_attn), trace_source=_flag("trace_source", trace_source)
+        ),
     )
 
 
@@ -73,10 +92,7 @@ def ToMeSD(
         cache=NoCache(),
         mode="mean",
         seed=seed,
-        merge_attn=merge_attn,
-        merge_crossattn=merge_crossattn,
-        merge_mlp=merge_mlp,
-        max_downsample=max_downsample,
+        placement=_sub_layers(merge_attn, merge_crossattn, merge_mlp, max_downsample),
     )
 
 
@@ -115,10 +131,7 @@ def CAToMe(
         cache=RecomputeAt(recompute_at),
         mode="mean",
         seed=seed,
-        merge_attn=merge_attn,
-        merge_crossattn=merge_crossattn,
-        merge_mlp=merge_mlp,
-        max_downsample=max_downsample,
+        placement=_sub_layers(merge_attn, merge_crossattn, merge_mlp, max_downsample),
     )
 
 
@@ -149,6 +162,5 @@ def ToDo(
         threshold=FixedRatio(full if ratio is None else ratio),
         mode="mean",
         seed=seed,
-        max_downsample=max_downsample,
-        kv_only=True,
+        placement=KeyValues(max_downsample=max_downsample),
     )

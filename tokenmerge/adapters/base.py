@@ -6,7 +6,9 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from ..config import MergeConfig
+from ..errors import TokenMergeError
 from ..hooks import HookSet
+from ..placements import Placement
 from ..state import MergeState
 
 __all__ = ["Adapter"]
@@ -18,12 +20,18 @@ class Adapter(ABC):
     Subclasses say which targets they accept, check a config against a target without
     changing anything, and attach hooks. `tokenmerge.apply` calls `check` before it
     removes an earlier config, so a rejected config leaves the model as it was.
+
+    An adapter that honours placements lists their classes in ``placements`` (the
+    first is its default; `placements_for` may narrow them per target) and reads the
+    one in effect with `placement`, which refuses the others.
     """
 
     #: Short name shown in errors and summaries.
     name: str = "adapter"
     #: The model classes this adapter handles, for error messages.
     supported: tuple[str, ...] = ()
+    #: The `Placement` classes this adapter can honour; the first is its default.
+    placements: tuple[type[Placement], ...] = ()
 
     @abstractmethod
     def accepts(self, target: Any) -> bool:
@@ -35,6 +43,33 @@ class Adapter(ABC):
     @abstractmethod
     def attach(self, target: Any, config: MergeConfig, state: MergeState, hooks: HookSet) -> None:
         """Register the hooks that apply ``config`` to ``target`` into ``hooks``."""
+
+    def placements_for(self, target: Any) -> tuple[type[Placement], ...]:
+        """The placement classes ``target`` can honour (``placements`` by default); the first is its default."""
+        return self.placements
+
+    def family(self, target: Any) -> str:
+        """How ``target``'s family is named in error messages (its class name by default)."""
+        return type(self.model_of(target)).__name__
+
+    def placement(self, target: Any, config: MergeConfig) -> Placement:
+        """The placement ``config`` has on ``target``: its own, or its deprecated fields translated.
+
+        Raises:
+            TokenMergeError: naming the placement and the ones ``target`` accepts when
+                it cannot honour it (or when a deprecated field has no counterpart).
+        """
+        accepted = self.placements_for(target)
+        if not accepted:
+            raise TokenMergeError(f"adapter {self.name!r} declares no placements (Adapter.placements)")
+        family = self.family(target)
+        placement = config.placement_for(accepted[0], family=family)
+        if not isinstance(placement, accepted):
+            names = ", ".join(cls.__name__ for cls in accepted)
+            raise TokenMergeError(
+                f"placement {placement.describe()} ({placement.form}) is not supported by {family}; it accepts {names}"
+            )
+        return placement
 
     def model_of(self, target: Any) -> Any:
         """The module that carries the hooks (a pipeline's denoiser, say); ``target`` by default."""

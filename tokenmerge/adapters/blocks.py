@@ -1,91 +1,154 @@
 """Generic adapter: a stack of plain pre-norm transformer blocks.
 
 A block is any module with ``attn`` and ``mlp`` sub-modules that it calls on
-``(B, N, C)`` tokens; the stack is an `nn.ModuleList`/`nn.Sequential` of them, or a
-module whose ``blocks`` attribute is one. The plan is computed from each block's
-input; attention and MLP run on the merged tokens and are unmerged right after
+``(B, N, C)`` tokens, or one whose class has a registered `BlockSpec`
+(`tokenmerge.adapters.specs`: its token argument and the names of its sub-layers); the
+stack is an `nn.ModuleList`/`nn.Sequential` of them, or a module whose ``blocks``
+attribute is one. The plan is computed from each block's input; the sub-layers the
+`SubLayers` placement chooses run on the merged tokens and are unmerged right after
 (ToMeSD-style merging around each sub-layer).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import nn
 
 from ..config import MergeConfig
-from ..errors import TokenMergeError, check
+from ..errors import check
 from ..hooks import HookSet, PlanSlot, merge_around
+from ..placements import SubLayers, TokenStream
 from ..state import MergeState
 from .base import Adapter
+from .specs import Argument, BlockSpec, block_call, block_spec
 
-__all__ = ["BlockStackAdapter", "block_stack"]
+__all__ = ["BlockStackAdapter", "block_stack", "GENERIC_BLOCK"]
+
+#: The spec of a block without one of its own: tokens in its first argument, ``attn`` and ``mlp``.
+GENERIC_BLOCK = BlockSpec(
+    hidden=None, context=None, mask=None, self_attention="attn", cross_attention=None, feed_forward="mlp"
+)
+
+
+def _spec_of(block: nn.Module) -> BlockSpec:
+    return block_spec(block) or GENERIC_BLOCK
 
 
 def block_stack(target: Any) -> list[nn.Module] | None:
-    """The blocks of ``target`` if it is a stack of ``attn``/``mlp`` blocks, else None."""
+    """The blocks of ``target`` if it is a stack of ``attn``/``mlp`` blocks (or blocks with a spec), else None."""
     stack = getattr(target, "blocks", target)
     if not isinstance(stack, (nn.ModuleList, nn.Sequential)) or len(stack) == 0:
         return None
     blocks = list(stack)
-    if all(
-        isinstance(getattr(b, "attn", None), nn.Module) and isinstance(getattr(b, "mlp", None), nn.Module)
-        for b in blocks
-    ):
+
+    def usable(block: nn.Module) -> bool:
+        spec = block_spec(block)
+        if spec is None:  # the generic form: both sub-layers present
+            return isinstance(getattr(block, "attn", None), nn.Module) and isinstance(
+                getattr(block, "mlp", None), nn.Module
+            )
+        return any(spec.sublayer(block, role) is not None for role in ("self_attention", "feed_forward"))
+
+    if all(usable(b) for b in blocks):
         return blocks
     return None
 
 
 class BlockStackAdapter(Adapter):
-    """Merges around ``attn`` and ``mlp`` of every block of a plain transformer stack.
+    """Merges around the sub-layers of every block of a plain transformer stack.
 
-    Reads ``config.merge_attn`` and ``config.merge_mlp``, and from ``config.options``:
-    ``protected`` (prefix tokens never merged, default 0) and ``grid`` (``(h, w)`` of
-    the patch tokens, needed by grid matchers when N is not square).
+    The placement it takes is `SubLayers` (the default; `TokenStream` runs as
+    ``SubLayers(attn=True)``, see `sub_layers`): ``attn``, ``mlp`` (and
+    ``cross_attn`` for blocks whose `BlockSpec` names a cross-attention), ``protected``
+    (prefix tokens never merged, default 0) and ``grid`` (``(h, w)`` of the patch
+    tokens, needed by grid matchers when N is not square). The deprecated
+    ``options['protected'|'grid']`` still reach those fields.
     """
 
     name = "blocks"
     supported = ("a stack of transformer blocks with .attn and .mlp",)
+    placements = (SubLayers, TokenStream)
+
+    def sub_layers(self, target: Any, config: MergeConfig, warn: bool = False) -> SubLayers:
+        """The `SubLayers` placement in effect on ``target``.
+
+        `TokenStream` (what `ToMe` builds) keeps the meaning it had here before
+        placements existed: merging around each block's self-attention,
+        ``SubLayers(attn=True)``. Generic blocks offer no way to carry token sizes or an
+        attention bias, so ToMe's residual stream cannot be honoured; ``warn`` says so
+        with a `DeprecationWarning`.
+        """
+        placement = self.placement(target, config)
+        if isinstance(placement, SubLayers):
+            return placement
+        assert isinstance(placement, TokenStream)
+        check(
+            placement.blocks is None,
+            f"TokenStream.blocks is not supported by the generic block adapter; got {placement.blocks}",
+        )
+        if warn:
+            warnings.warn(
+                "TokenStream on a generic block stack runs as SubLayers(attn=True) (merging around self-attention, "
+                "as before placements existed); pass placement=SubLayers(...) to say so",
+                DeprecationWarning,
+                stacklevel=4,
+            )
+        return SubLayers(attn=True)
 
     def accepts(self, target: Any) -> bool:
         """True for an `nn.Module` whose blocks all have ``attn`` and ``mlp``."""
         return isinstance(target, nn.Module) and block_stack(target) is not None
 
     def check(self, target: Any, config: MergeConfig) -> None:
-        """Reject options a plain block stack cannot honour."""
-        check(
-            not config.merge_crossattn,
-            "merge_crossattn must be False: plain transformer blocks have no cross-attention",
-        )
-        check(not config.kv_only, "kv_only is not supported by the generic block adapter; use merge_attn/merge_mlp")
-        check(config.blocks is None, "blocks (residual-stream merging) is not supported by the generic block adapter")
-        protected = config.options.get("protected", 0)
-        check(
-            isinstance(protected, int) and protected >= 0,
-            f"options['protected'] must be an int >= 0; got {protected!r}",
-        )
-        if not (config.merge_attn or config.merge_mlp):
-            raise TokenMergeError("merge_attn or merge_mlp must be True: otherwise nothing merges")
+        """Reject placements and settings a plain block stack cannot honour."""
+        placement = self.sub_layers(target, config, warn=True)
+        blocks = block_stack(target)
+        assert blocks is not None
+        for role, wanted, field in (
+            ("self_attention", placement.attn, "attn"),
+            ("cross_attention", placement.cross_attn, "cross_attn"),
+            ("feed_forward", placement.mlp, "mlp"),
+        ):
+            old = {"attn": "merge_attn", "cross_attn": "merge_crossattn", "mlp": "merge_mlp"}[field]
+            if wanted:
+                check(
+                    all(_spec_of(b).sublayer(b, role) is not None for b in blocks),
+                    f"{old} must be False (SubLayers.{field}): the blocks of this stack have no "
+                    f"{role.replace('_', '-')} layer",
+                )
+
+    def family(self, target: Any) -> str:
+        """``"a block stack"``, for error messages."""
+        return "a block stack"
 
     def attach(self, target: Any, config: MergeConfig, state: MergeState, hooks: HookSet) -> None:
         """Hook every block: plan on entry, merge around the chosen sub-layers."""
         blocks = block_stack(target)
         assert blocks is not None
-        protected = config.options.get("protected", 0)
-        grid = config.options.get("grid")
+        placement = self.sub_layers(target, config)
+        protected, grid = placement.protected, placement.grid
         for index, block in enumerate(blocks):
+            spec = _spec_of(block)
+            hidden = block_call(block, spec).hidden
             slot = PlanSlot()
-            hooks.pre(block, _plan_hook(state, slot, f"blocks.{index}", index, len(blocks), grid, protected))
+            hooks.pre(block, _plan_hook(state, slot, f"blocks.{index}", index, len(blocks), grid, protected, hidden))
             hooks.post(block, _clear_hook(slot), always_call=True)
-            if config.merge_attn:
-                merge_around(hooks, block.attn, slot, config.mode)
-            if config.merge_mlp:
-                merge_around(hooks, block.mlp, slot, config.mode)
+            for wanted, role in (
+                (placement.attn, "self_attention"),
+                (placement.cross_attn, "cross_attention"),
+                (placement.mlp, "feed_forward"),
+            ):
+                if wanted:
+                    merge_around(hooks, spec.sublayer(block, role), slot, config.mode, input_name=spec.sublayer_input)
 
 
-def _plan_hook(state: MergeState, slot: PlanSlot, key: str, index: int, count: int, grid: Any, protected: int) -> Any:
+def _plan_hook(
+    state: MergeState, slot: PlanSlot, key: str, index: int, count: int, grid: Any, protected: int, hidden: Argument
+) -> Any:
     def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        x = args[0] if args else next(iter(kwargs.values()))
+        x = hidden.get(args, kwargs)  # (B, N, C): the block's token argument, by its spec
         slot.plan = state.plan(key, x, layer_index=index, num_layers=count, grid=grid, protected=protected)
 
     return hook

@@ -6,9 +6,15 @@
 attaches forward hooks only:
 
 * on the denoiser, a `StepTracker` (latent size, denoising step, new generations);
-* on every `BasicTransformerBlock` that merges, a `SubLayerMerge` (tomesd's
-  merge around self-attention / cross-attention / feed-forward, or ToDo's key/value
-  merging), or for ``config.blocks`` a `RangeMerge` over a block range (DiT/PixArt).
+* on every transformer block that merges, a `SubLayerMerge` (`SubLayers`: tomesd's
+  merge around self-attention / cross-attention / feed-forward; `KeyValues`: ToDo's
+  key/value merging), or for `ResidualRange` a `RangeMerge` over a block range
+  (DiT/PixArt).
+
+Which models and blocks these are, and how they are called, is data: the
+`DenoiserSpec` and `BlockSpec` rows of `tokenmerge.adapters.diffusion_specs`. The
+placements a model accepts are its `DenoiserSpec.placements` (UNets: `SubLayers`,
+`KeyValues`; DiT and PixArt: those and `ResidualRange`).
 
 ``max_downsample`` counts from the highest-resolution level of the model that has
 attention, so SDXL, whose first level has none, merges at its second level by default.
@@ -27,19 +33,23 @@ from torch import nn
 from ..config import MergeConfig
 from ..errors import TokenMergeError, check
 from ..hooks import HookSet
+from ..placements import KeyValues, Placement, ResidualRange, SubLayers
 from ..state import MergeState
 from .base import Adapter
 from .diffusion_blocks import KV_ONLY_FUSED_MESSAGE, RangeMerge, SubLayerMerge, fused_self_attention
-from .diffusion_layout import SUPPORTED_MODELS, DenoiserLayout, describe_denoiser
+from .diffusion_layout import DenoiserLayout, describe_denoiser, supported_models
 from .diffusion_steps import StepTracker
 
 __all__ = ["DiffusersAdapter"]
 
-_SUPPORTED_TEXT = (
-    "a DiffusionPipeline whose unet or transformer is one of "
-    + ", ".join(SUPPORTED_MODELS)
-    + ", or one of those models itself"
-)
+
+def _supported_text() -> str:
+    return (
+        "a DiffusionPipeline whose unet or transformer is one of "
+        + ", ".join(supported_models())
+        + ", or one of those models itself"
+    )
+
 
 # The hook set last attached to each denoiser, so applying through the pipeline and then
 # through its denoiser (or the other way round) still leaves one set of hooks.
@@ -59,17 +69,21 @@ def _denoiser_of(target: Any) -> Any:
 class DiffusersAdapter(Adapter):
     """Applies a `MergeConfig` to a diffusers pipeline or denoiser through forward hooks.
 
-    Config fields it reads: ``merge_attn``, ``merge_crossattn``, ``merge_mlp``,
-    ``max_downsample``, ``kv_only`` and ``mode`` (per-sub-layer merging), or ``blocks``,
-    ``mode`` and ``prop_attn`` (block-range merging, DiT/PixArt only). ``seed``, the
-    matcher, threshold and cache act through `MergeState`.
+    Placements: `SubLayers` (the default) and `KeyValues` on every model, `ResidualRange`
+    on DiT/PixArt (each model's `DenoiserSpec.placements`); ``mode`` says how tokens
+    combine. ``seed``, the matcher, threshold and cache act through `MergeState`.
     """
 
     name = "diffusers"
-    supported = (
-        "diffusers DiffusionPipeline (with a unet or transformer)",
-        *(f"diffusers {name}" for name in SUPPORTED_MODELS),
-    )
+    placements = (SubLayers, KeyValues, ResidualRange)
+
+    @property
+    def supported(self) -> tuple[str, ...]:  # type: ignore[override]
+        """The pipeline and the registered denoiser classes, for error messages."""
+        return (
+            "diffusers DiffusionPipeline (with a unet or transformer)",
+            *(f"diffusers {name}" for name in supported_models()),
+        )
 
     def accepts(self, target: Any) -> bool:
         """True for any diffusers pipeline or model; `check` rejects the unsupported ones by name."""
@@ -85,51 +99,53 @@ class DiffusersAdapter(Adapter):
         layout = describe_denoiser(model) if model is not None else None
         if layout is None:
             got = type(model).__name__ if model is not None else f"{type(target).__name__} without unet/transformer"
-            raise TokenMergeError(f"target must be {_SUPPORTED_TEXT}; got {got}")
+            raise TokenMergeError(f"target must be {_supported_text()}; got {got}")
         return layout
+
+    def placements_for(self, target: Any) -> tuple[type[Placement], ...]:
+        """The placements of the model's `DenoiserSpec` (UNets: no `ResidualRange`)."""
+        spec = self.layout(target).spec
+        return spec.placements if spec is not None else self.placements
 
     def check(self, target: Any, config: MergeConfig) -> None:
         """Reject what the model lacks, before anything is changed."""
         layout = self.layout(target)
         model_name = type(layout.model).__name__
         check(len(layout.sites) > 0, f"target {model_name} has no transformer blocks to merge in")
-        check(not config.trace_source, "trace_source is not supported for diffusion models (it is for ViTs)")
-        if config.merge_crossattn:
+        placement = self.placement(target, config)
+        if isinstance(placement, SubLayers):
             check(
-                all(site.has_cross_attention for site in layout.sites),
-                f"merge_crossattn must be False for {model_name}: its transformer blocks have no cross-attention",
+                placement.protected == 0 and placement.grid is None,
+                f"SubLayers.protected and SubLayers.grid are for generic block stacks; {model_name} has no "
+                f"protected tokens and its grids follow the latent; got {placement.describe()}",
             )
-        if config.blocks is not None:
-            self._check_range(layout, config)
-            return
-        check(
-            not config.kv_only or config.merge_attn,
-            "kv_only merges self-attention keys/values: merge_attn must be True",
-        )
-        check(
-            config.merge_attn or config.merge_crossattn or config.merge_mlp,
-            "merge_attn, merge_crossattn or merge_mlp must be True: otherwise nothing merges",
-        )
-        if config.kv_only and config.merge_attn:
-            check(not any(fused_self_attention(site.block.attn1) for site in layout.sites), KV_ONLY_FUSED_MESSAGE)
-
-    @staticmethod
-    def _check_range(layout: DenoiserLayout, config: MergeConfig) -> None:
-        assert config.blocks is not None
-        model_name = type(layout.model).__name__
-        check(
-            not layout.is_unet,
-            f"blocks (block-range merging) is supported for DiTTransformer2DModel and PixArtTransformer2DModel, "
-            f"not {model_name}; use blocks=None",
-        )
-        first, last = config.blocks
-        count = len(layout.sites)
-        check(
-            last < count,
-            f"blocks must lie within the model's {count} transformer blocks, 0 <= first <= last <= {count - 1}; "
-            f"got {config.blocks}",
-        )
-        check(not config.kv_only, "kv_only cannot be combined with blocks (block-range merging)")
+            for role, wanted, old in (
+                ("self_attention", placement.attn, "merge_attn"),
+                ("cross_attention", placement.cross_attn, "merge_crossattn"),
+                ("feed_forward", placement.mlp, "merge_mlp"),
+            ):
+                if wanted:
+                    check(
+                        all(site.sublayer(role) is not None for site in layout.sites),
+                        f"{old} must be False for {model_name} ({placement.describe()}): its transformer blocks "
+                        f"have no {role.replace('_', '-')} layer",
+                    )
+        elif isinstance(placement, KeyValues):
+            for site in layout.sites:
+                attn = site.sublayer("self_attention")
+                check(
+                    attn is not None and site.spec.key_value_argument is not None,
+                    f"placement KeyValues needs a self-attention that takes separate keys and values "
+                    f"(BlockSpec.key_value_argument); {type(site.block).__name__} at {site.name} has none",
+                )
+                check(not fused_self_attention(attn), KV_ONLY_FUSED_MESSAGE)
+        elif isinstance(placement, ResidualRange):
+            count = len(layout.sites)
+            check(
+                placement.last < count,
+                f"ResidualRange.last must lie within the model's {count} transformer blocks, "
+                f"0 <= first <= last <= {count - 1} (MergeConfig.blocks); got {placement.describe()}",
+            )
 
     def attach(self, target: Any, config: MergeConfig, state: MergeState, hooks: HookSet) -> None:
         """Hook the denoiser (step tracking) and its transformer blocks (merging)."""
@@ -141,9 +157,11 @@ class DiffusersAdapter(Adapter):
         pipeline = target if isinstance(target, DiffusionPipeline) else None
         tracker = StepTracker(state, layout, pipeline)
         hooks.pre(layout.model, tracker, prepend=True)
-        if config.blocks is not None:
+        placement = self.placement(target, config)
+        if isinstance(placement, ResidualRange):
             RangeMerge(config, state, tracker, layout).attach(hooks)
             return
-        merging = [site for site in layout.sites if layout.relative_downsample(site) <= config.max_downsample]
+        assert isinstance(placement, (SubLayers, KeyValues))
+        merging = [site for site in layout.sites if layout.relative_downsample(site) <= placement.max_downsample]
         for index, site in enumerate(merging):
             SubLayerMerge(config, state, tracker, layout, site, index, len(merging)).attach(hooks)

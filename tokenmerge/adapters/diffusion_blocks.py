@@ -2,14 +2,20 @@
 
 Two ways of merging, both through forward hooks only:
 
-* `SubLayerMerge` (tomesd, ToDo): a pre-hook on a `BasicTransformerBlock` computes the
+* `SubLayerMerge` (tomesd, ToDo): a pre-hook on a transformer block computes the
   block's plan from its input; self-attention, cross-attention and the feed-forward
-  layer each run on merged tokens and are unmerged right after (`merge_around`), or,
-  with ``kv_only`` (ToDo), self-attention keeps every query and attends to merged keys
-  and values (the merged tokens are passed as its ``encoder_hidden_states``).
-* `RangeMerge` (ToMe-style, DiT/PixArt): the residual stream is merged before block
-  ``first``, stays merged through block ``last`` (self-attention gets ``log(size)`` as an
-  additive attention mask: proportional attention) and is unmerged after it.
+  layer each run on merged tokens and are unmerged right after (`merge_around`;
+  placement `SubLayers`), or self-attention keeps every query and attends to merged
+  keys and values (the merged tokens are passed as its ``encoder_hidden_states``;
+  placement `KeyValues`).
+* `RangeMerge` (ToMe-style, DiT/PixArt; placement `ResidualRange`): the residual stream
+  is merged before block ``first``, stays merged through block ``last`` (self-attention
+  gets ``log(size)`` as an additive attention mask: proportional attention) and is
+  unmerged after it.
+
+Which argument of a block carries the tokens and the mask, which output is the image
+stream and which sub-modules merge is read from the block's `BlockSpec`
+(``site.call``), not guessed from positions.
 """
 
 from __future__ import annotations
@@ -21,16 +27,14 @@ from torch import Tensor, nn
 from ..config import MergeConfig
 from ..errors import TokenMergeError
 from ..hooks import HookSet, PlanSlot, merge_around
+from ..placements import KeyValues, SubLayers
 from ..plan import MergePlan, proportional_attention_bias
 from ..state import MergeState
 from .diffusion_layout import BlockSite, DenoiserLayout
-from .diffusion_steps import StepTracker, get_argument
+from .diffusion_steps import StepTracker
+from .specs import BlockCall
 
 __all__ = ["SubLayerMerge", "RangeMerge", "fused_self_attention", "KV_ONLY_FUSED_MESSAGE"]
-
-# BasicTransformerBlock.forward(hidden_states, attention_mask, ...): positions of the arguments read here.
-_HIDDEN = (0, "hidden_states")
-_MASK = (1, "attention_mask")
 
 KV_ONLY_FUSED_MESSAGE = (
     "kv_only (ToDo) cannot run on a self-attention with fused QKV projections (fuse_qkv_projections): "
@@ -48,12 +52,9 @@ def fused_self_attention(attn: nn.Module) -> bool:
     return type(processor).__name__.startswith("Fused") and getattr(attn, "to_kv", None) is None
 
 
-def _replace_argument(
-    args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str, value: Any
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    if len(args) > index:
-        return (*args[:index], value, *args[index + 1 :]), kwargs
-    return args, {**kwargs, name: value}
+def _has_mask(call: BlockCall, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a block call passed a self-attention mask (which would not fit merged tokens)."""
+    return call.mask is not None and call.mask.get(args, kwargs) is not None
 
 
 class SubLayerMerge:
@@ -84,25 +85,31 @@ class SubLayerMerge:
         self.attn, self.cross, self.mlp, self.kv = PlanSlot(), PlanSlot(), PlanSlot(), PlanSlot()
 
     def attach(self, hooks: HookSet) -> None:
-        """Register the block's plan hook and the hooks around its chosen sub-layers."""
-        block, config = self.site.block, self.config
-        hooks.pre(block, self._plan)
-        hooks.post(block, self._clear, always_call=True)
-        if config.merge_attn and config.kv_only:
-            hooks.pre(block.attn1, self._merge_keys_values)
-        elif config.merge_attn:
-            merge_around(hooks, block.attn1, self.attn, config.mode)
-        if config.merge_crossattn:
-            merge_around(hooks, block.attn2, self.cross, config.mode)
-        if config.merge_mlp:
-            merge_around(hooks, block.ff, self.mlp, config.mode)
+        """Register the block's plan hook and the hooks around the sub-layers the placement chooses."""
+        site, config = self.site, self.config
+        placement = config.placement_for(SubLayers)
+        name = site.spec.sublayer_input
+        hooks.pre(site.block, self._plan)
+        hooks.post(site.block, self._clear, always_call=True)
+        if isinstance(placement, KeyValues):
+            hooks.pre(site.sublayer("self_attention"), self._merge_keys_values)
+            return
+        assert isinstance(placement, SubLayers)
+        for wanted, role, slot in (
+            (placement.attn, "self_attention", self.attn),
+            (placement.cross_attn, "cross_attention", self.cross),
+            (placement.mlp, "feed_forward", self.mlp),
+        ):
+            if wanted:
+                merge_around(hooks, site.sublayer(role), slot, config.mode, input_name=name)
 
     def _clear(self, *_: Any) -> None:
         self.attn.plan = self.cross.plan = self.mlp.plan = self.kv.plan = None
 
     def _plan(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._clear()
-        x = get_argument(args, kwargs, *_HIDDEN)  # (B, N, C)
+        call = self.site.call
+        x = call.hidden.get(args, kwargs)  # (B, N, C)
         if not isinstance(x, Tensor) or x.dim() != 3:
             return
         grid = self.layout.grid(self.tracker.latent_hw, self.site, x.shape[1])
@@ -112,23 +119,23 @@ class SubLayerMerge:
         if plan.r == 0:
             return
         # A self-attention mask over the N image tokens would not fit N - r merged tokens.
-        self_attention_ok = get_argument(args, kwargs, *_MASK) is None
+        self_attention_ok = not _has_mask(call, args, kwargs)
         self.attn.plan = plan if self_attention_ok else None
         self.kv.plan = plan if self_attention_ok else None
         self.cross.plan = plan
         self.mlp.plan = plan
 
     def _merge_keys_values(self, attn: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        plan = self.kv.plan
-        if plan is None or kwargs.get("encoder_hidden_states") is not None:
+        plan, keys_values_name = self.kv.plan, self.site.spec.key_value_argument
+        if plan is None or keys_values_name is None or kwargs.get(keys_values_name) is not None:
             return None
-        x = get_argument(args, kwargs, *_HIDDEN)  # (B, N, C)
+        x = args[0] if args else kwargs.get(self.site.spec.sublayer_input)  # (B, N, C): the attention's tokens
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[:2] != (plan.batch, plan.num_in):
             return None
         if fused_self_attention(attn):
             raise TokenMergeError(KV_ONLY_FUSED_MESSAGE)
         keys_values = plan.merge(x, mode=self.config.mode)  # (B, N - r, C): keys and values only
-        return args, {**kwargs, "encoder_hidden_states": keys_values}
+        return args, {**kwargs, keys_values_name: keys_values}
 
 
 class RangeMerge:
@@ -162,7 +169,7 @@ class RangeMerge:
     @property
     def key(self) -> str:
         """The layer key of the range's plan."""
-        return f"transformer_blocks.{self.first}-{self.last}"
+        return f"{self.layout.sites[self.first].name}-{self.last}"  # e.g. transformer_blocks.4-23
 
     def clear(self) -> None:
         """Forget the plan of the previous call (done at the start of every denoiser call)."""
@@ -171,6 +178,7 @@ class RangeMerge:
     def attach(self, hooks: HookSet) -> None:
         """Hook the blocks of the range."""
         sites = self.layout.sites
+        self._calls = {site.block: site.call for site in sites[self.first : self.last + 1]}
         hooks.pre(sites[self.first].block, self._merge)
         for site in sites[self.first : self.last + 1]:
             hooks.pre(site.block, self._add_bias)
@@ -178,10 +186,11 @@ class RangeMerge:
 
     def _merge(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         self.clear()
-        x = get_argument(args, kwargs, *_HIDDEN)  # (B, N, C)
-        if not isinstance(x, Tensor) or x.dim() != 3 or get_argument(args, kwargs, *_MASK) is not None:
-            return None
         site = self.layout.sites[self.first]
+        call = site.call
+        x = call.hidden.get(args, kwargs)  # (B, N, C)
+        if not isinstance(x, Tensor) or x.dim() != 3 or _has_mask(call, args, kwargs):
+            return None
         grid = self.layout.grid(self.tracker.latent_hw, site, x.shape[1])
         if grid is None:
             return None
@@ -193,21 +202,23 @@ class RangeMerge:
         if self.config.prop_attn:
             self.bias = proportional_attention_bias(self.size, x.dtype)[:, 0]  # (B, 1, N - r)
         merged = plan.merge(x, mode=self.config.mode)  # (B, N - r, C)
-        return _replace_argument(args, kwargs, *_HIDDEN, merged)
+        return call.hidden.replace(args, kwargs, merged)
 
-    def _add_bias(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _add_bias(self, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         plan, bias = self.plan, self.bias
-        if plan is None or bias is None:
+        call = self._calls[block]
+        if plan is None or bias is None or call.mask is None:
             return None
-        x = get_argument(args, kwargs, *_HIDDEN)  # (B, N - r, C) inside the range
+        x = call.hidden.get(args, kwargs)  # (B, N - r, C) inside the range
         if not isinstance(x, Tensor) or x.shape[:2] != (plan.batch, plan.num_out):
             return None
-        return _replace_argument(args, kwargs, *_MASK, bias)
+        return call.mask.replace(args, kwargs, bias)
 
     def _unmerge(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         # The plan is kept until the next denoiser call: gradient checkpointing re-runs the
         # blocks of the range (and these hooks) during the backward pass.
-        plan = self.plan
-        if plan is None or not isinstance(output, Tensor) or output.shape[:2] != (plan.batch, plan.num_out):
+        plan, call = self.plan, self.layout.sites[self.last].call
+        image = call.image_output(output)  # (B, N - r, C): the image stream, where the spec says it is
+        if plan is None or image is None or image.shape[:2] != (plan.batch, plan.num_out):
             return None
-        return plan.unmerge(output)  # (B, N, C)
+        return call.with_image_output(output, plan.unmerge(image))  # (B, N, C)

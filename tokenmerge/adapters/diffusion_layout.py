@@ -1,29 +1,35 @@
 """Where the transformer blocks of a diffusers denoiser sit, and their token grids.
 
-A `DenoiserLayout` lists every `BasicTransformerBlock` of a UNet, DiT or PixArt model
-with its *level*: how many 2x downsamplings separate its token grid from the latent
-(UNets), or 0 for every block of a patch transformer. Levels are read from the model's
-structure (which down/up blocks carry a downsampler/upsampler), not from token counts.
+A `DenoiserLayout` lists every transformer block of a denoiser with its *level*: how
+many 2x downsamplings separate its token grid from the latent (UNets), or 0 for every
+block of a patch transformer. Which classes are denoisers and blocks, and how they are
+called, is data: the `DenoiserSpec` and `BlockSpec` rows registered in
+`tokenmerge.adapters.diffusion_specs` (or by the user, `tokenmerge.adapters.specs`).
+Levels are read from the model's structure (which down/up blocks carry a
+downsampler/upsampler), not from token counts.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
-from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DConditionModel
-from diffusers.models.attention import BasicTransformerBlock
 from torch import nn
 
-from ..errors import TokenMergeError
+from . import diffusion_specs  # noqa: F401 - registers the diffusers rows
+from .specs import Argument, BlockCall, BlockSpec, DenoiserSpec, block_call, block_spec, denoiser_spec
+from .specs import registered_denoisers as _registered
 
-__all__ = ["BlockSite", "DenoiserLayout", "describe_denoiser", "token_grid", "SUPPORTED_MODELS"]
+__all__ = ["BlockSite", "DenoiserLayout", "describe_denoiser", "token_grid", "supported_models", "SUPPORTED_MODELS"]
 
-#: The denoiser classes the diffusers adapter handles, by name (for error messages).
-SUPPORTED_MODELS: tuple[str, ...] = ("UNet2DConditionModel", "DiTTransformer2DModel", "PixArtTransformer2DModel")
+
+def supported_models() -> tuple[str, ...]:
+    """The denoiser classes with a registered `DenoiserSpec`, by name (for error messages)."""
+    return _registered()
+
+
+#: The denoiser classes the diffusers adapter handled when it was imported (see `supported_models`).
+SUPPORTED_MODELS: tuple[str, ...] = supported_models()
 
 
 @dataclass(frozen=True)
@@ -32,18 +38,33 @@ class BlockSite:
 
     Attributes:
         name: the block's module path inside the denoiser (the merge layer key).
-        block: the `BasicTransformerBlock`.
+        block: the block module (a `BasicTransformerBlock` in diffusers' own families).
         level: number of 2x downsamplings between the latent and this block's token grid.
+        call: the block's `BlockSpec` bound to its ``forward`` (argument positions).
     """
 
     name: str
-    block: BasicTransformerBlock
+    block: nn.Module
     level: int
+    call: BlockCall = field(default=None, compare=False)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.call is None:
+            object.__setattr__(self, "call", block_call(self.block))
+
+    @property
+    def spec(self) -> BlockSpec:
+        """The block's `BlockSpec`."""
+        return self.call.spec
+
+    def sublayer(self, role: str) -> nn.Module | None:
+        """The block's ``"self_attention"``, ``"cross_attention"`` or ``"feed_forward"`` module (None if none)."""
+        return self.spec.sublayer(self.block, role)
 
     @property
     def has_cross_attention(self) -> bool:
-        """Whether the block has a cross-attention layer (``attn2``)."""
-        return getattr(self.block, "attn2", None) is not None
+        """Whether the block has a cross-attention layer (the spec's ``cross_attention``, ``attn2``)."""
+        return self.sublayer("cross_attention") is not None
 
 
 @dataclass(frozen=True)
@@ -51,7 +72,7 @@ class DenoiserLayout:
     """What the adapter needs to know about a denoiser.
 
     Attributes:
-        kind: ``"unet"``, ``"dit"`` or ``"pixart"``.
+        kind: ``"unet"``, ``"dit"`` or ``"pixart"`` (the `DenoiserSpec`'s kind).
         model: the denoiser.
         sites: its transformer blocks, in execution order for patch transformers.
         patch_size: latent pixels per token side (1 for UNets).
@@ -67,6 +88,7 @@ class DenoiserLayout:
     latent_name: str
     timestep_index: int
     timestep_name: str = "timestep"
+    spec: DenoiserSpec | None = None
 
     @property
     def base_level(self) -> int:
@@ -112,58 +134,28 @@ def token_grid(latent_hw: tuple[int, int], level: int, patch_size: int, num_toke
     return None
 
 
-def _blocks_in(module: nn.Module, prefix: str) -> list[tuple[str, BasicTransformerBlock]]:
-    return [(f"{prefix}.{name}", m) for name, m in module.named_modules() if isinstance(m, BasicTransformerBlock)]
+def _index(argument: Argument) -> int:
+    # A keyword-only argument never arrives positionally: an index past any call's arguments.
+    return argument.index if argument.index is not None else 1 << 30
 
 
-def _unet_sites(unet: UNet2DConditionModel) -> list[BlockSite]:
-    sites: list[BlockSite] = []
-    level = 0
-    for i, down in enumerate(unet.down_blocks):
-        sites += [BlockSite(name, block, level) for name, block in _blocks_in(down, f"down_blocks.{i}")]
-        if getattr(down, "downsamplers", None):
-            level += 1
-    if unet.mid_block is not None:
-        sites += [BlockSite(name, block, level) for name, block in _blocks_in(unet.mid_block, "mid_block")]
-    for j, up in enumerate(unet.up_blocks):
-        sites += [BlockSite(name, block, level) for name, block in _blocks_in(up, f"up_blocks.{j}")]
-        if getattr(up, "upsamplers", None):
-            level -= 1
-    return sites
-
-
-def _transformer_sites(model: nn.Module) -> list[BlockSite]:
-    return [BlockSite(f"transformer_blocks.{i}", block, 0) for i, block in enumerate(model.transformer_blocks)]
-
-
-def _forward_params(model: nn.Module) -> list[str]:
-    return [name for name in inspect.signature(model.forward).parameters if name != "self"]
-
-
-# (denoiser class, kind, sites builder, patch size getter): one row per model family.
-_FAMILIES: tuple[tuple[type, str, Callable[[Any], list[BlockSite]], Callable[[Any], int]], ...] = (
-    (UNet2DConditionModel, "unet", _unet_sites, lambda m: 1),
-    (DiTTransformer2DModel, "dit", _transformer_sites, lambda m: int(m.config.patch_size)),
-    (PixArtTransformer2DModel, "pixart", _transformer_sites, lambda m: int(m.config.patch_size)),
-)
-
-
-def describe_denoiser(model: Any) -> DenoiserLayout | None:
-    """The `DenoiserLayout` of ``model``, or None when it is not a supported denoiser."""
-    for cls, kind, sites_of, patch_of in _FAMILIES:
-        if isinstance(model, cls):
-            params = _forward_params(model)
-            if "timestep" not in params:
-                raise TokenMergeError(
-                    f"model {type(model).__name__}.forward has no timestep argument; cannot track steps"
-                )
-            return DenoiserLayout(
-                kind=kind,
-                model=model,
-                sites=tuple(sites_of(model)),
-                patch_size=patch_of(model),
-                latent_index=0,
-                latent_name=params[0],
-                timestep_index=params.index("timestep"),
-            )
-    return None
+def describe_denoiser(model: object) -> DenoiserLayout | None:
+    """The `DenoiserLayout` of ``model``, or None when its class has no registered `DenoiserSpec`."""
+    if not isinstance(model, nn.Module):
+        return None
+    spec = denoiser_spec(model)
+    if spec is None:
+        return None
+    latent, timestep = spec.arguments(model)
+    sites = tuple(BlockSite(name, block, level) for name, block, level in spec.sites(model) if block_spec(block))
+    return DenoiserLayout(
+        kind=spec.kind,
+        model=model,
+        sites=sites,
+        patch_size=spec.patch_size_of(model),
+        latent_index=_index(latent),
+        latent_name=latent.name,
+        timestep_index=_index(timestep),
+        timestep_name=timestep.name,
+        spec=spec,
+    )

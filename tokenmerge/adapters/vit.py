@@ -30,7 +30,7 @@ new forward (sizes, sources, masks reset; this also covers direct calls of
 ``forward_features`` or ``forward_intermediates``); the final ``norm`` post-hook
 unmerges the tokens back to the full input layout through the source map (one gather),
 so ``forward_features`` keeps the unpatched model's shape: dense outputs by default.
-With ``options['dense'] = False`` it returns the merged tokens instead, except when the
+With ``TokenStream(dense=False)`` it returns the merged tokens instead, except when the
 pooling reads more than the class token (``avg``, ``avgmax``, ``max``, ``map``, ``''``).
 A plain mean over the unmerged tokens *is* the size-weighted mean over the merged ones,
 so ``global_pool='avg'`` is weighted by token size without touching timm's
@@ -48,7 +48,7 @@ Rules:
   along queries the weighted mean of its members' rows. ``is_causal=True`` cannot be
   combined with merging (``TokenMergeError``).
 * Grid matchers (`RandomGrid`, `StridedGrid`) see the patch grid only in blocks before
-  the first merge; restrict them to one block with ``MergeConfig(blocks=(i, i))``.
+  the first merge; restrict them to one block with ``placement=TokenStream(blocks=(i, i))``.
 * ``forward_intermediates``: with ``norm=True`` every intermediate goes through the
   final ``norm`` and comes back unmerged (so ``output_fmt='NCHW'`` works); with
   ``norm=False`` intermediates keep their merged length: use ``output_fmt='NLC'`` then
@@ -71,6 +71,7 @@ from torch import Tensor, nn
 from ..config import MergeConfig
 from ..errors import TokenMergeError, check
 from ..hooks import HookSet
+from ..placements import TokenStream
 from ..plan import MergeMode, MergePlan, identity_token_map, proportional_attention_bias, source_matrix
 from ..policies.thresholds import FixedCount, layer_schedule
 from ..state import MergeState
@@ -85,8 +86,11 @@ SUPPORTED_FAMILIES: tuple[str, ...] = (
     "timm VisionTransformerDistilled (deit_*_distilled_*)",
 )
 
-#: Keys of ``MergeConfig.options`` this adapter reads.
+#: Keys of the deprecated ``MergeConfig.options`` this adapter reads (now `TokenStream.dense`).
 OPTIONS: tuple[str, ...] = ("dense",)
+
+#: The family's name in error messages.
+_FAMILY = "a ViT (timm VisionTransformer)"
 
 #: ``global_pool`` values that read only the class token, so merged tokens need no unmerge.
 _TOKEN_POOLS: tuple[str, ...] = ("token",)
@@ -106,7 +110,7 @@ class ViTMergeRecord:
         sizes: ``(B, num_tokens)`` float32: how many input tokens each token covers;
             None when nothing merged.
         token_map: ``(B, N0)`` position of every input token after the last block; None
-            unless sources were tracked (``options['dense']``, the default, ``trace_source``
+            unless sources were tracked (`TokenStream.dense`, the default, ``trace_source``
             or a pooling that reads every token) and something merged.
     """
 
@@ -401,7 +405,7 @@ class _BlockHooks:
                 raise
             raise TokenMergeError(
                 f"{self.key}: {error}. After a merge a ViT's tokens no longer form the patch grid, so grid "
-                "matchers can merge in one block only: MergeConfig(..., blocks=(i, i))"
+                "matchers can merge in one block only: placement=TokenStream(blocks=(i, i))"
             ) from error
         if plan.r == 0:
             return None
@@ -464,30 +468,32 @@ def _unsupported(target: Any) -> str | None:
     return None
 
 
-def _merging_blocks(config: MergeConfig, depth: int) -> range:
-    first, last = config.blocks if config.blocks is not None else (0, depth - 1)
+def _merging_blocks(placement: TokenStream, depth: int) -> range:
+    first, last = placement.blocks if placement.blocks is not None else (0, depth - 1)
     return range(first, last + 1)
 
 
 class TimmViTAdapter(Adapter):
     """ToMe merging for timm Vision Transformers (`VisionTransformer` and its distilled variant).
 
-    Every block in ``config.blocks`` (all blocks by default) merges its residual stream
-    between attention and MLP, with any `Matcher`/`ThresholdPolicy`; the module
-    docstring of `tokenmerge.adapters.vit` describes the hooks and the rules (clamping
-    of ``r``, masks, pooling).
+    The one placement it takes is `TokenStream` (the default): every block in
+    ``TokenStream.blocks`` (all blocks by default) merges its residual stream between
+    attention and MLP, with any `Matcher`/`ThresholdPolicy`; the module docstring of
+    `tokenmerge.adapters.vit` describes the hooks and the rules (clamping of ``r``,
+    masks, pooling).
 
     Reads from the config: ``matcher``, ``threshold``, ``cache``, ``mode``
-    (``"weighted"`` for ToMe, or ``"mean"``), ``prop_attn``, ``trace_source``, ``blocks``
-    (``(first, last)``, the blocks that merge), ``seed``, and ``options['dense']``
-    (default True: ``forward_features`` returns every input token, unmerged; False:
-    the merged tokens, for token-pooling models). ``merge_attn``,
-    ``merge_mlp`` and ``max_downsample`` are diffusion settings and are ignored;
-    ``merge_crossattn``, ``kv_only`` and ``mode="sum"`` are rejected.
+    (``"weighted"`` for ToMe, or ``"mean"``), ``seed``, and the placement's
+    ``blocks``, ``prop_attn``, ``trace_source`` and ``dense`` (default True:
+    ``forward_features`` returns every input token, unmerged; False: the merged tokens,
+    for token-pooling models). Other placements and ``mode="sum"`` are rejected; of
+    the deprecated fields, ``merge_attn``, ``merge_mlp`` and ``max_downsample`` are
+    diffusion settings and are ignored.
     """
 
     name = "timm-vit"
     supported = SUPPORTED_FAMILIES
+    placements = (TokenStream,)
 
     def accepts(self, target: Any) -> bool:
         """True for any timm module: `check` names the supported families for the others."""
@@ -502,26 +508,31 @@ class TimmViTAdapter(Adapter):
                 "embeddings), BEiT (relative position bias), Swin (windowed attention) and other timm models"
             )
         check(config.mode != "sum", "mode must be 'weighted' or 'mean' on a ViT: summed tokens would grow each block")
-        check(not config.merge_crossattn, "merge_crossattn must be False: a ViT has no cross-attention")
-        check(not config.kv_only, "kv_only is not supported on ViTs: tokens merge in the residual stream (ToMe)")
-        unknown = sorted(set(config.options) - set(OPTIONS))
-        check(not unknown, f"options for a ViT may only contain {list(OPTIONS)}; got {unknown}")
-        dense = config.options.get("dense", True)
-        check(isinstance(dense, bool), f"options['dense'] must be a bool; got {dense!r}")
+        placement = self.placement(target, config)
+        assert isinstance(placement, TokenStream)
         depth = len(target.blocks)
-        if config.blocks is not None:
-            check(config.blocks[1] < depth, f"blocks must lie within the model's {depth} blocks; got {config.blocks}")
+        if placement.blocks is not None:
+            check(
+                placement.blocks[1] < depth,
+                f"TokenStream.blocks must lie within the model's {depth} blocks; got {placement.blocks}",
+            )
         if isinstance(config.threshold, FixedCount):
-            layer_schedule(config.threshold.r, len(_merging_blocks(config, depth)))
+            layer_schedule(config.threshold.r, len(_merging_blocks(placement, depth)))
+
+    def family(self, target: Any) -> str:
+        """``"a ViT (timm VisionTransformer)"``, for error messages."""
+        return _FAMILY
 
     def attach(self, target: Any, config: MergeConfig, state: MergeState, hooks: HookSet) -> None:
         """Hook the patch embedding, every block and the final norm of ``target``."""
+        placement = self.placement(target, config)
+        assert isinstance(placement, TokenStream)
         run = _Run(target, config)
-        merging = _merging_blocks(config, len(target.blocks))
+        merging = _merging_blocks(placement, len(target.blocks))
         hooks.post(target.patch_embed, _patch_embed_post(run))
         for index, block in enumerate(target.blocks):
             layer = (merging.index(index), len(merging)) if index in merging else None
-            _BlockHooks(run, state, index, layer).attach(hooks, block, config.prop_attn)
+            _BlockHooks(run, state, index, layer).attach(hooks, block, placement.prop_attn)
         hooks.post(target.norm, _norm_post(run))
         _RUNS[target] = run
         hooks.add(_Unregister(target))  # type: ignore[arg-type]

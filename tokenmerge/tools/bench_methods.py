@@ -35,6 +35,7 @@ from ..config import MergeConfig
 from ..errors import TokenMergeError
 from ..policies.caches import NoCache
 from ..policies.matchers import RandomGrid
+from ..placements import ResidualRange
 from ..policies.thresholds import FixedRatio
 from .ideal import IdealMatcher, TokenCounts
 
@@ -157,8 +158,7 @@ def _block_config(ratio: float, seed: int, kwargs: dict[str, Any]) -> Callable[[
             threshold=FixedRatio(ratio),
             mode=mode,
             seed=seed,
-            blocks=_block_range(model, blocks),
-            prop_attn=prop_attn,
+            placement=ResidualRange(*_block_range(model, blocks), prop_attn=prop_attn),
         )
 
     # Validate what can be validated before the model is known (the block range needs it).

@@ -48,6 +48,7 @@ from ..config import MergeConfig
 from ..errors import TokenMergeError, check
 from ..policies.caches import NoCache
 from ..policies.matchers import RandomGrid
+from ..placements import ResidualRange
 from ..policies.thresholds import FixedRatio
 from ..presets import CAToMe, ToDo, ToMeSD
 from .common import device_argument, psnr, resolve_device, seeded, synchronize
@@ -266,8 +267,7 @@ def _block_config(ratio: float, blocks: tuple[int, int], seed: int) -> MergeConf
         threshold=FixedRatio(ratio),
         mode="mean",
         seed=seed,
-        blocks=blocks,
-        prop_attn=True,
+        placement=ResidualRange(*blocks, prop_attn=True),
     )
 
 

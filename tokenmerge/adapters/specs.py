@@ -1,0 +1,367 @@
+"""Block and denoiser specs: how a model family is called, as data registered per class.
+
+An adapter that merges inside transformer blocks needs to know a few facts about each
+block class: which argument carries the image tokens, which the text tokens, the
+attention mask and the rotary embeddings; which output is which stream; and which
+sub-modules are its self-attention, cross-attention and feed-forward layer. A
+`BlockSpec` states them, `register_block_spec` files it under the block class, and
+`block_spec` finds it for a block (through the class's MRO, so subclasses inherit their
+parent's spec). A `DenoiserSpec` does the same for a diffusion model class: how its
+blocks are enumerated, its patch size, where the latent and the timestep are in its
+call, and which placements it can honour.
+
+The built-in rows for diffusers live in `tokenmerge.adapters.diffusion_specs`; a new
+family is a row there (or a `register_*_spec` call in user code) plus only the code its
+quirks need. This module imports neither diffusers nor timm.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..errors import TokenMergeError, check
+from ..placements import KeyValues, Placement, ResidualRange, SubLayers
+
+__all__ = [
+    "BlockSpec",
+    "DenoiserSpec",
+    "Argument",
+    "BlockCall",
+    "register_block_spec",
+    "block_spec",
+    "block_call",
+    "register_denoiser_spec",
+    "denoiser_spec",
+    "registered_denoisers",
+]
+
+
+def _is_name(value: Any) -> bool:
+    return isinstance(value, str) and value.isidentifier()
+
+
+def _check_name(owner: str, name: str, value: Any, optional: bool = True) -> None:
+    ok = _is_name(value) or (optional and value is None)
+    allowed = "None or an identifier" if optional else "an identifier"
+    check(ok, f"{owner}.{name} must be {allowed} (an argument or attribute name); got {value!r}")
+
+
+def _check_index(owner: str, name: str, value: Any) -> None:
+    ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+    check(ok, f"{owner}.{name} must be None or an int >= 0 (a position in the returned tuple); got {value!r}")
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """How one transformer block class is called and what it is made of.
+
+    Args:
+        hidden: the argument that carries the image-stream tokens ``(B, N, C)``; None:
+            the first argument of ``forward``, whatever its name.
+        context: the text-stream argument (``encoder_hidden_states``), None if none.
+        mask: the self-attention mask argument, None if none. A call that passes a mask
+            runs self-attention unmerged (the mask would not fit merged tokens).
+        rotary: the rotary-embedding argument, None if none (read by families that
+            carry rotary embeddings through a merge).
+        hidden_output: where the image stream is in the block's output: None when the
+            block returns it as a tensor, else its index in the returned tuple.
+        context_output: the text stream's index in a returned tuple, None if the block
+            does not return it.
+        self_attention, cross_attention, feed_forward: attribute names of the
+            sub-modules (None: the block has none). `SubLayers` merges around them.
+        sublayer_input: the keyword a sub-module takes its tokens by when they are not
+            passed positionally.
+        key_value_argument: the self-attention's keyword for separate keys and values
+            (``encoder_hidden_states`` in diffusers' ``Attention``); None when it has
+            none, which rules out `KeyValues`.
+    """
+
+    hidden: str | None = "hidden_states"
+    context: str | None = "encoder_hidden_states"
+    mask: str | None = "attention_mask"
+    rotary: str | None = None
+    hidden_output: int | None = None
+    context_output: int | None = None
+    self_attention: str | None = "attn1"
+    cross_attention: str | None = "attn2"
+    feed_forward: str | None = "ff"
+    sublayer_input: str = "hidden_states"
+    key_value_argument: str | None = "encoder_hidden_states"
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "context", "mask", "rotary", "self_attention", "cross_attention", "feed_forward"):
+            _check_name("BlockSpec", name, getattr(self, name))
+        _check_name("BlockSpec", "sublayer_input", self.sublayer_input, optional=False)
+        _check_name("BlockSpec", "key_value_argument", self.key_value_argument)
+        _check_index("BlockSpec", "hidden_output", self.hidden_output)
+        _check_index("BlockSpec", "context_output", self.context_output)
+        check(
+            self.context_output is None or self.context_output != self.hidden_output,
+            f"BlockSpec.context_output must differ from hidden_output; both are {self.hidden_output!r}",
+        )
+
+    def sublayer(self, block: nn.Module, role: str) -> nn.Module | None:
+        """``block``'s sub-module for ``role``: ``"self_attention"``, ``"cross_attention"`` or ``"feed_forward"``."""
+        name = getattr(self, role)
+        module = getattr(block, name, None) if name is not None else None
+        return module if isinstance(module, nn.Module) else None
+
+
+@dataclass(frozen=True)
+class Argument:
+    """One argument of a call: its name and its position (None when it can only be passed by keyword).
+
+    Attributes:
+        name: the parameter name.
+        index: its position among the positional parameters (``self`` not counted).
+    """
+
+    name: str
+    index: int | None
+
+    def get(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The value the call received (None if absent)."""
+        if self.index is not None and len(args) > self.index:
+            return args[self.index]
+        return kwargs.get(self.name)
+
+    def replace(self, args: tuple[Any, ...], kwargs: dict[str, Any], value: Any) -> tuple[tuple[Any, ...], dict]:
+        """``(args, kwargs)`` with this argument set to ``value`` where the call passed it (as a keyword if absent)."""
+        if self.index is not None and len(args) > self.index:
+            return (*args[: self.index], value, *args[self.index + 1 :]), kwargs
+        return args, {**kwargs, self.name: value}
+
+
+@dataclass(frozen=True)
+class BlockCall:
+    """A `BlockSpec` bound to a block class's ``forward`` signature: arguments with their positions.
+
+    Attributes:
+        spec: the spec.
+        hidden: the image-stream argument.
+        context, mask, rotary: the other arguments, None where the spec has none.
+    """
+
+    spec: BlockSpec
+    hidden: Argument
+    context: Argument | None
+    mask: Argument | None
+    rotary: Argument | None
+
+    def image_output(self, output: Any) -> Tensor | None:
+        """The image stream in a block's ``output`` (None when it is not where the spec says)."""
+        index = self.spec.hidden_output
+        if index is None:
+            return output if isinstance(output, Tensor) else None
+        if isinstance(output, tuple) and len(output) > index and isinstance(output[index], Tensor):
+            return output[index]
+        return None
+
+    def with_image_output(self, output: Any, image: Tensor) -> Any:
+        """``output`` with its image stream replaced by ``image``."""
+        index = self.spec.hidden_output
+        if index is None:
+            return image
+        return (*output[:index], image, *output[index + 1 :])
+
+
+def _parameters(cls: type) -> tuple[list[inspect.Parameter], bool]:
+    forward = getattr(cls, "forward", None)
+    check(callable(forward), f"block class {cls.__qualname__} has no forward method")
+    params = list(inspect.signature(forward).parameters.values())[1:]  # without self
+    var_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    return [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)], var_keyword
+
+
+_BOUND: weakref.WeakKeyDictionary[type, dict[BlockSpec, BlockCall]] = weakref.WeakKeyDictionary()
+
+
+def _bind(spec: BlockSpec, cls: type) -> BlockCall:
+    bound = _BOUND.setdefault(cls, {})
+    if spec not in bound:
+        bound[spec] = _bind_new(spec, cls)
+    return bound[spec]
+
+
+def _bind_new(spec: BlockSpec, cls: type) -> BlockCall:
+    params, var_keyword = _parameters(cls)
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = {p.name for p in params}
+    signature = f"{cls.__qualname__}.forward({', '.join(p.name for p in params)})"
+
+    def argument(field: str, name: str | None) -> Argument | None:
+        if name is None:
+            return None
+        check(
+            name in names or var_keyword,
+            f"BlockSpec.{field} {name!r} is not an argument of {signature}",
+        )
+        return Argument(name, positional.index(name) if name in positional else None)
+
+    hidden_name = spec.hidden if spec.hidden is not None else (positional[0] if positional else None)
+    check(hidden_name is not None, f"BlockSpec.hidden is None but {signature} takes no positional argument")
+    hidden = argument("hidden", hidden_name)
+    assert hidden is not None
+    return BlockCall(
+        spec=spec,
+        hidden=hidden,
+        context=argument("context", spec.context),
+        mask=argument("mask", spec.mask),
+        rotary=argument("rotary", spec.rotary),
+    )
+
+
+# ---------------------------------------------------------------------------- registries
+_BLOCK_SPECS: weakref.WeakKeyDictionary[type, BlockSpec] = weakref.WeakKeyDictionary()
+_DENOISER_SPECS: weakref.WeakKeyDictionary[type, DenoiserSpec] = weakref.WeakKeyDictionary()
+
+
+def _lookup(registry: weakref.WeakKeyDictionary[type, Any], cls: type) -> Any:
+    for base in cls.__mro__:
+        found = registry.get(base)
+        if found is not None:
+            return found
+    return None
+
+
+def register_block_spec(block_cls: type, spec: BlockSpec) -> BlockSpec:
+    """File ``spec`` under ``block_cls`` (replacing an earlier one); subclasses inherit it.
+
+    The spec is checked against ``block_cls.forward`` now: an argument it names that the
+    signature lacks is a `TokenMergeError`.
+    """
+    check(isinstance(block_cls, type), f"block_cls must be a class; got {block_cls!r}")
+    check(isinstance(spec, BlockSpec), f"spec must be a tokenmerge.adapters.specs.BlockSpec; got {spec!r}")
+    _bind(spec, block_cls)
+    _BLOCK_SPECS[block_cls] = spec
+    return spec
+
+
+def block_spec(block: type | nn.Module) -> BlockSpec | None:
+    """The spec registered for ``block``'s class or its nearest base class in the MRO; None if none."""
+    cls = block if isinstance(block, type) else type(block)
+    return _lookup(_BLOCK_SPECS, cls)
+
+
+def block_call(block: nn.Module, spec: BlockSpec | None = None) -> BlockCall:
+    """``spec`` (by default ``block``'s registered spec) bound to ``block``'s ``forward`` signature."""
+    spec = spec if spec is not None else block_spec(block)
+    if spec is None:
+        raise TokenMergeError(f"block {type(block).__qualname__} has no registered BlockSpec")
+    return _bind(spec, type(block))
+
+
+# ---------------------------------------------------------------------------- denoisers
+#: A denoiser's blocks: ``(module path, block, level)``, level = 2x downsamplings from the latent.
+SiteList = Iterable[tuple[str, nn.Module, int]]
+
+
+@dataclass(frozen=True)
+class DenoiserSpec:
+    """How a diffusion model class is called and where its transformer blocks are.
+
+    Args:
+        kind: a short family name (``"unet"``, ``"dit"``, ``"pixart"``).
+        blocks: the attribute whose sub-modules with a registered `BlockSpec` are the
+            blocks, all at the latent's resolution (level 0, e.g.
+            ``"transformer_blocks"``), or a function ``model -> [(path, block, level)]``
+            for models with several resolutions (UNets).
+        patch_size: latent pixels per token side: an int, or the name of the
+            ``model.config`` entry that holds it.
+        latent: the ``forward`` argument that carries the latent ``(B, C, H, W)``.
+        timestep: the ``forward`` argument that carries the timestep.
+        placements: the placements the family can honour; the first is its default.
+    """
+
+    kind: str
+    blocks: str | Callable[[nn.Module], SiteList] = "transformer_blocks"
+    patch_size: int | str = 1
+    latent: str = "hidden_states"
+    timestep: str = "timestep"
+    placements: tuple[type[Placement], ...] = (SubLayers, KeyValues, ResidualRange)
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.kind, str) and self.kind, f"DenoiserSpec.kind must be a non-empty str; got {self.kind!r}")
+        check(
+            _is_name(self.blocks) or callable(self.blocks),
+            f"DenoiserSpec.blocks must be an attribute name or a function model -> sites; got {self.blocks!r}",
+        )
+        ok = _is_name(self.patch_size) or (
+            isinstance(self.patch_size, int) and not isinstance(self.patch_size, bool) and self.patch_size >= 1
+        )
+        check(ok, f"DenoiserSpec.patch_size must be an int >= 1 or a config entry name; got {self.patch_size!r}")
+        _check_name("DenoiserSpec", "latent", self.latent, optional=False)
+        _check_name("DenoiserSpec", "timestep", self.timestep, optional=False)
+        ok = (
+            isinstance(self.placements, tuple)
+            and len(self.placements) > 0
+            and all(isinstance(p, type) and issubclass(p, Placement) for p in self.placements)
+        )
+        check(ok, f"DenoiserSpec.placements must be a non-empty tuple of Placement classes; got {self.placements!r}")
+
+    def sites(self, model: nn.Module) -> list[tuple[str, nn.Module, int]]:
+        """``(path, block, level)`` of every transformer block of ``model``, in execution order."""
+        if callable(self.blocks):
+            return list(self.blocks(model))
+        container = getattr(model, self.blocks, None)
+        if not isinstance(container, nn.Module):
+            return []
+        return [(f"{self.blocks}.{path}", block, 0) for path, block in blocks_in(container)]
+
+    def patch_size_of(self, model: nn.Module) -> int:
+        """The model's patch size (1 for UNets)."""
+        if isinstance(self.patch_size, int):
+            return self.patch_size
+        return int(getattr(model.config, self.patch_size))
+
+    def arguments(self, model: nn.Module) -> tuple[Argument, Argument]:
+        """The latent and timestep arguments of ``model.forward``; `TokenMergeError` if either is missing."""
+        params, _ = _parameters(type(model))
+        positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        names = {p.name for p in params}
+        found = []
+        for field, name in (("latent", self.latent), ("timestep", self.timestep)):
+            if name not in names:
+                raise TokenMergeError(
+                    f"model {type(model).__name__}.forward has no {name} argument (DenoiserSpec.{field}); "
+                    + ("cannot track steps" if field == "timestep" else "cannot read the latent size")
+                )
+            found.append(Argument(name, positional.index(name) if name in positional else None))
+        return found[0], found[1]
+
+
+def blocks_in(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(path, block)`` of every sub-module of ``module`` with a registered `BlockSpec`, outermost only."""
+    found: list[tuple[str, nn.Module]] = []
+    for path, sub in module.named_modules():
+        if sub is module or block_spec(sub) is None:
+            continue
+        if any(path.startswith(f"{outer}.") for outer, _ in found):
+            continue  # a block inside a block belongs to the outer one
+        found.append((path, sub))
+    return found
+
+
+def register_denoiser_spec(model_cls: type, spec: DenoiserSpec) -> DenoiserSpec:
+    """File ``spec`` under the denoiser class ``model_cls`` (replacing an earlier one); subclasses inherit it."""
+    check(isinstance(model_cls, type), f"model_cls must be a class; got {model_cls!r}")
+    check(isinstance(spec, DenoiserSpec), f"spec must be a tokenmerge.adapters.specs.DenoiserSpec; got {spec!r}")
+    _DENOISER_SPECS[model_cls] = spec
+    return spec
+
+
+def denoiser_spec(model: type | nn.Module) -> DenoiserSpec | None:
+    """The spec registered for ``model``'s class or its nearest base class in the MRO; None if none."""
+    cls = model if isinstance(model, type) else type(model)
+    return _lookup(_DENOISER_SPECS, cls)
+
+
+def registered_denoisers() -> tuple[str, ...]:
+    """Names of the denoiser classes with a spec, in registration order."""
+    return tuple(cls.__name__ for cls in _DENOISER_SPECS.keys())
