@@ -10,6 +10,9 @@ Two ways of merging, both through forward hooks only:
 * `RangeMerge` (ToMe-style, DiT/PixArt): the residual stream is merged before block
   ``first``, stays merged through block ``last`` (self-attention gets ``log(size)`` as an
   additive attention mask: proportional attention) and is unmerged after it.
+
+The plans between hooks are per call and per thread (`tokenmerge.hooks.PlanSlot`, the
+range's `PerThread` call state), so threads can share one merged denoiser.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from torch import Tensor, nn
 
 from ..config import MergeConfig
 from ..errors import TokenMergeError
-from ..hooks import HookSet, PlanSlot, merge_around
+from ..hooks import HookSet, PerThread, PlanSlot, merge_around
 from ..plan import MergePlan, proportional_attention_bias
 from ..state import MergeState
 from .diffusion_layout import BlockSite, DenoiserLayout
@@ -131,6 +134,15 @@ class SubLayerMerge:
         return args, {**kwargs, "encoder_hidden_states": keys_values}
 
 
+class _RangeCall:
+    """The range's plan for the running denoiser call (one per thread)."""
+
+    def __init__(self) -> None:
+        self.plan: MergePlan | None = None
+        self.size: Tensor | None = None  # (B, N - r)
+        self.bias: Tensor | None = None  # (B, 1, N - r)
+
+
 class RangeMerge:
     """ToMe-style merging of the residual stream over a range of blocks of a patch transformer.
 
@@ -154,10 +166,13 @@ class RangeMerge:
         assert config.blocks is not None
         self.config, self.state, self.tracker, self.layout = config, state, tracker, layout
         self.first, self.last = config.blocks
-        self.plan: MergePlan | None = None
-        self.size: Tensor | None = None
-        self.bias: Tensor | None = None
+        self._per_thread = PerThread(_RangeCall)  # plan, sizes and bias of the running call
         tracker.on_call(self.clear)
+
+    @property
+    def call(self) -> _RangeCall:
+        """The calling thread's plan, sizes and bias."""
+        return self._per_thread.value
 
     @property
     def key(self) -> str:
@@ -166,7 +181,8 @@ class RangeMerge:
 
     def clear(self) -> None:
         """Forget the plan of the previous call (done at the start of every denoiser call)."""
-        self.plan = self.size = self.bias = None
+        call = self.call
+        call.plan = call.size = call.bias = None
 
     def attach(self, hooks: HookSet) -> None:
         """Hook the blocks of the range."""
@@ -174,7 +190,7 @@ class RangeMerge:
         hooks.pre(sites[self.first].block, self._merge)
         for site in sites[self.first : self.last + 1]:
             hooks.pre(site.block, self._add_bias)
-        hooks.post(sites[self.last].block, self._unmerge, always_call=True)
+        hooks.post(sites[self.last].block, self._unmerge, always_call=True, prepend=True)
 
     def _merge(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         self.clear()
@@ -188,15 +204,16 @@ class RangeMerge:
         plan = self.state.plan(self.key, x, layer_index=0, num_layers=1, grid=grid)
         if plan.r == 0:
             return None
-        self.plan = plan
-        self.size = plan.merge_size()  # (B, N - r): original tokens each merged token covers
+        call = self.call
+        call.plan = plan
+        call.size = plan.merge_size()  # (B, N - r): original tokens each merged token covers
         if self.config.prop_attn:
-            self.bias = proportional_attention_bias(self.size, x.dtype)[:, 0]  # (B, 1, N - r)
+            call.bias = proportional_attention_bias(call.size, x.dtype)[:, 0]  # (B, 1, N - r)
         merged = plan.merge(x, mode=self.config.mode)  # (B, N - r, C)
         return _replace_argument(args, kwargs, *_HIDDEN, merged)
 
     def _add_bias(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        plan, bias = self.plan, self.bias
+        plan, bias = self.call.plan, self.call.bias
         if plan is None or bias is None:
             return None
         x = get_argument(args, kwargs, *_HIDDEN)  # (B, N - r, C) inside the range
@@ -207,7 +224,7 @@ class RangeMerge:
     def _unmerge(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         # The plan is kept until the next denoiser call: gradient checkpointing re-runs the
         # blocks of the range (and these hooks) during the backward pass.
-        plan = self.plan
+        plan = self.call.plan
         if plan is None or not isinstance(output, Tensor) or output.shape[:2] != (plan.batch, plan.num_out):
             return None
         return plan.unmerge(output)  # (B, N, C)
