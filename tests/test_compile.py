@@ -104,7 +104,9 @@ def _tiny(name: str, resolution: int) -> Workload:
 
 def _dit_block_config() -> MergeConfig:
     return MergeConfig(
-        matcher=RandomGrid(2, 2), threshold=tokenmerge.policies.FixedRatio(0.5), seed=0,
+        matcher=RandomGrid(2, 2),
+        threshold=tokenmerge.policies.FixedRatio(0.5),
+        seed=0,
         placement=ResidualRange(0, 3, prop_attn=True),
     )
 

@@ -36,9 +36,9 @@ from tokenmerge.policies import (
     StridedGrid,
     ThresholdPolicy,
 )
-from tokenmerge.tools.ideal import IdealMatcher
 from tokenmerge.policies.matchers import cell_partition, grid_partition
 from tokenmerge.policies.rng import hash_randint, partition_key
+from tokenmerge.tools.ideal import IdealMatcher
 
 FEW = settings(max_examples=30)
 

@@ -460,13 +460,13 @@ def test_timm_vit_dense_outputs_cover_the_patch_grid(timm_tiny_vit: Callable[...
     with tokenmerge.apply(model, tokenmerge.ToMe(r=8)), torch.no_grad():  # dense by default: the unpatched shapes
         dense = model.forward_features(images)
         _, intermediates = model.forward_intermediates(images, norm=True, output_fmt="NCHW")
-        _, merged_intermediates = model.forward_intermediates(images, output_fmt="NLC")
+        _, raw_intermediates = model.forward_intermediates(images, output_fmt="NLC")
     assert dense.shape == (2, 5 + 64, 64)
     torch.testing.assert_close(dense, unmerge_tokens(tokens, record.token_map))
     torch.testing.assert_close(unmerge_to_patches(dense, record), patches)
     assert [tuple(t.shape) for t in intermediates] == [(2, 64, 8, 8)] * 4
     torch.testing.assert_close(intermediates[-1], grid)
-    assert [t.shape[1] for t in merged_intermediates] == [64 - 8 * i for i in range(1, 5)]
+    assert [t.shape[1] for t in raw_intermediates] == [64] * 4  # dense without the norm too
 
 
 def test_timm_vit_average_pooling_reads_every_token_weighted_by_size(timm_tiny_vit: Callable[..., nn.Module]) -> None:

@@ -17,10 +17,29 @@ Two regimes, chosen once from the config (`MergeState.traceable`):
   by the distinct token counts (see `SimilarityThreshold`'s ``buckets``). Cached
   plans are built eagerly, never inside a CUDA graph, so a replay cannot overwrite
   them.
+
+Who owns what:
+
+* The state itself belongs to the handle and lives as long as the config is applied:
+  the config, the seed, whether it traces, and `merged_tokens` (the last token counts
+  per layer). Nothing in it refers to the model.
+* Generation state is per thread (a `tokenmerge.hooks.PerThread`): the step, the number of
+  steps, the call within the step, the generation count, the plan counters, the
+  timestep of the running denoiser call, the generator and the pair cache's entries
+  (each thread gets its own empty copy of the configured cache). Two threads that each
+  run their own generation on one model therefore each get exactly their serial result.
+  The public attributes (`step`, `cache`, `plans_computed`, ...) read and write the
+  calling thread's view; `reset`, `start_generation` and `set_step` act on it.
+* The cache is bounded: entries are keyed by layer and by the call within the step,
+  and the calls from index ``MAX_CALL_SLOTS - 1`` on share one slot, so a bare denoiser
+  called again and again at one timestep keeps at most ``MAX_CALL_SLOTS`` entries per
+  layer (per thread).
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import random
 from typing import Any
 
@@ -29,41 +48,25 @@ from torch import Tensor
 
 from .config import MergeConfig
 from .errors import TokenMergeError, check
+from .hooks import PerThread
 from .layout import TokenLayout, num_mergeable
 from .plan import MergePlan
-from .policies.base import MergeContext
+from .policies.base import MergeContext, PairCache
 
-__all__ = ["MergeState"]
+__all__ = ["MergeState", "MAX_CALL_SLOTS"]
+
+#: Calls within one step that get cache entries of their own (separate classifier-free
+#: guidance calls are 0 and 1); later calls share the last slot. Bounds the cache at
+#: ``MAX_CALL_SLOTS`` entries per layer however often a denoiser is called at one timestep.
+MAX_CALL_SLOTS = 4
 
 
-class MergeState:
-    """Caches, generator and step tracking for one applied config.
-
-    Args:
-        config: the merging policy.
-
-    Attributes:
-        step: 0-based step of the current generation, None when unknown.
-        num_steps: number of steps of the current generation when known.
-        call_index: forward call within the current step (separate CFG calls).
-        generation: how many generations have started since `apply`.
-        plans_computed: plans matched afresh (cache misses) since the last reset;
-            counted in eager mode only (a compiled graph keeps no Python counters).
-        plans_reused: plans taken from the cache since the last reset.
-        seed: the seed random partitions are keyed by: ``config.seed``, or fresh
-            entropy drawn once per state when that is None.
-        timestep: the timestep the denoiser was last called with (see
-            `observe_timestep`); keys the random partitions.
-        traceable: True when planning needs no Python-side state (see the module
-            docstring); fixed for the life of the state.
-    """
+class _Generation:
+    """One thread's generation: step tracking, counters, generator and cache entries."""
 
     def __init__(self, config: MergeConfig) -> None:
         self.config = config
         self.cache = config.fresh_cache()
-        self.traceable = is_traceable(config)
-        self.seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)
-        self.timestep: Tensor | float | None = None
         self.generator = torch.Generator()
         self.step: int | None = None
         self.num_steps: int | None = None
@@ -71,51 +74,140 @@ class MergeState:
         self.generation = 0
         self.plans_computed = 0
         self.plans_reused = 0
-        self.merged_tokens: dict[str, tuple[int, int]] = {}
-        self._last_timestep: float | None = None
-        self._seed_generator()
+        self.timestep: Tensor | float | None = None
+        self.last_timestep: float | None = None
+        self.seed_generator()
 
-    def _seed_generator(self) -> None:
+    def seed_generator(self) -> None:
         if self.config.seed is None:
             self.generator.seed()  # fresh entropy; never the global RNG
         else:
             self.generator.manual_seed(self.config.seed)
 
+
+def _thread_field(name: str, doc: str) -> property:
+    """A `MergeState` attribute that reads and writes the calling thread's generation state."""
+
+    def get(self: MergeState) -> Any:
+        return getattr(self._thread, name)
+
+    def set_(self: MergeState, value: Any) -> None:
+        setattr(self._thread, name, value)
+
+    return property(get, set_, doc=doc)
+
+
+class MergeState:
+    """Caches, generator and step tracking for one applied config.
+
+    The state belongs to the handle; what changes within a generation is kept per
+    thread (see the module docstring): the attributes below that say "this thread"
+    read and write the calling thread's view, so a single-threaded user sees one state
+    as before, and threads running their own generations do not disturb each other.
+
+    Args:
+        config: the merging policy.
+
+    Attributes:
+        step: 0-based step of this thread's current generation, None when unknown.
+        num_steps: number of steps of this thread's current generation when known.
+        call_index: forward call within the current step (separate CFG calls), this thread.
+        generation: how many generations this thread has started since `apply`.
+        plans_computed: plans matched afresh (cache misses) in this thread since its last
+            reset; counted in eager mode only (a compiled graph keeps no Python counters).
+        plans_reused: plans taken from the cache in this thread since its last reset.
+        merged_tokens: ``{layer: (num_in, num_out)}`` of the last plan of each layer (any thread).
+        cache: this thread's copy of the configured `PairCache` (entries bounded, see
+            `MAX_CALL_SLOTS`).
+        generator: this thread's seeded generator (for custom policies).
+        seed: the seed random partitions are keyed by: ``config.seed``, or fresh
+            entropy drawn once per state when that is None.
+        timestep: the timestep of this thread's running denoiser call (see
+            `observe_timestep`); keys the random partitions.
+        traceable: True when planning needs no Python-side state (see the module
+            docstring); fixed for the life of the state.
+    """
+
+    step = _thread_field("step", "0-based step of this thread's generation, None when unknown.")
+    num_steps = _thread_field("num_steps", "Steps of this thread's generation when known.")
+    call_index = _thread_field("call_index", "Forward call within the current step, this thread.")
+    generation = _thread_field("generation", "Generations this thread has started since apply.")
+    plans_computed = _thread_field("plans_computed", "Plans matched afresh in this thread since its last reset.")
+    plans_reused = _thread_field("plans_reused", "Plans reused from the cache in this thread since its last reset.")
+    timestep = _thread_field("timestep", "The timestep of this thread's running denoiser call.")
+
+    def __init__(self, config: MergeConfig) -> None:
+        self.config = config
+        self.traceable = is_traceable(config)
+        self.seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)
+        self.merged_tokens: dict[str, tuple[int, int]] = {}
+        self._per_thread = PerThread(functools.partial(_Generation, config))
+
+    @property
+    def _thread(self) -> _Generation:
+        return self._per_thread.value
+
+    @property
+    def cache(self) -> PairCache:
+        """This thread's pair cache: an empty copy of ``config.cache`` made on first use in the thread."""
+        return self._thread.cache
+
+    @property
+    def generator(self) -> torch.Generator:
+        """This thread's generator, re-seeded at every generation it starts."""
+        return self._thread.generator
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> MergeState:
+        # A copy (of a merged model) starts with no generation in flight, same seed and config.
+        new = MergeState.__new__(MergeState)
+        memo[id(self)] = new
+        new.config = copy.deepcopy(self.config, memo)
+        new.traceable, new.seed = self.traceable, self.seed
+        new.merged_tokens = dict(self.merged_tokens)
+        new._per_thread = PerThread(functools.partial(_Generation, new.config))
+        return new
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TokenMergeError("a MergeState holds per-thread state and cannot be pickled; pickle its config")
+
     # ------------------------------------------------------------------ lifecycle
     def reset(self) -> None:
-        """Forget cached plans, re-seed the generator and clear the step counter."""
-        self.cache.reset()
-        self._seed_generator()
-        self.step = None
-        self.num_steps = None
-        self.call_index = 0
-        self.plans_computed = 0
-        self.plans_reused = 0
-        self._last_timestep = None
+        """Forget this thread's cached plans, re-seed its generator and clear its step counter."""
+        thread = self._thread
+        thread.cache.reset()
+        thread.seed_generator()
+        thread.step = None
+        thread.num_steps = None
+        thread.call_index = 0
+        thread.plans_computed = 0
+        thread.plans_reused = 0
+        thread.last_timestep = None
 
     def start_generation(self, num_steps: int | None = None) -> None:
-        """Begin a new generation at step 0: caches and generator start afresh."""
+        """Begin a new generation at step 0 in this thread: its cache and generator start afresh."""
         check(
             num_steps is None or (isinstance(num_steps, int) and num_steps >= 1),
             f"num_steps must be None or >= 1; got {num_steps!r}",
         )
         self.reset()
-        self.step = 0
-        self.num_steps = num_steps
-        self.generation += 1
+        thread = self._thread
+        thread.step = 0
+        thread.num_steps = num_steps
+        thread.generation += 1
 
     def set_step(self, step: int, num_steps: int | None = None) -> None:
-        """Tell the state which denoising step runs next (0-based); step 0 starts a generation."""
+        """Tell the state which denoising step runs next in this thread (0-based); step 0 starts a generation."""
         check(isinstance(step, int) and step >= 0, f"step must be an int >= 0; got {step!r}")
-        if step == 0 or self.step is None:
-            self.start_generation(num_steps if num_steps is not None else self.num_steps)
+        thread = self._thread
+        if step == 0 or thread.step is None:
+            self.start_generation(num_steps if num_steps is not None else thread.num_steps)
         elif num_steps is not None:
-            self.num_steps = num_steps
-        self.step = step
-        self.call_index = 0
+            thread.num_steps = num_steps
+        thread.step = step
+        thread.call_index = 0
 
     def observe_timestep(self, timestep: Tensor | float, num_steps: int | None = None) -> None:
-        """Track steps from the timesteps a denoiser is called with.
+        """Track steps from the timesteps a denoiser is called with (in the calling thread).
 
         Adapters call this on every denoiser call, with the timestep as given (a tensor
         stays on its device). It is kept as `timestep` to key random partitions. For a
@@ -125,7 +217,7 @@ class MergeState:
         separately); a timestep above the last one, or the first ever, starts a new
         generation. That bookkeeping runs outside any compiled graph.
         """
-        self.timestep = timestep
+        self._thread.timestep = timestep
         if self.traceable:
             return
         self._track_timestep(timestep, num_steps)
@@ -133,34 +225,36 @@ class MergeState:
     @torch.compiler.disable
     def _track_timestep(self, timestep: Tensor | float, num_steps: int | None) -> None:
         value = float(timestep.reshape(-1)[0]) if isinstance(timestep, Tensor) else float(timestep)
-        last = self._last_timestep
+        thread = self._thread
+        last = thread.last_timestep
         if last is None or value > last:
             self.start_generation(num_steps)
         elif value < last:
-            assert self.step is not None
-            self.step += 1
-            self.call_index = 0
+            assert thread.step is not None
+            thread.step += 1
+            thread.call_index = 0
         else:
-            self.call_index += 1
-        self._last_timestep = value
+            thread.call_index += 1
+        thread.last_timestep = value
 
     # ------------------------------------------------------------------ planning
     def context(
         self, layer: str, layer_index: int, num_layers: int, num_tokens: int, grid: tuple[int, int] | None
     ) -> MergeContext:
-        """The `MergeContext` the policies see for one layer call."""
+        """The `MergeContext` the policies see for one layer call (this thread's step and call)."""
+        thread = self._thread
         return MergeContext(
             layer=layer,
             layer_index=layer_index,
             num_layers=num_layers,
             num_tokens=num_tokens,
             grid=grid,
-            step=self.step,
-            num_steps=self.num_steps,
-            call_index=self.call_index,
-            generator=self.generator,
+            step=thread.step,
+            num_steps=thread.num_steps,
+            call_index=thread.call_index,
+            generator=thread.generator,
             seed=self.seed,
-            timestep=self.timestep,
+            timestep=thread.timestep,
         )
 
     def plan(
@@ -203,19 +297,20 @@ class MergeState:
         # Pure tensor code: traced into the compiled graph; nothing cached, no host reads.
         # No step fields: a traceable policy does not read them, and a Python int read
         # here would become a guard (a recompile per step).
+        thread = self._thread
         ctx = MergeContext(
             layer=layer,
             layer_index=layer_index,
             num_layers=num_layers,
             num_tokens=num_mergeable(protected, metric.shape[1]),
             grid=grid,
-            generator=self.generator,
+            generator=thread.generator,
             seed=self.seed,
-            timestep=self.timestep,
+            timestep=thread.timestep,
         )
         plan = compute_plan(self.config, metric.detach(), ctx, protected)
         if not _compiling():  # Python counters would be guarded on (a recompile per call)
-            self.plans_computed += 1
+            thread.plans_computed += 1
             self.merged_tokens[layer] = (plan.num_in, plan.num_out)
         return plan
 
@@ -225,16 +320,17 @@ class MergeState:
     ) -> MergePlan:
         # Runs eagerly even inside a compiled model, so the plans it caches are ordinary
         # tensors (never a CUDA graph's static outputs that a later replay overwrites).
+        thread = self._thread
         ctx = self.context(layer, layer_index, num_layers, num_mergeable(protected, metric.shape[1]), grid)
-        key = (layer, self.call_index)
-        plan = self.cache.lookup(key, metric, ctx, protected)
+        key = (layer, min(thread.call_index, MAX_CALL_SLOTS - 1))  # bounded: later calls share the last slot
+        plan = thread.cache.lookup(key, metric, ctx, protected)
         if plan is not None:
-            self.plans_reused += 1
+            thread.plans_reused += 1
             return plan
         with torch.no_grad():
             plan = compute_plan(self.config, metric, ctx, protected)
-        self.cache.store(key, plan, metric, ctx, protected)
-        self.plans_computed += 1
+        thread.cache.store(key, plan, metric, ctx, protected)
+        thread.plans_computed += 1
         self.merged_tokens[layer] = (plan.num_in, plan.num_out)
         return plan
 

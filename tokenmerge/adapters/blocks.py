@@ -6,7 +6,8 @@ A block is any module with ``attn`` and ``mlp`` sub-modules that it calls on
 stack is an `nn.ModuleList`/`nn.Sequential` of them, or a module whose ``blocks``
 attribute is one. The plan is computed from each block's input; the sub-layers the
 `SubLayers` placement chooses run on the merged tokens and are unmerged right after
-(ToMeSD-style merging around each sub-layer).
+(ToMeSD-style merging around each sub-layer). The plan between a block's hooks is
+held per thread (`tokenmerge.hooks.PlanSlot`), so threads may share one merged stack.
 """
 
 from __future__ import annotations
@@ -144,18 +145,45 @@ class BlockStackAdapter(Adapter):
                     merge_around(hooks, spec.sublayer(block, role), slot, config.mode, input_name=spec.sublayer_input)
 
 
+class _PlanHook:
+    """A block's forward pre-hook: the plan of this call, into the (per-thread) slot."""
+
+    def __init__(
+        self,
+        state: MergeState,
+        slot: PlanSlot,
+        key: str,
+        index: int,
+        count: int,
+        grid: Any,
+        protected: int,
+        hidden: Argument,
+    ) -> None:
+        self.state, self.slot, self.key, self.index, self.count = state, slot, key, index, count
+        self.grid, self.protected, self.hidden = grid, protected, hidden
+
+    def __call__(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        x = self.hidden.get(args, kwargs)  # (B, N, C): the block's token argument, by its spec
+        self.slot.plan = self.state.plan(
+            self.key, x, layer_index=self.index, num_layers=self.count, grid=self.grid, protected=self.protected
+        )
+
+
+class _ClearHook:
+    """A block's forward hook: forget the plan once the block has run."""
+
+    def __init__(self, slot: PlanSlot) -> None:
+        self.slot = slot
+
+    def __call__(self, *_: Any) -> None:
+        self.slot.plan = None
+
+
 def _plan_hook(
     state: MergeState, slot: PlanSlot, key: str, index: int, count: int, grid: Any, protected: int, hidden: Argument
 ) -> Any:
-    def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        x = hidden.get(args, kwargs)  # (B, N, C): the block's token argument, by its spec
-        slot.plan = state.plan(key, x, layer_index=index, num_layers=count, grid=grid, protected=protected)
-
-    return hook
+    return _PlanHook(state, slot, key, index, count, grid, protected, hidden)
 
 
 def _clear_hook(slot: PlanSlot) -> Any:
-    def hook(*_: Any) -> None:
-        slot.plan = None
-
-    return hook
+    return _ClearHook(slot)

@@ -16,6 +16,9 @@ Two ways of merging, both through forward hooks only:
 Which argument of a block carries the tokens and the mask, which output is the image
 stream and which sub-modules merge is read from the block's `BlockSpec`
 (``site.call``), not guessed from positions.
+
+The plans between hooks are per call and per thread (`tokenmerge.hooks.PlanSlot`, the
+range's `PerThread` call state), so threads can share one merged denoiser.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from torch import Tensor, nn
 
 from ..config import MergeConfig
 from ..errors import TokenMergeError
-from ..hooks import HookSet, PlanSlot, merge_around
+from ..hooks import HookSet, PerThread, PlanSlot, merge_around
 from ..placements import KeyValues, SubLayers
 from ..plan import MergePlan, proportional_attention_bias
 from ..state import MergeState
@@ -138,6 +141,15 @@ class SubLayerMerge:
         return args, {**kwargs, keys_values_name: keys_values}
 
 
+class _RangeCall:
+    """The range's plan for the running denoiser call (one per thread)."""
+
+    def __init__(self) -> None:
+        self.plan: MergePlan | None = None
+        self.size: Tensor | None = None  # (B, N - r)
+        self.bias: Tensor | None = None  # (B, 1, N - r)
+
+
 class RangeMerge:
     """ToMe-style merging of the residual stream over a range of blocks of a patch transformer.
 
@@ -161,10 +173,13 @@ class RangeMerge:
         assert config.blocks is not None
         self.config, self.state, self.tracker, self.layout = config, state, tracker, layout
         self.first, self.last = config.blocks
-        self.plan: MergePlan | None = None
-        self.size: Tensor | None = None
-        self.bias: Tensor | None = None
+        self._per_thread = PerThread(_RangeCall)  # plan, sizes and bias of the running call
         tracker.on_call(self.clear)
+
+    @property
+    def current(self) -> _RangeCall:
+        """The calling thread's plan, sizes and bias."""
+        return self._per_thread.value
 
     @property
     def key(self) -> str:
@@ -173,7 +188,8 @@ class RangeMerge:
 
     def clear(self) -> None:
         """Forget the plan of the previous call (done at the start of every denoiser call)."""
-        self.plan = self.size = self.bias = None
+        current = self.current
+        current.plan = current.size = current.bias = None
 
     def attach(self, hooks: HookSet) -> None:
         """Hook the blocks of the range."""
@@ -182,7 +198,7 @@ class RangeMerge:
         hooks.pre(sites[self.first].block, self._merge)
         for site in sites[self.first : self.last + 1]:
             hooks.pre(site.block, self._add_bias)
-        hooks.post(sites[self.last].block, self._unmerge, always_call=True)
+        hooks.post(sites[self.last].block, self._unmerge, always_call=True, prepend=True)
 
     def _merge(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         self.clear()
@@ -197,15 +213,16 @@ class RangeMerge:
         plan = self.state.plan(self.key, x, layer_index=0, num_layers=1, grid=grid)
         if plan.r == 0:
             return None
-        self.plan = plan
-        self.size = plan.merge_size()  # (B, N - r): original tokens each merged token covers
+        current = self.current
+        current.plan = plan
+        current.size = plan.merge_size()  # (B, N - r): original tokens each merged token covers
         if self.config.prop_attn:
-            self.bias = proportional_attention_bias(self.size, x.dtype)[:, 0]  # (B, 1, N - r)
+            current.bias = proportional_attention_bias(current.size, x.dtype)[:, 0]  # (B, 1, N - r)
         merged = plan.merge(x, mode=self.config.mode)  # (B, N - r, C)
         return call.hidden.replace(args, kwargs, merged)
 
     def _add_bias(self, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        plan, bias = self.plan, self.bias
+        plan, bias = self.current.plan, self.current.bias
         call = self._calls[block]
         if plan is None or bias is None or call.mask is None:
             return None
@@ -217,7 +234,7 @@ class RangeMerge:
     def _unmerge(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         # The plan is kept until the next denoiser call: gradient checkpointing re-runs the
         # blocks of the range (and these hooks) during the backward pass.
-        plan, call = self.plan, self.layout.sites[self.last].call
+        plan, call = self.current.plan, self.layout.sites[self.last].call
         image = call.image_output(output)  # (B, N - r, C): the image stream, where the spec says it is
         if plan is None or image is None or image.shape[:2] != (plan.batch, plan.num_out):
             return None

@@ -13,10 +13,16 @@ pipeline call, so a new generation starts even when its first timestep equals th
 one seen (one-step generations). The step index is then the timestep's position in the
 schedule, so img2img (which starts part-way through the schedule) gets the step
 indices the schedule defines, and ``num_steps`` is the schedule's length.
+
+All of this is per thread: the latent size of the running call, the schedule seen last
+and (in `MergeState`) the step, so threads that each run their own sampling loop on one
+denoiser each get their serial result. (A diffusers scheduler is not thread-safe itself:
+give each thread a pipeline of its own, sharing the denoiser, or write the loop.)
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import weakref
 from typing import Any
@@ -24,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..hooks import PerThread, copied_ref
 from ..state import MergeState
 from .diffusion_layout import DenoiserLayout
 
@@ -51,6 +58,15 @@ def timestep_value(timestep: Any) -> float | None:
     return float(timestep)
 
 
+class _TrackerCall:
+    """The calling thread's view: latent size of the running call, the schedule of its generation."""
+
+    def __init__(self) -> None:
+        self.latent_hw: tuple[int, int] | None = None
+        self.schedule: Tensor | None = None
+        self.values: list[float] = []
+
+
 class StepTracker:
     """Forward pre-hook on a denoiser: latent size and denoising step for the merge hooks.
 
@@ -61,17 +77,35 @@ class StepTracker:
             never changed; only a weak reference is kept).
 
     Attributes:
-        latent_hw: ``(H, W)`` of the latent of the current call, None before the first.
+        latent_hw: ``(H, W)`` of the latent of the calling thread's current call, None before the first.
     """
 
     def __init__(self, state: MergeState, layout: DenoiserLayout, pipeline: Any = None) -> None:
         self.state = state
         self.layout = layout
-        self.latent_hw: tuple[int, int] | None = None
         self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
-        self._schedule: Tensor | None = None
-        self._values: list[float] = []
+        self._per_thread = PerThread(_TrackerCall)
         self._listeners: list[Any] = []
+
+    @property
+    def _call(self) -> _TrackerCall:
+        return self._per_thread.value
+
+    @property
+    def latent_hw(self) -> tuple[int, int] | None:
+        """``(H, W)`` of the latent of the calling thread's current denoiser call."""
+        return self._call.latent_hw
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> StepTracker:
+        # The copy watches the copied pipeline, if the pipeline is part of the copy.
+        new = StepTracker.__new__(StepTracker)
+        memo[id(self)] = new
+        new.state = copy.deepcopy(self.state, memo)
+        new.layout = copy.deepcopy(self.layout, memo)
+        new._pipeline = copied_ref(self._pipeline, memo)
+        new._per_thread = PerThread(_TrackerCall)
+        new._listeners = copy.deepcopy(self._listeners, memo)
+        return new
 
     def on_call(self, listener: Any) -> None:
         """Call ``listener()`` at the start of every denoiser call (to clear per-call state)."""
@@ -84,8 +118,9 @@ class StepTracker:
         return timesteps if isinstance(timesteps, Tensor) and timesteps.dim() == 1 else None
 
     def _index_of(self, value: float, start: int) -> int | None:
-        for index in range(max(start, 0), len(self._values)):
-            if math.isclose(self._values[index], value, rel_tol=1e-5, abs_tol=1e-4):
+        values = self._call.values
+        for index in range(max(start, 0), len(values)):
+            if math.isclose(values[index], value, rel_tol=1e-5, abs_tol=1e-4):
                 return index
         return None
 
@@ -95,7 +130,7 @@ class StepTracker:
             listener()
         latent = get_argument(args, kwargs, self.layout.latent_index, self.layout.latent_name)
         if isinstance(latent, Tensor) and latent.dim() == 4:
-            self.latent_hw = (int(latent.shape[-2]), int(latent.shape[-1]))  # (B, C, H, W) -> (H, W)
+            self._call.latent_hw = (int(latent.shape[-2]), int(latent.shape[-1]))  # (B, C, H, W) -> (H, W)
         timestep = get_argument(args, kwargs, self.layout.timestep_index, self.layout.timestep_name)
         if timestep is None:
             return
@@ -110,17 +145,17 @@ class StepTracker:
         value = timestep_value(timestep)
         if value is None:
             return
-        state = self.state
+        state, call = self.state, self._call
         schedule = self._schedule_of_pipeline()
-        if schedule is not None and schedule is not self._schedule:
+        if schedule is not None and schedule is not call.schedule:
             # set_timesteps ran since the last call: this is a new pipeline call.
-            self._schedule = schedule
-            self._values = [float(v) for v in schedule.tolist()]  # one host copy per generation
+            call.schedule = schedule
+            call.values = [float(v) for v in schedule.tolist()]  # one host copy per generation
             state.reset()
         previous_step = state.step
-        num_steps = len(self._values) if self._values else None
+        num_steps = len(call.values) if call.values else None
         state.observe_timestep(value, num_steps)
-        if not self._values or state.call_index != 0 or state.step is None:
+        if not call.values or state.call_index != 0 or state.step is None:
             return
         # Place the step on the schedule: img2img starts part-way; order-2 schedulers repeat timesteps.
         start = 0 if previous_step is None or state.step == 0 else previous_step + 1

@@ -23,11 +23,14 @@ copied or replaced; its ``forward`` runs as written)::
 * ``Block`` post-hook: return ``x_merged + branch``, exactly ToMe's block output, in place
   of timm's (which is ``x`` unchanged by then). Sizes and sources then advance. This
   relies on timm's ``Block.forward`` being the two lines above, which is why the adapter
-  accepts `vision_transformer.Block` itself and no subclass.
+  accepts `vision_transformer.Block` itself and no subclass. It is registered first
+  among the block's forward hooks (``prepend``), so forward hooks the user registers on
+  a block, before or after `apply`, see the block's true output.
 
-Model-level hooks: ``patch_embed`` records the patch grid; block 0's pre-hook starts a
-new forward (sizes, sources, masks reset; this also covers direct calls of
-``forward_features`` or ``forward_intermediates``); the final ``norm`` post-hook
+Model-level hooks: ``patch_embed`` records the patch grid; ``blocks`` (the
+``nn.Sequential``) marks the blocks as running as one stream, as ``forward_features``
+runs them; block 0's pre-hook starts a new forward (sizes, sources, masks reset; this
+also covers direct calls of ``forward_features`` or ``forward_intermediates``); the final ``norm`` post-hook
 unmerges the tokens back to the full input layout through the source map (one gather),
 so ``forward_features`` keeps the unpatched model's shape: dense outputs by default.
 With ``TokenStream(dense=False)`` it returns the merged tokens instead, except when the
@@ -49,16 +52,28 @@ Rules:
   combined with merging (``TokenMergeError``).
 * Grid matchers (`RandomGrid`, `StridedGrid`) see the patch grid only in blocks before
   the first merge; restrict them to one block with ``placement=TokenStream(blocks=(i, i))``.
-* ``forward_intermediates``: with ``norm=True`` every intermediate goes through the
-  final ``norm`` and comes back unmerged (so ``output_fmt='NCHW'`` works); with
-  ``norm=False`` intermediates keep their merged length: use ``output_fmt='NLC'`` then
-  (timm's NCHW reshape assumes the full token count and would scramble them).
+* Blocks called one by one (``forward_intermediates``, or ``forward_features`` with an
+  ``attn_mask``/``is_causal``, or a loop of the user's own): every block returns its
+  tokens dense, unmerged to the input layout through the token map (prefix first, then
+  the patches in order), and the next block takes them back to the merged layout by
+  gathering one input position of every merged token (exact copies: the blocks compute
+  bit for bit what the stream computes). So ``forward_intermediates`` returns dense
+  features for every intermediate, with ``norm=True`` or ``False`` and
+  ``output_fmt='NCHW'`` or ``'NLC'``; the final features are dense as well, also with
+  ``TokenStream(dense=False)``. The cost is one gather in and out per block, only on
+  this path.
 * Gradient checkpointing is refused while tokens merge (the recomputation would run
   the stateful hooks twice).
+
+State: what a forward computes between hooks (sizes, token map, mask, the plan and
+branch of the running block) is per call and per thread (`tokenmerge.hooks.PerThread`),
+so a merged ViT may be called from several threads at once, each call getting exactly
+its serial result; `merge_record` reads the calling thread's last forward.
 """
 
 from __future__ import annotations
 
+import copy
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -70,7 +85,7 @@ from torch import Tensor, nn
 
 from ..config import MergeConfig
 from ..errors import TokenMergeError, check
-from ..hooks import HookSet
+from ..hooks import HookSet, ModuleHook, PerThread, copied_ref
 from ..placements import TokenStream
 from ..plan import MergeMode, MergePlan, identity_token_map, proportional_attention_bias, source_matrix
 from ..policies.thresholds import FixedCount, layer_schedule
@@ -141,21 +156,33 @@ class ViTMergeRecord:
         return self.full_token_map(batch)[:, self.num_prefix :] - self.num_prefix
 
 
-_RUNS: weakref.WeakKeyDictionary[nn.Module, _Run] = weakref.WeakKeyDictionary()
+def _run_of(model: nn.Module) -> _Run | None:
+    """The `_Run` of the config applied to ``model`` (found through its patch-embedding hook)."""
+    patch_embed = getattr(model, "patch_embed", None)
+    if not isinstance(patch_embed, nn.Module):
+        return None
+    for hook in patch_embed._forward_hooks.values():
+        if isinstance(hook, ModuleHook) and isinstance(hook.fn, _PatchEmbedPost):
+            return hook.fn.run
+    return None
 
 
 def merge_record(model: nn.Module) -> ViTMergeRecord | None:
-    """The `ViTMergeRecord` of ``model``'s last forward; None if no config is applied or it has not run."""
-    run = _RUNS.get(model)
-    if run is None or run.num_input == 0:
+    """The `ViTMergeRecord` of ``model``'s last forward in the calling thread.
+
+    None if no config is applied or the model has not run in this thread.
+    """
+    run = _run_of(model)
+    call = run.call if run is not None else None
+    if call is None or call.num_input == 0:
         return None
     return ViTMergeRecord(
-        num_prefix=run.protected,
-        grid=run.grid,
-        num_input=run.num_input,
-        num_tokens=run.num_tokens,
-        sizes=run.sizes,
-        token_map=run.token_map,
+        num_prefix=run.protected,  # type: ignore[union-attr]
+        grid=call.grid,
+        num_input=call.num_input,
+        num_tokens=call.num_tokens,
+        sizes=call.sizes,
+        token_map=call.token_map,
     )
 
 
@@ -239,15 +266,10 @@ def carry_mask(mask: Tensor, plan: MergePlan, mode: MergeMode, size: Tensor | No
     return mask
 
 
-class _Run:
-    """Per-forward bookkeeping of one applied model: sizes, sources, mask, grid."""
+class _RunCall:
+    """The state of one forward of a ViT (one per thread): sizes, sources, mask, grid."""
 
-    def __init__(self, model: nn.Module, config: MergeConfig) -> None:
-        self.model = weakref.ref(model)
-        self.mode: MergeMode = config.mode
-        self.dense = bool(config.options.get("dense", True))
-        self.trace_source = config.trace_source
-        self.protected = int(getattr(model, "num_prefix_tokens", 0))
+    def __init__(self) -> None:
         self.grid: tuple[int, int] | None = None
         self.batch = 0
         self.num_input = 0
@@ -255,11 +277,37 @@ class _Run:
         self.merged = False
         self.track = False
         self.is_causal = False
+        self.in_stream = False  # inside ``model.blocks(x)``; False when blocks are called one by one
         self.sizes: Tensor | None = None  # (B, N) float32 once something merged
         self.token_map: Tensor | None = None  # (B, N0) once something merged and tracked
+        self.first_of: Tensor | None = None  # (B, N) an input position of every token, for dense block outputs
         self.user_mask: Tensor | None = None
         self.mask: Tensor | None = None  # the user mask in the current layout, additive
         self.dtype: torch.dtype = torch.float32
+
+
+class _Run:
+    """One applied model: what the config says (shared) and its forward calls (`call`, per thread)."""
+
+    def __init__(self, model: nn.Module, config: MergeConfig, placement: TokenStream) -> None:
+        self.model = weakref.ref(model)
+        self.mode: MergeMode = config.mode
+        self.dense = placement.dense
+        self.trace_source = placement.trace_source
+        self.protected = int(getattr(model, "num_prefix_tokens", 0))
+        self._per_thread = PerThread(_RunCall)
+
+    @property
+    def call(self) -> _RunCall:
+        """The calling thread's forward."""
+        return self._per_thread.value
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Run:
+        new = copy.copy(self)
+        memo[id(self)] = new
+        new.model = copied_ref(self.model, memo) or self.model
+        new._per_thread = PerThread(_RunCall)
+        return new
 
     def pool_reads_all(self) -> bool:
         """Whether the model's head reads more than the class token (so it needs every token)."""
@@ -277,48 +325,75 @@ class _Run:
                 "grad_checkpointing must be off while tokens merge: the recomputed blocks would merge twice "
                 "(call model.set_grad_checkpointing(False))"
             )
-        self.batch, self.num_input = x.shape[0], x.shape[1]
-        self.num_tokens = self.num_input
-        if self.grid is not None and self.grid[0] * self.grid[1] != self.num_input - self.protected:
-            self.grid = None
-        self.merged = False
-        self.track = self.trace_source or self.dense or self.pool_reads_all()
-        self.is_causal = False
-        self.sizes = self.token_map = self.user_mask = self.mask = None
-        self.dtype = _attn_dtype(x)
+        call = self.call
+        call.batch, call.num_input = x.shape[0], x.shape[1]
+        call.num_tokens = call.num_input
+        if call.grid is not None and call.grid[0] * call.grid[1] != call.num_input - self.protected:
+            call.grid = None
+        call.merged = False
+        # Blocks called one by one (forward_intermediates) return dense outputs: that needs the sources.
+        call.track = self.trace_source or self.dense or not call.in_stream or self.pool_reads_all()
+        call.is_causal = False
+        call.sizes = call.token_map = call.first_of = call.user_mask = call.mask = None
+        call.dtype = _attn_dtype(x)
 
     def follows(self, x: Tensor) -> bool:
         """Whether ``x`` is laid out as the current forward expects."""
-        return x.shape[0] == self.batch and x.shape[1] == self.num_tokens
+        call = self.call
+        return x.shape[0] == call.batch and x.shape[1] == call.num_tokens
 
     def advance(self, plan: MergePlan, sizes: Tensor | None = None) -> None:
         """Account for ``plan`` having merged the tokens (call after merging with the old sizes).
 
         ``sizes``: the merged sizes when the merge already computed them (`MergePlan.merge_with_size`).
         """
-        if self.user_mask is not None:
-            current = self.mask if self.mask is not None else _additive(self.user_mask, self.dtype)
-            self.mask = carry_mask(current, plan, self.mode, self.sizes)
-        if self.track:
-            previous = self.token_map
+        call = self.call
+        if call.user_mask is not None:
+            current = call.mask if call.mask is not None else _additive(call.user_mask, call.dtype)
+            call.mask = carry_mask(current, plan, self.mode, call.sizes)
+        if call.track:
+            previous = call.token_map
             if previous is None:
-                previous = identity_token_map(plan.batch, self.num_input, device=plan.slot.device)  # (B, N0)
-            self.token_map = plan.merge_token_map(previous)  # (B, N0)
-        self.sizes = plan.merge_size(self.sizes) if sizes is None else sizes  # (B, N - r)
-        self.num_tokens = plan.num_out
-        self.merged = True
+                previous = identity_token_map(plan.batch, call.num_input, device=plan.slot.device)  # (B, N0)
+            call.token_map = plan.merge_token_map(previous)  # (B, N0)
+        call.sizes = plan.merge_size(call.sizes) if sizes is None else sizes  # (B, N - r)
+        call.num_tokens = plan.num_out
+        call.first_of = None
+        call.merged = True
+
+    def dense_out(self, out: Tensor) -> Tensor | None:
+        """A block's merged output ``(B, N, C)`` unmerged to ``(B, N0, C)`` when blocks run one by one, else None."""
+        call = self.call
+        if call.in_stream or not call.merged or call.token_map is None or not self.follows(out):
+            return None
+        return unmerge_tokens(out, call.token_map)  # (B, N0, C)
+
+    def merged_in(self, x: Tensor) -> Tensor | None:
+        """A dense block input ``(B, N0, C)`` (from `dense_out`) back in the merged layout, else None."""
+        call = self.call
+        token_map = call.token_map
+        if call.in_stream or not call.merged or token_map is None or call.num_tokens == call.num_input:
+            return None
+        if x.dim() != 3 or x.shape[:2] != (call.batch, call.num_input):
+            return None
+        if call.first_of is None:
+            positions = torch.arange(call.num_input, device=token_map.device).expand_as(token_map)  # (B, N0)
+            first = torch.full((call.batch, call.num_tokens), call.num_input, device=token_map.device)
+            call.first_of = first.scatter_reduce(1, token_map, positions, "amin")  # (B, N)
+        return x.gather(1, call.first_of[..., None].expand(-1, -1, x.shape[-1]))  # (B, N, C): exact copies
 
 
-class _Unregister:
-    """Removes a model's run from the registry when the hooks are removed."""
+class _Stream:
+    """Hooks on ``model.blocks``: whether the blocks run as one stream (``forward_features``)."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = weakref.ref(model)
+    def __init__(self, run: _Run) -> None:
+        self.run = run
 
-    def remove(self) -> None:
-        model = self.model()
-        if model is not None:
-            _RUNS.pop(model, None)
+    def enter(self, *_: Any) -> None:
+        self.run.call.in_stream = True
+
+    def leave(self, *_: Any) -> None:
+        self.run.call.in_stream = False
 
 
 def _mask_arg(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
@@ -333,6 +408,17 @@ def _with_mask(args: tuple[Any, ...], kwargs: dict[str, Any], mask: Tensor) -> t
     return (args[0], mask, *args[2:]), kwargs
 
 
+class _BlockCall:
+    """Between the hooks of one block call (one per thread)."""
+
+    def __init__(self) -> None:
+        self.metric: Tensor | None = None
+        self.plan: MergePlan | None = None
+        self.residual: Tensor | None = None  # (B, N - r, C) the merged residual stream
+        self.sizes: Tensor | None = None  # (B, N - r) token sizes after the merge
+        self.branch: Tensor | None = None  # (B, N - r, C) the MLP branch on merged tokens
+
+
 class _BlockHooks:
     """The hooks of one ``Block``; ``layer`` is None for a block that does not merge."""
 
@@ -342,14 +428,17 @@ class _BlockHooks:
         self.index = index
         self.layer = layer  # (index among merging blocks, number of merging blocks)
         self.key = f"blocks.{index}"
-        self.metric: Tensor | None = None
-        self.plan: MergePlan | None = None
-        self.residual: Tensor | None = None  # (B, N - r, C) the merged residual stream
-        self.sizes: Tensor | None = None  # (B, N - r) token sizes after the merge
-        self.branch: Tensor | None = None  # (B, N - r, C) the MLP branch on merged tokens
+        self._per_thread = PerThread(_BlockCall)
+
+    @property
+    def call(self) -> _BlockCall:
+        """The calling thread's block call."""
+        return self._per_thread.value
 
     def attach(self, hooks: HookSet, block: nn.Module, prop_attn: bool) -> None:
         hooks.pre(block, self.block_pre)
+        # First among the block's forward hooks: the user's, registered before or after, see its true output.
+        hooks.post(block, self.block_post, prepend=True)
         if prop_attn:
             hooks.pre(block.attn, self.attn_pre)
         if self.layer is None:
@@ -357,24 +446,27 @@ class _BlockHooks:
         hooks.post(block.attn.k_norm, self.keys_post)
         hooks.pre(block.norm2, self.norm2_pre)
         hooks.post(block.drop_path2, self.branch_post)
-        hooks.post(block, self.block_post)
 
     def block_pre(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         x = args[0] if args else kwargs["x"]  # (B, N, C)
         run = self.run
-        if self.index == 0 or not run.follows(x):
+        merged_in = run.merged_in(x) if self.index != 0 else None  # a dense output of the block before
+        if merged_in is not None:
+            x = merged_in  # (B, N, C)
+            args, kwargs = ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "x": x})
+        elif self.index == 0 or not run.follows(x):
             run.begin(x)
-        run.is_causal = bool(kwargs.get("is_causal", args[2] if len(args) > 2 else False))
+        call = run.call
+        call.is_causal = bool(kwargs.get("is_causal", args[2] if len(args) > 2 else False))
         mask = _mask_arg(args, kwargs)
-        if mask is None:
-            return None
-        if not run.merged:
-            run.user_mask = mask
-            return None
-        return _with_mask(args, kwargs, run.mask)
+        if mask is None or not call.merged:
+            if mask is not None:
+                call.user_mask = mask
+            return (args, kwargs) if merged_in is not None else None
+        return _with_mask(args, kwargs, call.mask)
 
     def attn_pre(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        sizes = self.run.sizes
+        sizes = self.run.call.sizes
         x = args[0] if args else kwargs["x"]  # (B, N, C)
         if sizes is None or sizes.shape[1] != x.shape[1]:
             return None
@@ -385,23 +477,24 @@ class _BlockHooks:
         return _with_mask(args, kwargs, bias)
 
     def keys_post(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], keys: Tensor) -> None:
-        self.metric = keys.detach().mean(dim=1)  # (B, H, N, d) -> (B, N, d)
+        self.call.metric = keys.detach().mean(dim=1)  # (B, H, N, d) -> (B, N, d)
 
     def norm2_pre(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        run, metric = self.run, self.metric
-        self.metric, self.plan, self.residual, self.branch, self.sizes = None, None, None, None, None
+        run, call = self.run, self.call
+        metric = call.metric
+        call.metric, call.plan, call.residual, call.branch, call.sizes = None, None, None, None, None
         x = args[0]  # (B, N, C)
         if metric is None or metric.shape[:2] != x.shape[:2]:
             return None
         assert self.layer is not None
-        grid = run.grid if not run.merged else None
+        grid = run.call.grid if not run.call.merged else None
         try:
             index, count = self.layer
             plan = self.state.plan(
                 self.key, metric, layer_index=index, num_layers=count, grid=grid, protected=run.protected
             )
         except TokenMergeError as error:
-            if not run.merged:
+            if not run.call.merged:
                 raise
             raise TokenMergeError(
                 f"{self.key}: {error}. After a merge a ViT's tokens no longer form the patch grid, so grid "
@@ -409,50 +502,71 @@ class _BlockHooks:
             ) from error
         if plan.r == 0:
             return None
-        if run.is_causal:
+        if run.call.is_causal:
             raise TokenMergeError("is_causal must be False while tokens merge: merged tokens have no causal order")
-        self.plan = plan
-        self.residual, self.sizes = plan.merge_with_size(x, run.mode, run.sizes)  # (B, N - r, C), (B, N - r)
-        return (self.residual, *args[1:]), kwargs
+        call.plan = plan
+        call.residual, call.sizes = plan.merge_with_size(x, run.mode, run.call.sizes)  # (B, N - r, C), (B, N - r)
+        return (call.residual, *args[1:]), kwargs
 
     def branch_post(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> Any:
-        plan = self.plan
+        plan = self.call.plan
         if plan is None or out.shape[1] != plan.num_out:
             return None
-        self.branch = out  # (B, N - r, C)
+        self.call.branch = out  # (B, N - r, C)
         return out.new_zeros(())  # timm adds this to x (N tokens): x comes out unchanged, and is discarded
 
     def block_post(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> Any:
-        plan, run, residual, branch, sizes = self.plan, self.run, self.residual, self.branch, self.sizes
-        self.plan, self.residual, self.branch, self.sizes = None, None, None, None
-        if plan is None:
+        run, call = self.run, self.call
+        plan, residual, branch, sizes = call.plan, call.residual, call.branch, call.sizes
+        call.plan, call.residual, call.branch, call.sizes = None, None, None, None
+        if plan is not None:
+            if residual is None or branch is None:  # pragma: no cover - timm's Block.forward is checked to be Block's
+                raise TokenMergeError(f"{self.key}: the block did not run norm2 and drop_path2 as timm's Block does")
+            run.advance(plan, sizes)
+            out = residual + branch  # (B, N - r, C): ToMe's x_merged + ls2(mlp(norm2(x_merged)))
+        dense = run.dense_out(out)  # blocks called one by one: every output dense, in input order
+        if dense is not None:
+            return dense  # (B, N0, C)
+        return out if plan is not None else None
+
+
+class _NormPost:
+    """The final norm's forward hook: unmerge the tokens back to the input layout."""
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+
+    def __call__(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> Any:
+        run = self.run
+        call = run.call
+        if call.token_map is None or out.dim() != 3 or not run.follows(out):
             return None
-        if residual is None or branch is None:  # pragma: no cover - timm's Block.forward is checked to be Block's
-            raise TokenMergeError(f"{self.key}: the block did not run norm2 and drop_path2 as timm's Block does")
-        run.advance(plan, sizes)
-        return residual + branch  # (B, N - r, C): ToMe's x_merged + ls2(mlp(norm2(x_merged)))
+        if run.dense or run.pool_reads_all():
+            return unmerge_tokens(out, call.token_map)  # (B, N0, C)
+        return None
+
+
+class _PatchEmbedPost:
+    """The patch embedding's forward hook: record the patch grid of this forward."""
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        call = self.run.call
+        if isinstance(out, Tensor) and out.dim() == 4:  # NHWC (dynamic image size)
+            call.grid = (int(out.shape[1]), int(out.shape[2]))
+            return
+        grid = getattr(module, "grid_size", None)
+        call.grid = (int(grid[0]), int(grid[1])) if grid is not None else None
 
 
 def _norm_post(run: _Run) -> Any:
-    def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> Any:
-        if run.token_map is None or out.dim() != 3 or not run.follows(out):
-            return None
-        if run.dense or run.pool_reads_all():
-            return unmerge_tokens(out, run.token_map)  # (B, N0, C)
-        return None
-
-    return hook
+    return _NormPost(run)
 
 
 def _patch_embed_post(run: _Run) -> Any:
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
-        if isinstance(out, Tensor) and out.dim() == 4:  # NHWC (dynamic image size)
-            run.grid = (int(out.shape[1]), int(out.shape[2]))
-            return
-        grid = getattr(module, "grid_size", None)
-        run.grid = (int(grid[0]), int(grid[1])) if grid is not None else None
-
-    return hook
+    return _PatchEmbedPost(run)
 
 
 # ---------------------------------------------------------------------------- adapter
@@ -527,12 +641,13 @@ class TimmViTAdapter(Adapter):
         """Hook the patch embedding, every block and the final norm of ``target``."""
         placement = self.placement(target, config)
         assert isinstance(placement, TokenStream)
-        run = _Run(target, config)
+        run = _Run(target, config, placement)
         merging = _merging_blocks(placement, len(target.blocks))
         hooks.post(target.patch_embed, _patch_embed_post(run))
         for index, block in enumerate(target.blocks):
             layer = (merging.index(index), len(merging)) if index in merging else None
             _BlockHooks(run, state, index, layer).attach(hooks, block, placement.prop_attn)
-        hooks.post(target.norm, _norm_post(run))
-        _RUNS[target] = run
-        hooks.add(_Unregister(target))  # type: ignore[arg-type]
+        hooks.post(target.norm, _norm_post(run), prepend=True)
+        stream = _Stream(run)
+        hooks.pre(target.blocks, stream.enter)
+        hooks.post(target.blocks, stream.leave, always_call=True)

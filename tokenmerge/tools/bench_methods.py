@@ -33,9 +33,9 @@ from .. import presets
 from ..api import apply
 from ..config import MergeConfig
 from ..errors import TokenMergeError
+from ..placements import ResidualRange
 from ..policies.caches import NoCache
 from ..policies.matchers import RandomGrid
-from ..placements import ResidualRange
 from ..policies.thresholds import FixedRatio
 from .ideal import IdealMatcher, TokenCounts
 

@@ -46,9 +46,9 @@ from torch import Tensor, nn
 from ..api import apply
 from ..config import MergeConfig
 from ..errors import TokenMergeError, check
+from ..placements import ResidualRange
 from ..policies.caches import NoCache
 from ..policies.matchers import RandomGrid
-from ..placements import ResidualRange
 from ..policies.thresholds import FixedRatio
 from ..presets import CAToMe, ToDo, ToMeSD
 from .common import device_argument, psnr, resolve_device, seeded, synchronize
