@@ -1,4 +1,4 @@
-"""`tokenmerge.policies.checks`: a user policy's results checked where the library receives them."""
+"""`tokenmerge.policies.checks` (a user policy's results) and the inference-mode timestep keying."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from tokenmerge.policies import (
     ThresholdPolicy,
 )
 from tokenmerge.policies.checks import check_matching, check_merge_count, check_plan_from_cache, needs_check, trust
+from tokenmerge.policies.rng import partition_key, timestep_key
 
 
 class UserMatcher(Matcher):
@@ -273,3 +274,66 @@ def test_plans_from_a_custom_cache_are_checked() -> None:
         with pytest.raises(TokenMergeError, match=message) as error:
             check_plan_from_cache(plan, metric, cache, protected=1)
         assert "UserCache.lookup" in str(error.value)
+
+
+# --------------------------------------------------------------- the reproducibility hole
+
+
+def test_inference_tensor_updated_in_place_gets_the_new_timesteps_partition() -> None:
+    # Inference tensors keep no version counter: `t -= 200` used to keep step 1's partition.
+    with torch.inference_mode():
+        t = torch.tensor([981.0])
+        first = [int(partition_key(7, layer, t, None)) for layer in range(3)]  # one denoiser call
+        assert first == [partition_key(7, layer, 981.0, None) for layer in range(3)]
+        t -= 200  # the next call, same tensor object
+        second = [int(partition_key(7, layer, t, None)) for layer in range(3)]
+        assert second == [partition_key(7, layer, 781.0, None) for layer in range(3)]
+        assert second != first
+        t.fill_(500.0)
+        assert int(timestep_key(t)) == timestep_key(500.0)  # the direct key follows too
+
+
+def test_random_grid_partition_follows_an_in_place_inference_timestep() -> None:
+    matcher, metric = RandomGrid(2, 2), torch.randn(1, 64, 4)
+
+    def partition(timestep) -> list[int]:
+        ctx = MergeContext(grid=(8, 8), seed=3, layer_index=0, timestep=timestep)
+        return matcher.match(metric, ctx).dst_idx[0].tolist()
+
+    with torch.inference_mode():
+        t = torch.tensor([981.0])
+        before = partition(t)
+        t -= 200
+        after = partition(t)
+        assert after == partition(torch.tensor([781.0])) != before
+
+
+def test_tomesd_unet_under_inference_mode_follows_an_in_place_timestep() -> None:
+    from tokenmerge.adapters.diffusion_tiny import TEXT_DIM, tiny_sd_unet
+
+    unet = tiny_sd_unet()
+    gen = torch.Generator().manual_seed(0)
+    sample, text = torch.randn(1, 4, 16, 16, generator=gen), torch.randn(1, 4, TEXT_DIM, generator=gen)
+    with tokenmerge.apply(unet, tokenmerge.ToMeSD(ratio=0.5, seed=1)), torch.inference_mode():
+        t = torch.tensor([981.0])
+        unet(sample, t, encoder_hidden_states=text)
+        t -= 200
+        in_place = unet(sample, t, encoder_hidden_states=text).sample
+        fresh = unet(sample, torch.tensor([781.0]), encoder_hidden_states=text).sample
+        stale = unet(sample, torch.tensor([981.0]), encoder_hidden_states=text).sample
+    assert torch.equal(in_place, fresh)
+    assert not torch.equal(fresh, stale)  # the keyed partition matters to the output
+
+
+def test_compiled_partition_does_not_read_the_timestep_on_the_host() -> None:
+    torch._dynamo.reset()
+
+    def key(t: torch.Tensor) -> torch.Tensor:
+        return partition_key(7, 2, t, None) + 0
+
+    compiled = torch.compile(key, fullgraph=True, backend="eager")  # fullgraph: a host read would fail
+    with torch.inference_mode():
+        t = torch.tensor([981.0])
+        assert int(compiled(t)) == partition_key(7, 2, 981.0, None)
+        t -= 200
+        assert int(compiled(t)) == partition_key(7, 2, 781.0, None)
