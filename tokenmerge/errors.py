@@ -171,7 +171,10 @@ def check_sequence(
     ok_type = isinstance(value, Sequence) or (iterables and isinstance(value, Iterable))
     if not ok_type or isinstance(value, (str, bytes, bytearray, Mapping)):
         raise _fail(name, what, value)
-    items = tuple(value)
+    try:
+        items = tuple(value)
+    except TypeError:  # iterable in name only (a 0-d tensor)
+        raise _fail(name, what, value) from None
     if length is not None:
         if len(items) != length:
             raise _fail(name, f"{what} of length {length}", value)
