@@ -516,7 +516,7 @@ def test_validators_name_the_argument_the_value_and_what_is_allowed() -> None:
         (lambda: check_float("x", 10**400), "x must be a finite number; got 1000"),
         (lambda: check_float("x", torch.tensor(0.5)), "x must be a finite number; got tensor"),
         (lambda: check_sequence("blocks", "ab"), "blocks must be a list or tuple; got 'ab'"),
-        (lambda: check_sequence("blocks", [1], length=2), "blocks must be a list or tuple of length 2"),
+        (lambda: check_sequence("blocks", [1], length=2), "blocks must be a list or tuple \\(length 2\\)"),
         (lambda: check_sequence("r", [], min_len=1), "with at least 1 entry; got \\[\\]"),
         (lambda: check_instance("cache", 3, PairCache, "a PairCache"), "cache must be a PairCache; got 3"),
     ]

@@ -337,3 +337,45 @@ def test_compiled_partition_does_not_read_the_timestep_on_the_host() -> None:
         assert int(compiled(t)) == partition_key(7, 2, 981.0, None)
         t -= 200
         assert int(compiled(t)) == partition_key(7, 2, 781.0, None)
+
+
+# --------------------------------------------------------------- wired in where the library receives the results
+
+_WIRING = "passes once the lead wires the checks into Matcher.build_plan and MergeState._plan_cached"
+
+
+class NegativeBest(Matcher):
+    def match(self, metric, ctx):
+        m = AlternatingBipartite().match(metric, ctx)
+        return Matching(m.src_idx, m.dst_idx, m.best - 1, m.score)
+
+
+class GarbageIndices(Matcher):
+    def match(self, metric, ctx):
+        m = AlternatingBipartite().match(metric, ctx)
+        return Matching(torch.empty_like(m.src_idx).fill_(2**40), m.dst_idx, m.best, m.score)
+
+
+class StaleCache(UserCache):
+    def lookup(self, key, metric, ctx, protected=0):
+        return MergePlan.identity(metric.shape[0] + 1, metric.shape[1])
+
+
+@pytest.mark.xfail(strict=False, reason=_WIRING)
+@pytest.mark.parametrize(
+    ("matcher", "threshold", "cache", "message"),
+    [
+        (NegativeBest(), FixedRatio(0.3), NoCache(), "NegativeBest.match returned best from -1"),
+        (GarbageIndices(), FixedRatio(0.3), NoCache(), "GarbageIndices.match returned token positions"),
+        (AlternatingBipartite(), UserThreshold(2.0), NoCache(), "UserThreshold.num_merged must return an int"),
+        (AlternatingBipartite(), UserThreshold(None), NoCache(), "UserThreshold.num_merged must return an int"),
+        (AlternatingBipartite(), UserThreshold(99), NoCache(), "UserThreshold.num_merged must return an int in"),
+        (AlternatingBipartite(), FixedRatio(0.3), StaleCache(), "StaleCache.lookup returned a plan"),
+    ],
+    ids=["negative_best", "garbage", "float_count", "none_count", "too_many", "stale_cache"],
+)
+def test_a_user_policys_bad_results_are_refused_when_planning(matcher, threshold, cache, message) -> None:
+    state = tokenmerge.MergeState(tokenmerge.MergeConfig(matcher=matcher, threshold=threshold, cache=cache, seed=0))
+    state.set_step(0)
+    with pytest.raises(TokenMergeError, match=message):
+        state.plan("layer", torch.randn(2, 17, 4), protected=1)

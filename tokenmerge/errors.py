@@ -13,9 +13,22 @@ import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["TokenMergeError"]
+__all__ = [
+    "TokenMergeError",
+    "check",
+    "check_bool",
+    "check_int",
+    "check_float",
+    "check_sequence",
+    "check_instance",
+    "check_ints",
+    "is_int",
+    "is_number",
+    "MAX_TOKENS",
+    "MAX_STEPS",
+]
 
-T = TypeVar("T")
+T = TypeVar("T")  # the type `check_instance` returns
 
 #: More tokens than any model's sequence has (a 4096 x 4096 grid): bounds token counts.
 MAX_TOKENS = 2**24
@@ -177,7 +190,7 @@ def check_sequence(
         raise _fail(name, what, value) from None
     if length is not None:
         if len(items) != length:
-            raise _fail(name, f"{what} of length {length}", value)
+            raise _fail(name, f"{what} (length {length})", value)
     elif len(items) < min_len or (max_len is not None and len(items) > max_len):
         bound = f"at least {min_len}" if max_len is None else f"{min_len} to {max_len}"
         raise _fail(name, f"{what} with {bound} {'entry' if bound.endswith(' 1') else 'entries'}", value)

@@ -141,41 +141,38 @@ def check_matching(
 
 
 def _check_matching_values(who: str, src: Tensor, dst: Tensor, best: Tensor, score: Tensor, num_tokens: int) -> None:
-    num_src, num_dst = src.shape[1], dst.shape[1]
+    num_dst = dst.shape[1]
     if src.stride(0) == 0 and dst.stride(0) == 0:  # one partition shared by the batch (expanded): check it once
         src, dst = src[:1], dst[:1]
     positions = torch.cat([src, dst], dim=1)  # (B', N)
-    in_range = (positions >= 0) & (positions < num_tokens)  # (B', N)
-    counts = torch.zeros_like(positions).scatter_add_(
-        1, positions.clamp(0, num_tokens - 1), torch.ones_like(positions)
-    )  # (B', N) how often each position is named
+    clamped = positions.clamp(0, num_tokens - 1)  # (B', N) in range, so the scatter below cannot fault
+    counts = torch.zeros_like(positions).scatter_add_(1, clamped, torch.ones_like(positions))  # (B', N)
     stats = [
-        (~in_range).sum(),  # positions outside [0, N)
+        (clamped != positions).sum(),  # positions outside [0, N)
         (counts != 1).sum(),  # positions named twice or never
-        positions.min(),
-        positions.max(),
         torch.isnan(score).sum(),
     ]
-    if num_src > 0 and num_dst > 0:
-        stats += [best.min(), best.max()]
-    found = torch.stack([s.to(torch.int64) for s in stats]).tolist()  # the one host read
-    out_of_range, not_once, low, high, nans = found[:5]
-    if out_of_range:
+    if num_dst > 0:
+        stats.append((best.clamp(0, num_dst - 1) != best).sum())  # best outside [0, Nd)
+    found = torch.stack(stats).tolist()  # the one host read (a second one only to word an error)
+    if found[0]:
+        low, high = positions.min().item(), positions.max().item()
         raise TokenMergeError(
             f"{who} returned token positions from {low} to {high}; src_idx and dst_idx must lie in "
             f"[0, {num_tokens}) (counted from the first mergeable token)"
         )
-    if not_once:
+    if found[1]:
         raise TokenMergeError(
             f"{who} returned sources and destinations that do not partition the {num_tokens} tokens "
-            f"({not_once} positions named twice or never): every token must be exactly one source or destination"
+            f"({found[1]} positions named twice or never): every token must be exactly one source or destination"
         )
-    if len(found) > 5 and (found[5] < 0 or found[6] >= num_dst):
+    if len(found) > 3 and found[3]:
+        low, high = best.min().item(), best.max().item()
         raise TokenMergeError(
-            f"{who} returned best from {found[5]} to {found[6]}; best is an index into dst_idx, in [0, {num_dst})"
+            f"{who} returned best from {low} to {high}; best is an index into dst_idx, in [0, {num_dst})"
         )
-    if nans:
-        raise TokenMergeError(f"{who} returned a score with {nans} NaN values; scores must be numbers")
+    if found[2]:
+        raise TokenMergeError(f"{who} returned a score with {found[2]} NaN values; scores must be numbers")
 
 
 def check_merge_count(r: Any, matching: Matching, policy: object) -> int:
