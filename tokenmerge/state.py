@@ -52,6 +52,7 @@ from .hooks import PerThread
 from .layout import TokenLayout, num_mergeable
 from .plan import MergePlan
 from .policies.base import MergeContext, PairCache
+from .policies.checks import check_plan_from_cache, needs_check
 
 __all__ = ["MergeState", "MAX_CALL_SLOTS"]
 
@@ -324,6 +325,9 @@ class MergeState:
         ctx = self.context(layer, layer_index, num_layers, num_mergeable(protected, metric.shape[1]), grid)
         key = (layer, min(thread.call_index, MAX_CALL_SLOTS - 1))  # bounded: later calls share the last slot
         plan = thread.cache.lookup(key, metric, ctx, protected)
+        if plan is not None and needs_check(thread.cache):  # a user's cache: the plan fits this call
+            prefix = protected.prefix if isinstance(protected, TokenLayout) else protected
+            check_plan_from_cache(plan, metric, thread.cache, prefix)
         if plan is not None:
             thread.plans_reused += 1
             return plan

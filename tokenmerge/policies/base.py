@@ -20,6 +20,7 @@ from torch import Tensor
 from ..layout import TokenLayout
 from ..plan import MergePlan
 from .best_match import best_match
+from .checks import check_matching, check_merge_count, needs_check
 
 __all__ = ["MergeContext", "Matching", "Matcher", "ThresholdPolicy", "PairCache", "CacheEntry", "unit_rows"]
 
@@ -191,11 +192,17 @@ class Matcher(ABC):
         if isinstance(protected, TokenLayout):
             protected.check_tokens(metric.shape[1])
             span = metric[:, protected.merge_start : protected.merge_stop]  # (B, M, C) the mergeable tokens
-            matching = self.match(span, ctx)
-            return MergePlan.from_matching(matching, threshold.num_merged(matching, ctx), layout=protected)
-        matching = self.match(metric[:, protected:], ctx)
+            where: dict[str, Any] = {"layout": protected}
+        else:
+            span = metric[:, protected:]  # (B, N - P, C)
+            where = {"protected": protected}
+        matching = self.match(span, ctx)
+        if needs_check(self):  # a user's matcher: shapes, dtypes, ranges, partition (built-ins skip)
+            check_matching(matching, span.shape[1], self, batch=metric.shape[0], device=metric.device)
         r = threshold.num_merged(matching, ctx)
-        return MergePlan.from_matching(matching, r, protected=protected)
+        if needs_check(threshold):  # a user's threshold: an int in [0, max_merge]
+            r = check_merge_count(r, matching, threshold)
+        return MergePlan.from_matching(matching, r, **where)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({_fields(self)})"

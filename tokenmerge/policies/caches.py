@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import check
+from ..errors import MAX_STEPS, check, check_float, check_int, check_sequence, is_int
 from ..layout import TokenLayout
 from ..plan import MergePlan
 from .base import CacheEntry, MergeContext, PairCache
@@ -55,20 +55,21 @@ class RecomputeAt(PairCache):
     """Recompute the plans at the listed 0-based denoising steps; reuse them in between.
 
     Args:
-        steps: step indices, non-negative, at least one. CA-ToMe's best configuration
-            for 50 steps is `CA_TOME_C3`. A step before the first listed one (or any
-            step with nothing cached yet) computes a plan too.
+        steps: step indices, ints in ``[0, MAX_STEPS]``, at least one, in any order
+            (a list, tuple, range, set or NumPy array; not a bare int). CA-ToMe's best
+            configuration for 50 steps is `CA_TOME_C3`. A step before the first listed
+            one (or any step with nothing cached yet) computes a plan too.
     """
 
     def __init__(self, steps: Iterable[int] = CA_TOME_C3) -> None:
-        steps = tuple(steps)
-        check(len(steps) > 0, "recompute_at must list at least one step; got an empty list")
+        items = check_sequence("recompute_at", steps, iterables=True, what="a list of step indices (ints)")
+        check(len(items) > 0, "recompute_at must list at least one step; got an empty list")
         check(
-            all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in steps),
-            f"recompute_at steps must be non-negative ints; got {steps!r}",
+            all(is_int(s) and 0 <= s <= MAX_STEPS for s in items),
+            f"recompute_at steps must be non-negative ints (at most {MAX_STEPS}); got {items!r}",
         )
         super().__init__()
-        self.steps = tuple(sorted(set(steps)))
+        self.steps = tuple(sorted({int(s) for s in items}))
 
     def should_recompute(self, entry: CacheEntry, metric: Tensor, ctx: MergeContext) -> bool:
         """True at a listed step (once per step), or without step information."""
@@ -81,11 +82,12 @@ class EveryK(PairCache):
     """Recompute every ``k`` steps (ToMA's reuse of merge patterns).
 
     Args:
-        k: reuse a plan for ``k`` consecutive steps, ``k >= 1`` (1 recomputes every step).
+        k: reuse a plan for ``k`` consecutive steps, an int in ``[1, MAX_STEPS]`` (1
+            recomputes every step).
     """
 
     def __init__(self, k: int = 3) -> None:
-        check(isinstance(k, int) and not isinstance(k, bool) and k >= 1, f"k must be an int >= 1; got {k!r}")
+        k = check_int("k", k, 1, MAX_STEPS)
         super().__init__()
         self.k = k
 
@@ -106,23 +108,18 @@ class DriftTriggered(PairCache):
 
     Args:
         tolerance: allowed drop in mean pair similarity, in ``(0, 2]``.
-        max_age: optional bound on the steps a plan is reused, whatever the drift.
+        max_age: optional bound on the steps a plan is reused, whatever the drift: None
+            or an int in ``[1, MAX_STEPS]``.
 
     Note:
         The decision reads one scalar on the host: a device synchronisation per call.
     """
 
     def __init__(self, tolerance: float = 0.05, max_age: int | None = None) -> None:
-        check(
-            isinstance(tolerance, (int, float)) and 0 < tolerance <= 2,
-            f"tolerance must be a number in (0, 2]; got {tolerance!r}",
-        )
-        check(
-            max_age is None or (isinstance(max_age, int) and max_age >= 1),
-            f"max_age must be None or an int >= 1; got {max_age!r}",
-        )
+        tolerance = check_float("tolerance", tolerance, 0.0, 2.0, lo_open=True)
+        max_age = check_int("max_age", max_age, 1, MAX_STEPS, allow_none=True)
         super().__init__()
-        self.tolerance = float(tolerance)
+        self.tolerance = tolerance
         self.max_age = max_age
 
     @staticmethod

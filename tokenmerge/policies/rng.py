@@ -50,7 +50,10 @@ def timestep_key(timestep: Tensor | float | int | None, hashed: bool = False) ->
     flow-matching sigmas in [0, 1] give distinct keys too. ``hashed=True`` returns
     `hash_int` of the key instead. In eager mode the result for the last timestep tensor
     is kept while that same tensor object comes back unchanged (every layer of one
-    denoiser call), so its few kernels run once per call, not once per layer.
+    denoiser call), so its few kernels run once per call, not once per layer. An
+    inference tensor (made under `torch.inference_mode`) has no version counter to
+    tell an in-place update (``t -= 200``) apart, so this function computes its key
+    afresh every time; `partition_key`, which knows the layer, keeps it per call.
     """
     if timestep is None:
         return hash_int(0) if hashed else 0
@@ -59,18 +62,35 @@ def timestep_key(timestep: Tensor | float | int | None, hashed: bool = False) ->
         return hash_int(key) if hashed else key
     if torch.compiler.is_compiling():
         return _tensor_keys(timestep)[int(hashed)]
-    version = _version_of(timestep)
-    if _LAST_KEYS[0] is not timestep or _LAST_KEYS[1] != version:
-        _LAST_KEYS[:] = [timestep, version, *_tensor_keys(timestep)]
-    return _LAST_KEYS[3 if hashed else 2]
+    return _eager_keys(timestep)[int(hashed)]
 
 
-def _version_of(tensor: Tensor) -> int | None:
-    """The tensor's in-place version counter (None for inference tensors, which keep none)."""
-    try:
-        return tensor._version
-    except RuntimeError:
-        return None
+def _eager_keys(timestep: Tensor, step: int | None = None, layer: Any = None) -> tuple[Tensor, Tensor]:
+    """`_tensor_keys` of an eager tensor timestep, reused while it is certainly unchanged.
+
+    A tensor with a version counter: reused while the same object comes back at the same
+    version. An inference tensor has none (an in-place ``t -= 200`` leaves no trace
+    without reading its value, which would synchronise, and cannot be read at all on
+    the ``meta`` device); its keys are reused only by a caller that names the ``layer``
+    asking, at the same ``step``, for a layer that has not asked since they were
+    computed: every merging layer plans once per denoiser call, so a layer asking again
+    means a new call, whose timestep may have changed in place.
+    """
+    last = _LAST_KEYS
+    if timestep.is_inference():
+        version = None
+        same_call = layer is not None and last[2] == step and layer not in last[3]
+        fresh = last[0] is timestep and last[1] is None and same_call
+    else:
+        version = timestep._version
+        fresh = last[0] is timestep and last[1] == version
+    if fresh:
+        if layer is not None:
+            last[3].add(layer)
+        return last[4], last[5]
+    key, hashed = _tensor_keys(timestep)
+    last[:] = [timestep, version, step, set() if layer is None else {layer}, key, hashed]
+    return key, hashed
 
 
 def _tensor_keys(timestep: Tensor) -> tuple[Tensor, Tensor]:
@@ -80,10 +100,11 @@ def _tensor_keys(timestep: Tensor) -> tuple[Tensor, Tensor]:
     return key, _hash_tensor(key)
 
 
-#: ``[timestep tensor, its version, its key, the key's hash]`` of the last eager `timestep_key`
-#: call (a strong reference, so the tensor's id cannot be reused by another while it is
-#: kept; the version counter catches in-place updates, except of inference tensors).
-_LAST_KEYS: list[Any] = [None, None, None, None]
+#: ``[timestep tensor, its version, step, layers served, its key, the key's hash]`` of the
+#: last eager key computation (a strong reference, so the tensor's id cannot be reused by
+#: another while it is kept; the version counter catches in-place updates, and for
+#: inference tensors, which keep none, the step and the layers served; see `_eager_keys`).
+_LAST_KEYS: list[Any] = [None, None, None, set(), None, None]
 
 
 def hash_randint(
@@ -117,11 +138,14 @@ def partition_key(seed: int, layer_index: int, timestep: Tensor | float | None, 
     ``(seed, layer_index)``, modulo `PARTITIONS`: every layer and timestep gets its own
     draw. A tensor timestep gives an int64 tensor of shape ``(1,)`` on its device (no
     host read; its hash is computed once per denoiser call, see `timestep_key`, and each
-    layer adds two element-wise ops); a number gives a Python int.
+    layer adds two element-wise ops, also for an inference tensor updated in place
+    between calls); a number gives a Python int.
     """
     static = hash_int(hash_int(seed) + layer_index)  # a Python int
     if timestep is None:
         hashed: Tensor | int = hash_int(step or 0)
+    elif isinstance(timestep, Tensor) and not torch.compiler.is_compiling():
+        hashed = _eager_keys(timestep, step, (seed, layer_index))[1]
     else:
         hashed = timestep_key(timestep, hashed=True)
     return (hashed + static) & (PARTITIONS - 1)  # the same arithmetic on a tensor or an int

@@ -12,14 +12,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-from ..errors import TokenMergeError, check
+from ..errors import (
+    MAX_TOKENS,
+    TokenMergeError,
+    check,
+    check_float,
+    check_instance,
+    check_int,
+    check_sequence,
+    is_int,
+)
 from .base import Matcher, Matching, MergeContext, ThresholdPolicy
+from .checks import check_merge_count, needs_check
 
 __all__ = ["FixedRatio", "FixedCount", "SimilarityThreshold", "Scheduled", "layer_schedule"]
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class FixedRatio(ThresholdPolicy):
@@ -35,8 +41,7 @@ class FixedRatio(ThresholdPolicy):
     traceable = True
 
     def __init__(self, ratio: float) -> None:
-        check(_is_number(ratio) and 0.0 <= ratio < 1.0, f"ratio must be a number in [0, 1); got {ratio!r}")
-        self.ratio = float(ratio)
+        self.ratio = check_float("ratio", ratio, 0.0, 1.0, hi_open=True)
 
     def validate(self, matcher: Matcher) -> None:
         """Reject a ratio above the matcher's ``max_ratio``."""
@@ -75,8 +80,8 @@ def layer_schedule(r: int | Sequence[int] | tuple[int, float], num_layers: int) 
         last = 2 * base - first
         step = (last - first) / (num_layers - 1)
         return [max(int(first + step * i), 0) for i in range(num_layers)]
-    if isinstance(r, int) and not isinstance(r, bool):
-        return [r] * num_layers
+    if is_int(r):
+        return [int(r)] * num_layers
     counts = list(r)
     if len(counts) != num_layers:
         raise TokenMergeError(f"r as a list must have one entry per layer ({num_layers}); got {len(counts)}")
@@ -89,24 +94,31 @@ class FixedCount(ThresholdPolicy):
     Args:
         r: an int, a per-layer list, or ToMe's ``(r, inflection)`` schedule (see
             `layer_schedule`). Counts above what a layer can merge are clamped to its
-            number of source tokens (ToMe's rule); negative counts are rejected.
+            number of source tokens (ToMe's rule); negative counts are rejected, and so
+            are counts above `MAX_TOKENS` (more tokens than any model has).
     """
 
     traceable = True
 
     def __init__(self, r: int | Sequence[int] | tuple[int, float]) -> None:
+        self.r: int | list[int] | tuple[int, float]
         if _is_inflection_schedule(r):
-            check(isinstance(r[0], int) and r[0] >= 0, f"r must be a non-negative int in (r, inflection); got {r!r}")
-            check(-1.0 <= r[1] <= 1.0, f"inflection must be in [-1, 1]; got {r[1]!r}")
-        elif isinstance(r, int) and not isinstance(r, bool):
-            check(r >= 0, f"r must be >= 0; got {r}")
-        else:
             check(
-                isinstance(r, Sequence) and all(isinstance(v, int) and not isinstance(v, bool) for v in r),
-                f"r must be an int, a list of ints or an (r, inflection) tuple; got {r!r}",
+                is_int(r[0]) and 0 <= r[0] <= MAX_TOKENS,
+                f"r must be a non-negative int (at most {MAX_TOKENS}) in (r, inflection); got {r!r}",
             )
-            check(all(v >= 0 for v in r), f"r must be >= 0 in every layer; got {list(r)}")
-        self.r = r
+            inflection = check_float("inflection", r[1], -1.0, 1.0)
+            self.r = (int(r[0]), inflection)
+        elif is_int(r):
+            check(0 <= r <= MAX_TOKENS, f"r must be >= 0 and at most {MAX_TOKENS}; got {r!r}")
+            self.r = int(r)
+        else:
+            allowed = "an int, a list of ints or an (r, inflection) tuple"
+            counts = check_sequence("r", r, min_len=1, what=allowed)
+            check(all(is_int(v) for v in counts), f"r must be {allowed}; got {r!r}")
+            check(all(v >= 0 for v in counts), f"r must be >= 0 in every layer; got {list(counts)}")
+            check(all(v <= MAX_TOKENS for v in counts), f"r must be at most {MAX_TOKENS} in every layer; got {r!r}")
+            self.r = [int(v) for v in counts]  # a copy: changing the caller's list later changes nothing
 
     def count_for(self, ctx: MergeContext) -> int:
         """The requested count for the layer ``ctx.layer_index`` before clamping."""
@@ -126,9 +138,10 @@ class SimilarityThreshold(ThresholdPolicy):
     Args:
         threshold: T in ``[-1, 1]``; 1.0 merges only exact duplicates, -1 merges all.
         max_ratio: optional cap on the fraction of tokens merged.
-        buckets: optional number of static counts: ``r`` is rounded *down* to a
-            multiple of ``max_merge / buckets``, so `torch.compile` sees at most
-            ``buckets + 1`` token counts per layer (never merging a pair below T).
+        buckets: optional number of static counts, an int in ``[1, MAX_TOKENS]``: ``r``
+            is rounded *down* to a multiple of ``max_merge / buckets``, so
+            `torch.compile` sees at most ``buckets + 1`` token counts per layer (never
+            merging a pair below T).
 
     Note:
         Counting needs the scores on the host: one device synchronisation per
@@ -136,21 +149,9 @@ class SimilarityThreshold(ThresholdPolicy):
     """
 
     def __init__(self, threshold: float = 0.7, max_ratio: float | None = None, buckets: int | None = None) -> None:
-        check(
-            _is_number(threshold) and -1.0 <= threshold <= 1.0,
-            f"threshold must be a number in [-1, 1]; got {threshold!r}",
-        )
-        check(
-            max_ratio is None or (_is_number(max_ratio) and 0.0 <= max_ratio < 1.0),
-            f"max_ratio must be None or a number in [0, 1); got {max_ratio!r}",
-        )
-        check(
-            buckets is None or (isinstance(buckets, int) and buckets >= 1),
-            f"buckets must be None or an int >= 1; got {buckets!r}",
-        )
-        self.threshold = float(threshold)
-        self.max_ratio = max_ratio
-        self.buckets = buckets
+        self.threshold = check_float("threshold", threshold, -1.0, 1.0)
+        self.max_ratio = check_float("max_ratio", max_ratio, 0.0, 1.0, hi_open=True, allow_none=True)
+        self.buckets = check_int("buckets", buckets, 1, MAX_TOKENS, allow_none=True)
 
     def num_merged(self, matching: Matching, ctx: MergeContext) -> int:
         """``max over the batch of #(score >= T)``, capped, optionally bucketed."""
@@ -175,11 +176,12 @@ class Scheduled(ThresholdPolicy):
     """Switch between threshold policies as denoising progresses.
 
     Args:
-        stages: ``[(start, policy), ...]``: ``policy`` applies from progress ``start``
-            (fraction of steps done, in [0, 1)) until the next stage. The first stage
-            must start at 0. Alternatively a callable ``progress -> policy``.
-        default: policy used when progress is unknown (outside a sampling loop);
-            defaults to the first stage.
+        stages: ``[(start, policy), ...]``: ``policy`` (a `ThresholdPolicy`) applies
+            from progress ``start`` (fraction of steps done, in [0, 1)) until the next
+            stage. The first stage must start at 0; starts must be distinct.
+            Alternatively a callable ``progress -> policy``.
+        default: a `ThresholdPolicy` used when progress is unknown (outside a sampling
+            loop); defaults to the first stage.
 
     Example:
         Merge more early, when the image is still noise::
@@ -192,17 +194,27 @@ class Scheduled(ThresholdPolicy):
         stages: Sequence[tuple[float, ThresholdPolicy]] | PolicyFactory,
         default: ThresholdPolicy | None = None,
     ) -> None:
-        if callable(stages):
-            self.stages: list[tuple[float, ThresholdPolicy]] | None = None
-            self.factory: PolicyFactory | None = stages
+        self.stages: list[tuple[float, ThresholdPolicy]] | None = None
+        self.factory: PolicyFactory | None = None
+        if callable(stages) and not isinstance(stages, ThresholdPolicy):
+            self.factory = stages
         else:
-            stages = sorted(stages, key=lambda s: s[0])
-            check(len(stages) > 0, "stages must not be empty")
-            check(stages[0][0] == 0, f"stages must start at progress 0; got {stages[0][0]!r}")
-            for start, policy in stages:
-                check(0 <= start < 1, f"stage starts must be in [0, 1); got {start!r}")
-                check(isinstance(policy, ThresholdPolicy), f"stage policies must be ThresholdPolicy; got {policy!r}")
-            self.stages, self.factory = list(stages), None
+            allowed = "a list of (start, policy) pairs or a callable progress -> policy"
+            items = check_sequence("stages", stages, what=allowed)
+            check(len(items) > 0, "stages must not be empty")
+            parsed = []
+            for i, stage in enumerate(items):
+                start, policy = check_sequence(f"stages[{i}]", stage, length=2, what="a (start, policy) pair")
+                start = check_float(f"stages[{i}] start", start, 0.0, 1.0, hi_open=True)
+                check_instance(f"stages[{i}] policy", policy, ThresholdPolicy, "a tokenmerge ThresholdPolicy")
+                parsed.append((start, policy))
+            parsed.sort(key=lambda s: s[0])
+            check(parsed[0][0] == 0, f"stages must start at progress 0; got {parsed[0][0]!r}")
+            starts = [start for start, _ in parsed]
+            check(len(set(starts)) == len(starts), f"stage starts must be distinct; got {starts}")
+            self.stages = parsed
+        if default is not None:
+            check_instance("default", default, ThresholdPolicy, "None or a tokenmerge ThresholdPolicy")
         self.default = default
 
     def validate(self, matcher: Matcher) -> None:
@@ -233,5 +245,9 @@ class Scheduled(ThresholdPolicy):
         return current
 
     def num_merged(self, matching: Matching, ctx: MergeContext) -> int:
-        """Delegate to the stage in force at ``ctx.progress``."""
-        return self.policy_at(ctx.progress).num_merged(matching, ctx)
+        """Delegate to the stage in force at ``ctx.progress`` (a custom stage's count is checked)."""
+        policy = self.policy_at(ctx.progress)
+        r = policy.num_merged(matching, ctx)
+        if needs_check(policy):
+            check_merge_count(r, matching, policy)
+        return r
