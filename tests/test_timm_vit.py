@@ -364,8 +364,9 @@ def test_timm_vit_grid_matchers_merge_while_tokens_form_the_grid(timm_tiny_vit: 
         record = merge_record(model)
         assert record is not None and record.num_tokens == 1 + 32
         assert_partition(record, batch=2)
-    with tokenmerge.apply(model, grid_config), pytest.raises(TokenMergeError, match=r"blocks=\(i, i\)"):
-        forward(model, images)
+    with pytest.raises(TokenMergeError, match=r"RandomGrid is a grid matcher.*blocks=\(i, i\)"):
+        tokenmerge.apply(model, grid_config)  # refused at apply: later blocks would see merged tokens
+    assert tokenmerge.get_handle(model) is None
 
 
 # ---------------------------------------------------------------------------- attention

@@ -30,6 +30,9 @@ Who owns what:
   run their own generation on one model therefore each get exactly their serial result.
   The public attributes (`step`, `cache`, `plans_computed`, ...) read and write the
   calling thread's view; `reset`, `start_generation` and `set_step` act on it.
+* Planning has one path: `MergeState.plan` takes the `~tokenmerge.layout.TokenLayout`
+  of the call (every adapter describes its tokens with one); the legacy ``grid=`` and
+  ``protected=`` keywords are turned into a layout first (`legacy_layout`).
 * The cache is bounded: entries are keyed by layer and by the call within the step,
   and the calls from index ``MAX_CALL_SLOTS - 1`` on share one slot, so a bare denoiser
   called again and again at one timestep keeps at most ``MAX_CALL_SLOTS`` entries per
@@ -49,12 +52,12 @@ from torch import Tensor
 from .config import MergeConfig
 from .errors import TokenMergeError, check
 from .hooks import PerThread
-from .layout import TokenLayout, num_mergeable
+from .layout import TokenLayout
 from .plan import MergePlan
 from .policies.base import MergeContext, PairCache
 from .policies.checks import check_plan_from_cache, needs_check
 
-__all__ = ["MergeState", "MAX_CALL_SLOTS"]
+__all__ = ["MergeState", "MAX_CALL_SLOTS", "legacy_layout"]
 
 #: Calls within one step that get cache entries of their own (separate classifier-free
 #: guidance calls are 0 and 1); later calls share the last slot. Bounds the cache at
@@ -240,7 +243,7 @@ class MergeState:
 
     # ------------------------------------------------------------------ planning
     def context(
-        self, layer: str, layer_index: int, num_layers: int, num_tokens: int, grid: tuple[int, int] | None
+        self, layer: str, layer_index: int, num_layers: int, num_tokens: int, grid: tuple[int, ...] | None
     ) -> MergeContext:
         """The `MergeContext` the policies see for one layer call (this thread's step and call)."""
         thread = self._thread
@@ -271,45 +274,65 @@ class MergeState:
     ) -> MergePlan:
         """The merge plan for one layer call, from the cache or matched afresh.
 
+        Every adapter passes a ``layout``. The ``grid``/``protected`` keywords are kept
+        for external callers and go the same way: they are turned into the layout
+        ``TokenLayout(grid or (N - protected,), prefix=protected)`` (`legacy_layout`),
+        except that without a ``grid`` the policies see ``MergeContext.grid = None``
+        (the grid matchers then assume a square, as they always did on that path).
+
         Args:
             layer: the layer's key.
             metric: ``(B, N, C)`` features the matching compares (protected tokens included).
             layout: the token layout (protected prefix, mergeable grid, protected suffix);
                 its grid becomes ``MergeContext.grid``. Instead of ``grid`` and ``protected``.
             layer_index, num_layers: the layer's place among the merging layers.
-            grid: ``(h, w)`` of the mergeable tokens when they are image patches (without ``layout``).
-            protected: prefix tokens that are never merged (without ``layout``).
+            grid: ``(n,)``, ``(h, w)`` or ``(t, h, w)`` of the mergeable tokens (without
+                ``layout``; legacy).
+            protected: prefix tokens that are never merged (without ``layout``; legacy).
+
+        Raises:
+            TokenMergeError: when ``metric`` is not 3-D, both forms are given, or the
+                layout (or ``grid`` and ``protected``) does not cover the N tokens.
         """
         if metric.dim() != 3:
             raise TokenMergeError(f"metric must be 3-D (B, N, C); got shape {tuple(metric.shape)}")
-        if layout is not None:
+        if layout is None:
+            layout = legacy_layout(metric.shape[1], grid, protected)
+            context_grid = grid if grid is None else layout.grid
+        else:
             if grid is not None or protected:
                 raise TokenMergeError(f"give layout or grid/protected, not both; got layout={layout}")
             layout.check_tokens(metric.shape[1])
-            # An int prefix where the layout has no suffix: old-style matchers and caches see ints.
-            grid, protected = layout.grid, (layout if layout.suffix else layout.prefix)  # type: ignore[assignment]
+            context_grid = layout.grid
         if self.traceable:
-            return self._plan_inline(layer, metric, layer_index, num_layers, grid, protected)
-        return self._plan_cached(layer, metric, layer_index, num_layers, grid, protected)
+            return self._plan_inline(layer, metric, layer_index, num_layers, layout, context_grid)
+        return self._plan_cached(layer, metric, layer_index, num_layers, layout, context_grid)
 
     def _plan_inline(
-        self, layer: str, metric: Tensor, layer_index: int, num_layers: int, grid: Any, protected: int
+        self,
+        layer: str,
+        metric: Tensor,
+        layer_index: int,
+        num_layers: int,
+        layout: TokenLayout,
+        grid: tuple[int, ...] | None,
     ) -> MergePlan:
         # Pure tensor code: traced into the compiled graph; nothing cached, no host reads.
         # No step fields: a traceable policy does not read them, and a Python int read
-        # here would become a guard (a recompile per step).
+        # here would become a guard (a recompile per step). The layout is a Python value:
+        # it adds no operator.
         thread = self._thread
         ctx = MergeContext(
             layer=layer,
             layer_index=layer_index,
             num_layers=num_layers,
-            num_tokens=num_mergeable(protected, metric.shape[1]),
+            num_tokens=layout.num_mergeable,
             grid=grid,
             generator=thread.generator,
             seed=self.seed,
             timestep=thread.timestep,
         )
-        plan = compute_plan(self.config, metric.detach(), ctx, protected)
+        plan = compute_plan(self.config, metric.detach(), ctx, _protected(layout))
         if not _compiling():  # Python counters would be guarded on (a recompile per call)
             thread.plans_computed += 1
             self.merged_tokens[layer] = (plan.num_in, plan.num_out)
@@ -317,17 +340,23 @@ class MergeState:
 
     @torch.compiler.disable
     def _plan_cached(
-        self, layer: str, metric: Tensor, layer_index: int, num_layers: int, grid: Any, protected: int
+        self,
+        layer: str,
+        metric: Tensor,
+        layer_index: int,
+        num_layers: int,
+        layout: TokenLayout,
+        grid: tuple[int, ...] | None,
     ) -> MergePlan:
         # Runs eagerly even inside a compiled model, so the plans it caches are ordinary
         # tensors (never a CUDA graph's static outputs that a later replay overwrites).
         thread = self._thread
-        ctx = self.context(layer, layer_index, num_layers, num_mergeable(protected, metric.shape[1]), grid)
+        protected = _protected(layout)
+        ctx = self.context(layer, layer_index, num_layers, layout.num_mergeable, grid)
         key = (layer, min(thread.call_index, MAX_CALL_SLOTS - 1))  # bounded: later calls share the last slot
         plan = thread.cache.lookup(key, metric, ctx, protected)
         if plan is not None and needs_check(thread.cache):  # a user's cache: the plan fits this call
-            prefix = protected.prefix if isinstance(protected, TokenLayout) else protected
-            check_plan_from_cache(plan, metric, thread.cache, prefix)
+            check_plan_from_cache(plan, metric, thread.cache, layout.prefix)
         if plan is not None:
             thread.plans_reused += 1
             return plan
@@ -342,9 +371,43 @@ class MergeState:
         return f"MergeState(step={self.step}, generation={self.generation}, cached={len(self.cache)})"
 
 
-def compute_plan(config: MergeConfig, metric: Tensor, ctx: MergeContext, protected: int = 0) -> MergePlan:
-    """Match ``metric`` ``(B, N, C)`` with ``config`` and build the plan (no cache)."""
+def compute_plan(config: MergeConfig, metric: Tensor, ctx: MergeContext, protected: int | TokenLayout = 0) -> MergePlan:
+    """Match ``metric`` ``(B, N, C)`` with ``config`` and build the plan (no cache).
+
+    ``protected``: a protected prefix length, or a whole `TokenLayout`.
+    """
     return config.matcher.build_plan(metric, ctx, config.threshold, protected)
+
+
+def legacy_layout(num_tokens: int, grid: tuple[int, ...] | None, protected: int) -> TokenLayout:
+    """The `TokenLayout` the legacy ``grid``/``protected`` keywords of `MergeState.plan` stand for.
+
+    ``TokenLayout(grid, prefix=protected)``, or a sequence of the ``num_tokens -
+    protected`` tokens after the prefix when ``grid`` is None.
+
+    Raises:
+        TokenMergeError: naming ``protected`` or ``grid`` when they do not fit ``num_tokens``.
+    """
+    if not (isinstance(protected, int) and not isinstance(protected, bool) and 0 <= protected < num_tokens):
+        raise TokenMergeError(
+            f"protected must be an int in [0, {num_tokens}) (the metric has {num_tokens} tokens); got {protected!r}"
+        )
+    if grid is None:
+        return TokenLayout.sequence(num_tokens - protected, prefix=protected)
+    layout = TokenLayout(grid, prefix=protected)
+    if layout.num_tokens != num_tokens:
+        raise TokenMergeError(
+            f"grid {layout.grid} covers {layout.num_mergeable} tokens but the metric has {num_tokens - protected} "
+            f"after the {protected} protected ones; prod(grid) must equal N - protected"
+        )
+    return layout
+
+
+def _protected(layout: TokenLayout) -> int | TokenLayout:
+    # What matchers and caches get: the prefix count when the layout has no suffix (so a
+    # policy written for ints keeps working and a cache entry is the same as before
+    # layouts), else the whole layout.
+    return layout if layout.suffix else layout.prefix
 
 
 def is_traceable(config: MergeConfig) -> bool:

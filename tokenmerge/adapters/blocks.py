@@ -8,24 +8,36 @@ attribute is one. The plan is computed from each block's input; the sub-layers t
 `SubLayers` placement chooses run on the merged tokens and are unmerged right after
 (ToMeSD-style merging around each sub-layer). The plan between a block's hooks is
 held per thread (`tokenmerge.hooks.PlanSlot`), so threads may share one merged stack.
+
+Each block call describes its ``(B, N, C)`` tokens to the runtime by a
+`~tokenmerge.layout.TokenLayout` (`stack_layout`): ``SubLayers.protected`` prefix tokens
+never merged, then the mergeable span on ``SubLayers.grid`` when it is given. Without a
+grid the span is taken to be a square ``(s, s)`` patch grid when its length is a
+perfect square (the convention of this adapter since it existed), and otherwise a
+sequence ``(n,)``; grid matchers (`RandomGrid`, `StridedGrid`) need a grid, so a span
+that forms none raises `TokenMergeError` naming ``SubLayers.grid``, and so does a
+``grid`` that does not cover the span.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
 from torch import nn
 
 from ..config import MergeConfig
-from ..errors import check
+from ..errors import TokenMergeError, check
 from ..hooks import HookSet, PlanSlot, merge_around
+from ..layout import TokenLayout
 from ..placements import SubLayers, TokenStream
+from ..policies.matchers import RandomGrid
 from ..state import MergeState
 from .base import Adapter
 from .specs import Argument, BlockSpec, block_call, block_spec
 
-__all__ = ["BlockStackAdapter", "block_stack", "GENERIC_BLOCK"]
+__all__ = ["BlockStackAdapter", "block_stack", "stack_layout", "GENERIC_BLOCK"]
 
 #: The spec of a block without one of its own: tokens in its first argument, ``attn`` and ``mlp``.
 GENERIC_BLOCK = BlockSpec(
@@ -35,6 +47,45 @@ GENERIC_BLOCK = BlockSpec(
 
 def _spec_of(block: nn.Module) -> BlockSpec:
     return block_spec(block) or GENERIC_BLOCK
+
+
+def stack_layout(
+    num_tokens: int, protected: int = 0, grid: tuple[int, ...] | None = None, needs_grid: bool = False
+) -> TokenLayout:
+    """The `TokenLayout` of a block call on ``num_tokens`` tokens under a `SubLayers` placement.
+
+    Args:
+        num_tokens: N, the tokens the block gets (the protected ones included).
+        protected: `SubLayers.protected`, prefix tokens never merged.
+        grid: `SubLayers.grid`, the mergeable span's grid; None for a square ``(s, s)``
+            when ``N - protected`` is a perfect square, else a sequence ``(N - protected,)``.
+        needs_grid: True for a grid matcher, which refuses a span that forms no grid.
+
+    Raises:
+        TokenMergeError: naming ``SubLayers.protected`` or ``SubLayers.grid`` when they
+            do not fit ``num_tokens``.
+    """
+    mergeable = num_tokens - protected
+    if mergeable < 1:
+        raise TokenMergeError(
+            f"SubLayers.protected must leave tokens to merge: the blocks get {num_tokens} tokens; got {protected}"
+        )
+    if grid is not None:
+        if math.prod(grid) != mergeable:
+            raise TokenMergeError(
+                f"SubLayers.grid must cover the {mergeable} tokens after the {protected} protected ones "
+                f"(the blocks get {num_tokens}); got grid={grid}, which covers {math.prod(grid)}"
+            )
+        return TokenLayout(grid, prefix=protected)
+    side = math.isqrt(mergeable)
+    if side * side == mergeable:
+        return TokenLayout.image(side, side, prefix=protected)
+    if needs_grid:
+        raise TokenMergeError(
+            f"SubLayers.grid must be given for a grid matcher: the {mergeable} tokens after the {protected} "
+            "protected ones do not form a square; pass SubLayers(grid=(h, w))"
+        )
+    return TokenLayout.sequence(mergeable, prefix=protected)
 
 
 def block_stack(target: Any) -> list[nn.Module] | None:
@@ -64,8 +115,9 @@ class BlockStackAdapter(Adapter):
     ``SubLayers(attn=True)``, see `sub_layers`): ``attn``, ``mlp`` (and
     ``cross_attn`` for blocks whose `BlockSpec` names a cross-attention), ``protected``
     (prefix tokens never merged, default 0) and ``grid`` (``(h, w)`` of the patch
-    tokens, needed by grid matchers when N is not square). The deprecated
-    ``options['protected'|'grid']`` still reach those fields.
+    tokens, needed by grid matchers when N is not square): together the
+    `~tokenmerge.layout.TokenLayout` of every block call (`stack_layout`). The
+    deprecated ``options['protected'|'grid']`` still reach those fields.
     """
 
     name = "blocks"
@@ -129,12 +181,12 @@ class BlockStackAdapter(Adapter):
         blocks = block_stack(target)
         assert blocks is not None
         placement = self.sub_layers(target, config)
-        protected, grid = placement.protected, placement.grid
+        tokens = _Tokens(placement.protected, placement.grid, isinstance(config.matcher, RandomGrid))
         for index, block in enumerate(blocks):
             spec = _spec_of(block)
             hidden = block_call(block, spec).hidden
             slot = PlanSlot()
-            hooks.pre(block, _plan_hook(state, slot, f"blocks.{index}", index, len(blocks), grid, protected, hidden))
+            hooks.pre(block, _plan_hook(state, slot, f"blocks.{index}", index, len(blocks), tokens, hidden))
             hooks.post(block, _clear_hook(slot), always_call=True)
             for wanted, role in (
                 (placement.attn, "self_attention"),
@@ -145,28 +197,30 @@ class BlockStackAdapter(Adapter):
                     merge_around(hooks, spec.sublayer(block, role), slot, config.mode, input_name=spec.sublayer_input)
 
 
+class _Tokens:
+    """How the placement describes a block call's tokens: `stack_layout`'s arguments but N."""
+
+    def __init__(self, protected: int, grid: tuple[int, ...] | None, needs_grid: bool) -> None:
+        self.protected, self.grid, self.needs_grid = protected, grid, needs_grid
+
+    def layout(self, num_tokens: int) -> TokenLayout:
+        """The layout of a call on ``num_tokens`` tokens (a Python value: no operator)."""
+        return stack_layout(num_tokens, self.protected, self.grid, self.needs_grid)
+
+
 class _PlanHook:
     """A block's forward pre-hook: the plan of this call, into the (per-thread) slot."""
 
     def __init__(
-        self,
-        state: MergeState,
-        slot: PlanSlot,
-        key: str,
-        index: int,
-        count: int,
-        grid: Any,
-        protected: int,
-        hidden: Argument,
+        self, state: MergeState, slot: PlanSlot, key: str, index: int, count: int, tokens: _Tokens, hidden: Argument
     ) -> None:
         self.state, self.slot, self.key, self.index, self.count = state, slot, key, index, count
-        self.grid, self.protected, self.hidden = grid, protected, hidden
+        self.tokens, self.hidden = tokens, hidden
 
     def __call__(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         x = self.hidden.get(args, kwargs)  # (B, N, C): the block's token argument, by its spec
-        self.slot.plan = self.state.plan(
-            self.key, x, layer_index=self.index, num_layers=self.count, grid=self.grid, protected=self.protected
-        )
+        layout = self.tokens.layout(x.shape[1])  # protected prefix, then the grid (or sequence)
+        self.slot.plan = self.state.plan(self.key, x, layout=layout, layer_index=self.index, num_layers=self.count)
 
 
 class _ClearHook:
@@ -180,9 +234,9 @@ class _ClearHook:
 
 
 def _plan_hook(
-    state: MergeState, slot: PlanSlot, key: str, index: int, count: int, grid: Any, protected: int, hidden: Argument
+    state: MergeState, slot: PlanSlot, key: str, index: int, count: int, tokens: _Tokens, hidden: Argument
 ) -> Any:
-    return _PlanHook(state, slot, key, index, count, grid, protected, hidden)
+    return _PlanHook(state, slot, key, index, count, tokens, hidden)
 
 
 def _clear_hook(slot: PlanSlot) -> Any:

@@ -15,7 +15,10 @@ Two ways of merging, both through forward hooks only:
 
 Which argument of a block carries the tokens and the mask, which output is the image
 stream and which sub-modules merge is read from the block's `BlockSpec`
-(``site.call``), not guessed from positions.
+(``site.call``), not guessed from positions. The tokens of each block call are
+described to the runtime by their `~tokenmerge.layout.TokenLayout`
+(`DenoiserLayout.token_layout`: ``TokenLayout.image(h, w)`` on the block's grid,
+nothing protected), which `MergeState.plan` takes as ``layout=``.
 
 The plans between hooks are per call and per thread (`tokenmerge.hooks.PlanSlot`, the
 range's `PerThread` call state), so threads can share one merged denoiser.
@@ -115,10 +118,12 @@ class SubLayerMerge:
         x = call.hidden.get(args, kwargs)  # (B, N, C)
         if not isinstance(x, Tensor) or x.dim() != 3:
             return
-        grid = self.layout.grid(self.tracker.latent_hw, self.site, x.shape[1])
-        if grid is None:
+        layout = self.layout.token_layout(self.tracker.latent_hw, self.site, x.shape[1])  # image (h, w)
+        if layout is None:
             return
-        plan = self.state.plan(self.site.name, x, layer_index=self.layer_index, num_layers=self.num_layers, grid=grid)
+        plan = self.state.plan(
+            self.site.name, x, layout=layout, layer_index=self.layer_index, num_layers=self.num_layers
+        )
         if plan.r == 0:
             return
         # A self-attention mask over the N image tokens would not fit N - r merged tokens.
@@ -207,10 +212,10 @@ class RangeMerge:
         x = call.hidden.get(args, kwargs)  # (B, N, C)
         if not isinstance(x, Tensor) or x.dim() != 3 or _has_mask(call, args, kwargs):
             return None
-        grid = self.layout.grid(self.tracker.latent_hw, site, x.shape[1])
-        if grid is None:
+        layout = self.layout.token_layout(self.tracker.latent_hw, site, x.shape[1])  # image (H/p, W/p)
+        if layout is None:
             return None
-        plan = self.state.plan(self.key, x, layer_index=0, num_layers=1, grid=grid)
+        plan = self.state.plan(self.key, x, layout=layout, layer_index=0, num_layers=1)
         if plan.r == 0:
             return None
         current = self.current

@@ -1,8 +1,10 @@
-"""Where the transformer blocks of a diffusers denoiser sit, and their token grids.
+"""Where the transformer blocks of a diffusers denoiser sit, and their token layouts.
 
 A `DenoiserLayout` lists every transformer block of a denoiser with its *level*: how
 many 2x downsamplings separate its token grid from the latent (UNets), or 0 for every
-block of a patch transformer. Which classes are denoisers and blocks, and how they are
+block of a patch transformer. For each block call it gives the runtime the tokens'
+`~tokenmerge.layout.TokenLayout` (`DenoiserLayout.token_layout`): the image grid
+``(h, w)`` of the block's level, with no protected tokens. Which classes are denoisers and blocks, and how they are
 called, is data: the `DenoiserSpec` and `BlockSpec` rows registered in
 `tokenmerge.adapters.diffusion_specs` (or by the user, `tokenmerge.adapters.specs`).
 Levels are read from the model's structure (which down/up blocks carry a
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..layout import TokenLayout
 from . import diffusion_specs  # noqa: F401 - registers the diffusers rows
 from .specs import Argument, BlockCall, BlockSpec, DenoiserSpec, block_call, block_spec, denoiser_spec
 from .specs import registered_denoisers as _registered
@@ -109,6 +112,17 @@ class DenoiserLayout:
         if latent_hw is None:
             return None
         return token_grid(latent_hw, site.level, self.patch_size, num_tokens)
+
+    def token_layout(self, latent_hw: tuple[int, int] | None, site: BlockSite, num_tokens: int) -> TokenLayout | None:
+        """The `TokenLayout` of one call of ``site``: ``TokenLayout.image(h, w)`` on its token grid.
+
+        Every token of a UNet, DiT or PixArt block is an image token, so nothing is
+        protected: the grid is `grid`'s (``(h, w)`` of the block's level, ``(H/p, W/p)``
+        for a patch transformer). None when the latent size is unknown or no grid
+        covers ``num_tokens`` (the block call then runs unmerged).
+        """
+        grid = self.grid(latent_hw, site, num_tokens)
+        return None if grid is None else TokenLayout.image(*grid)
 
 
 def token_grid(latent_hw: tuple[int, int], level: int, patch_size: int, num_tokens: int) -> tuple[int, int] | None:

@@ -14,9 +14,10 @@ copied or replaced; its ``forward`` runs as written)::
 * ``attn.k_norm`` post-hook: the matching metric, the keys attention really uses
   (after qk-norm when the model has it; ``k_norm`` is an ``nn.Identity`` otherwise,
   which makes the metric exactly ToMe's ``k.mean(heads)``).
-* ``norm2`` pre-hook: the plan (``state.plan``, prefix tokens protected) and the merge
-  of the residual stream, size-weighted: the MLP runs on ``N - r`` tokens. The merged
-  residual is kept for the block's post-hook.
+* ``norm2`` pre-hook: the plan (``state.plan`` with the stream's current
+  `~tokenmerge.layout.TokenLayout`, see below) and the merge of the residual stream,
+  size-weighted: the MLP runs on ``N - r`` tokens. The merged residual is kept for the
+  block's post-hook.
 * ``drop_path2`` post-hook: keep the MLP branch ``ls2(mlp(norm2(x_merged)))`` (``N - r``
   tokens) and hand timm a zero in its place, so timm's own residual add is a plain copy
   of ``x`` (no unmerge, no second merge).
@@ -39,6 +40,14 @@ A plain mean over the unmerged tokens *is* the size-weighted mean over the merge
 so ``global_pool='avg'`` is weighted by token size without touching timm's
 ``forward_head``.
 
+Token layouts: the stream describes its tokens to the runtime by a
+`~tokenmerge.layout.TokenLayout` per block call. Until the first merge it is
+``TokenLayout.image(h, w, prefix=num_prefix_tokens)``: the class, distillation and
+register tokens protected, the patch tokens on the patch grid (a sequence ``(n,)`` when
+they do not form it, e.g. under patch dropout). Every merge chains it with
+`TokenLayout.after_merge`: the same prefix, then a sequence of the merged tokens, which
+form no grid.
+
 Rules:
 
 * ``r`` above what a block can merge is clamped by the threshold policy to the block's
@@ -50,8 +59,10 @@ Rules:
   members (so an unmasked group gets 0 and proportional attention adds ``log(size)``),
   along queries the weighted mean of its members' rows. ``is_causal=True`` cannot be
   combined with merging (``TokenMergeError``).
-* Grid matchers (`RandomGrid`, `StridedGrid`) see the patch grid only in blocks before
-  the first merge; restrict them to one block with ``placement=TokenStream(blocks=(i, i))``.
+* Grid matchers (`RandomGrid`, `StridedGrid` and the presets built on them) need the
+  patch grid, which only the first merging block sees: `apply` refuses them when the
+  `TokenStream` placement spans more than one block; ``placement=TokenStream(blocks=(i,
+  i))`` merges in block ``i`` alone.
 * Blocks called one by one (``forward_intermediates``, or ``forward_features`` with an
   ``attn_mask``/``is_causal``, or a loop of the user's own): every block returns its
   tokens dense, unmerged to the input layout through the token map (prefix first, then
@@ -86,8 +97,10 @@ from torch import Tensor, nn
 from ..config import MergeConfig
 from ..errors import TokenMergeError, check
 from ..hooks import HookSet, ModuleHook, PerThread, copied_ref
+from ..layout import TokenLayout
 from ..placements import TokenStream
 from ..plan import MergeMode, MergePlan, identity_token_map, proportional_attention_bias, source_matrix
+from ..policies.matchers import RandomGrid
 from ..policies.thresholds import FixedCount, layer_schedule
 from ..state import MergeState
 from .base import Adapter
@@ -176,9 +189,10 @@ def merge_record(model: nn.Module) -> ViTMergeRecord | None:
     call = run.call if run is not None else None
     if call is None or call.num_input == 0:
         return None
+    first = call.input_layout
     return ViTMergeRecord(
-        num_prefix=run.protected,  # type: ignore[union-attr]
-        grid=call.grid,
+        num_prefix=first.prefix if first is not None else run.num_prefix,  # type: ignore[union-attr]
+        grid=first.grid if first is not None and first.rank == 2 else None,  # type: ignore[arg-type]
         num_input=call.num_input,
         num_tokens=call.num_tokens,
         sizes=call.sizes,
@@ -267,10 +281,12 @@ def carry_mask(mask: Tensor, plan: MergePlan, mode: MergeMode, size: Tensor | No
 
 
 class _RunCall:
-    """The state of one forward of a ViT (one per thread): sizes, sources, mask, grid."""
+    """The state of one forward of a ViT (one per thread): layout, sizes, sources, mask."""
 
     def __init__(self) -> None:
-        self.grid: tuple[int, int] | None = None
+        self.patch_grid: tuple[int, int] | None = None  # (h, w) of the last patch embedding
+        self.input_layout: TokenLayout | None = None  # the tokens entering the first block
+        self.layout: TokenLayout | None = None  # the stream's tokens now: prefix, then grid or merged sequence
         self.batch = 0
         self.num_input = 0
         self.num_tokens = 0
@@ -294,7 +310,7 @@ class _Run:
         self.mode: MergeMode = config.mode
         self.dense = placement.dense
         self.trace_source = placement.trace_source
-        self.protected = int(getattr(model, "num_prefix_tokens", 0))
+        self.num_prefix = int(getattr(model, "num_prefix_tokens", 0))  # protected in every layout
         self._per_thread = PerThread(_RunCall)
 
     @property
@@ -328,14 +344,26 @@ class _Run:
         call = self.call
         call.batch, call.num_input = x.shape[0], x.shape[1]
         call.num_tokens = call.num_input
-        if call.grid is not None and call.grid[0] * call.grid[1] != call.num_input - self.protected:
-            call.grid = None
+        call.layout = call.input_layout = self.input_layout(call.num_input, call.patch_grid)
         call.merged = False
         # Blocks called one by one (forward_intermediates) return dense outputs: that needs the sources.
         call.track = self.trace_source or self.dense or not call.in_stream or self.pool_reads_all()
         call.is_causal = False
         call.sizes = call.token_map = call.first_of = call.user_mask = call.mask = None
         call.dtype = _attn_dtype(x)
+
+    def input_layout(self, num_input: int, grid: tuple[int, int] | None) -> TokenLayout | None:
+        """The layout of ``num_input`` tokens entering the blocks: the prefix, then the patch grid.
+
+        A sequence when the patches do not form ``grid`` (patch dropout); None when only
+        prefix tokens are left (nothing merges then).
+        """
+        patches = num_input - self.num_prefix
+        if patches < 1:
+            return None
+        if grid is not None and grid[0] * grid[1] == patches:
+            return TokenLayout.image(grid[0], grid[1], prefix=self.num_prefix)
+        return TokenLayout.sequence(patches, prefix=self.num_prefix)
 
     def follows(self, x: Tensor) -> bool:
         """Whether ``x`` is laid out as the current forward expects."""
@@ -358,6 +386,8 @@ class _Run:
             call.token_map = plan.merge_token_map(previous)  # (B, N0)
         call.sizes = plan.merge_size(call.sizes) if sizes is None else sizes  # (B, N - r)
         call.num_tokens = plan.num_out
+        if call.layout is not None:
+            call.layout = call.layout.after_merge(plan)  # the same prefix, then a sequence of N - r - prefix
         call.first_of = None
         call.merged = True
 
@@ -484,22 +514,12 @@ class _BlockHooks:
         metric = call.metric
         call.metric, call.plan, call.residual, call.branch, call.sizes = None, None, None, None, None
         x = args[0]  # (B, N, C)
-        if metric is None or metric.shape[:2] != x.shape[:2]:
+        layout = run.call.layout  # image (h, w) after the prefix before the first merge, a sequence after
+        if metric is None or metric.shape[:2] != x.shape[:2] or layout is None:
             return None
         assert self.layer is not None
-        grid = run.call.grid if not run.call.merged else None
-        try:
-            index, count = self.layer
-            plan = self.state.plan(
-                self.key, metric, layer_index=index, num_layers=count, grid=grid, protected=run.protected
-            )
-        except TokenMergeError as error:
-            if not run.call.merged:
-                raise
-            raise TokenMergeError(
-                f"{self.key}: {error}. After a merge a ViT's tokens no longer form the patch grid, so grid "
-                "matchers can merge in one block only: placement=TokenStream(blocks=(i, i))"
-            ) from error
+        index, count = self.layer
+        plan = self.state.plan(self.key, metric, layout=layout, layer_index=index, num_layers=count)
         if plan.r == 0:
             return None
         if run.call.is_causal:
@@ -555,10 +575,10 @@ class _PatchEmbedPost:
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         call = self.run.call
         if isinstance(out, Tensor) and out.dim() == 4:  # NHWC (dynamic image size)
-            call.grid = (int(out.shape[1]), int(out.shape[2]))
+            call.patch_grid = (int(out.shape[1]), int(out.shape[2]))
             return
         grid = getattr(module, "grid_size", None)
-        call.grid = (int(grid[0]), int(grid[1])) if grid is not None else None
+        call.patch_grid = (int(grid[0]), int(grid[1])) if grid is not None else None
 
 
 def _norm_post(run: _Run) -> Any:
@@ -580,6 +600,22 @@ def _unsupported(target: Any) -> str | None:
         if type(block.attn) is not Attention:
             return f"blocks.{index}.attn is a {type(block.attn).__qualname__}, not a timm.layers.Attention"
     return None
+
+
+def refuse_grid_matchers_after_merges(config: MergeConfig, placement: TokenStream, merging: range) -> None:
+    """Raise `TokenMergeError` when a grid matcher would see merged tokens.
+
+    Grid matchers (`RandomGrid`, `StridedGrid`, the presets built on them) partition the
+    patch grid, and only the first merging block sees it: after a merge the stream's
+    layout is a sequence (`TokenLayout.after_merge`). So they may merge in one block only.
+    """
+    if isinstance(config.matcher, RandomGrid) and len(merging) > 1:
+        matcher = type(config.matcher).__name__
+        raise TokenMergeError(
+            f"{matcher} is a grid matcher: on a ViT only the first merging block sees the patch grid, but "
+            f"TokenStream.blocks spans {len(merging)} blocks ({merging.start}..{merging.stop - 1}); "
+            f"placement=TokenStream(blocks=(i, i)) merges in block i alone"
+        )
 
 
 def _merging_blocks(placement: TokenStream, depth: int) -> range:
@@ -641,8 +677,9 @@ class TimmViTAdapter(Adapter):
         """Hook the patch embedding, every block and the final norm of ``target``."""
         placement = self.placement(target, config)
         assert isinstance(placement, TokenStream)
-        run = _Run(target, config, placement)
         merging = _merging_blocks(placement, len(target.blocks))
+        refuse_grid_matchers_after_merges(config, placement, merging)
+        run = _Run(target, config, placement)
         hooks.post(target.patch_embed, _patch_embed_post(run))
         for index, block in enumerate(target.blocks):
             layer = (merging.index(index), len(merging)) if index in merging else None
