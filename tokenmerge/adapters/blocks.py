@@ -12,17 +12,20 @@ held per thread (`tokenmerge.hooks.PlanSlot`), so threads may share one merged s
 
 from __future__ import annotations
 
+import inspect
+import math
 import warnings
 from typing import Any
 
 from torch import nn
 
 from ..config import MergeConfig
-from ..errors import check
+from ..errors import TokenMergeError, check
 from ..hooks import HookSet, PlanSlot, merge_around
 from ..placements import SubLayers, TokenStream
+from ..policies.matchers import RandomGrid
 from ..state import MergeState
-from .base import Adapter
+from .base import Adapter, check_layer_counts
 from .specs import Argument, BlockSpec, block_call, block_spec
 
 __all__ = ["BlockStackAdapter", "block_stack", "GENERIC_BLOCK"]
@@ -55,6 +58,79 @@ def block_stack(target: Any) -> list[nn.Module] | None:
     if all(usable(b) for b in blocks):
         return blocks
     return None
+
+
+#: Words in an argument or parameter name that mark attention tied to token positions
+#: (rotary embeddings, relative-position biases): merged tokens no longer have one position.
+_POSITION_WORDS = ("rope", "rotary", "freqs_cis", "rel_pos", "relative_position", "position_bias", "pos_bias")
+
+
+def _position_dependence(block: nn.Module, attn: nn.Module, spec: BlockSpec | None) -> str | None:
+    """Why ``block``'s attention ``attn`` depends on token positions (a rotary or relative-position input), or None."""
+    if spec is not None and spec.rotary is not None:
+        return f"its BlockSpec names a rotary-embedding argument {spec.rotary!r}"
+    for module in (block, attn):
+        try:
+            names = list(inspect.signature(module.forward).parameters)
+        except (TypeError, ValueError):  # a builtin forward: nothing to read
+            names = []
+        for name in names:
+            if any(word in name.lower() for word in _POSITION_WORDS):
+                return f"{type(module).__name__}.forward takes {name!r}"
+    for name, _ in [*attn.named_parameters(), *attn.named_buffers()]:
+        if any(word in name.lower() for word in _POSITION_WORDS):
+            return f"its attention {type(attn).__name__} holds {name!r}"
+    return None
+
+
+def _cell(matcher: Any) -> tuple[int, int, int] | None:
+    """``(sx, sy, st)`` of a grid matcher (`RandomGrid`, `StridedGrid`), None for any other matcher."""
+    return (matcher.sx, matcher.sy, matcher.st) if isinstance(matcher, RandomGrid) else None
+
+
+class TokenCheck:
+    """What a block stack's `SubLayers` needs of the token count, known only at the first forward.
+
+    Called by each block's plan hook with the block's ``N`` (a few int comparisons, no
+    tensor op): ``protected`` must leave tokens to merge, ``grid`` must cover the tokens
+    after it, and without a grid a grid matcher needs a square number of them, at least
+    one cell on a side. Each failure is a `TokenMergeError` naming the placement field.
+    """
+
+    def __init__(self, placement: SubLayers, matcher: Any) -> None:
+        self.protected, self.grid, self.cell = placement.protected, placement.grid, _cell(matcher)
+        self.matcher = type(matcher).__name__
+
+    def __call__(self, num_tokens: int) -> None:
+        """Raise `TokenMergeError` unless ``num_tokens`` fits the placement."""
+        protected, grid = self.protected, self.grid
+        if protected and protected >= num_tokens:
+            raise TokenMergeError(
+                f"SubLayers.protected must be less than the block's {num_tokens} tokens (it must leave "
+                f"tokens to merge); got protected={protected}"
+            )
+        mergeable = num_tokens - protected
+        if grid is not None:
+            if grid[0] * grid[1] != mergeable:
+                raise TokenMergeError(
+                    f"SubLayers.grid must cover the {mergeable} tokens after the {protected} protected ones "
+                    f"(h * w == {mergeable}); got grid={grid}"
+                )
+            return
+        if self.cell is None:
+            return
+        side = math.isqrt(mergeable)
+        if side * side != mergeable:
+            raise TokenMergeError(
+                f"SubLayers.grid must be given for {self.matcher}: the block's {mergeable} mergeable tokens "
+                "do not form a square; pass SubLayers(grid=(h, w))"
+            )
+        sx, sy, _ = self.cell
+        if sx > side or sy > side:
+            raise TokenMergeError(
+                f"{self.matcher}(sx={sx}, sy={sy}) does not fit the block's {side} x {side} token grid: "
+                "no cell would be full and nothing would merge; use a smaller cell"
+            )
 
 
 class BlockStackAdapter(Adapter):
@@ -119,6 +195,28 @@ class BlockStackAdapter(Adapter):
                     f"{old} must be False (SubLayers.{field}): the blocks of this stack have no "
                     f"{role.replace('_', '-')} layer",
                 )
+        for index, block in enumerate(blocks):
+            for role, wanted in (("self_attention", placement.attn), ("cross_attention", placement.cross_attn)):
+                attn = _spec_of(block).sublayer(block, role) if wanted else None
+                reason = _position_dependence(block, attn, block_spec(block)) if attn is not None else None
+                check(
+                    reason is None,
+                    f"the generic block adapter cannot merge around the attention of {type(block).__name__} "
+                    f"(blocks.{index}): {reason}, and merged tokens have no single position (EVA, BEiT, Swin and "
+                    "other rotary or relative-position attention are not supported); merge around mlp only "
+                    "(SubLayers(attn=False, mlp=True)) or register a BlockSpec and adapter for this family",
+                )
+        cell = _cell(config.matcher)
+        if placement.grid is not None and cell is not None:
+            sx, sy, st = cell
+            h, w = placement.grid
+            check(
+                sx <= w and sy <= h and st == 1,
+                f"SubLayers.grid={placement.grid} is smaller than a cell of {type(config.matcher).__name__}"
+                f"(sx={sx}, sy={sy}, st={st}): no cell would be full and nothing would merge; "
+                "the cell must fit the grid (sx <= w, sy <= h, st == 1 on an image grid)",
+            )
+        check_layer_counts(config, len(blocks), f"the block stack merges in {len(blocks)} blocks")
 
     def family(self, target: Any) -> str:
         """``"a block stack"``, for error messages."""
@@ -134,7 +232,9 @@ class BlockStackAdapter(Adapter):
             spec = _spec_of(block)
             hidden = block_call(block, spec).hidden
             slot = PlanSlot()
-            hooks.pre(block, _plan_hook(state, slot, f"blocks.{index}", index, len(blocks), grid, protected, hidden))
+            plan_hook = _plan_hook(state, slot, f"blocks.{index}", index, len(blocks), grid, protected, hidden)
+            plan_hook.check_tokens = TokenCheck(placement, config.matcher)
+            hooks.pre(block, plan_hook)
             hooks.post(block, _clear_hook(slot), always_call=True)
             for wanted, role in (
                 (placement.attn, "self_attention"),
@@ -161,9 +261,12 @@ class _PlanHook:
     ) -> None:
         self.state, self.slot, self.key, self.index, self.count = state, slot, key, index, count
         self.grid, self.protected, self.hidden = grid, protected, hidden
+        self.check_tokens: Any = None  # a `TokenCheck` of the placement against N (set by attach)
 
     def __call__(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         x = self.hidden.get(args, kwargs)  # (B, N, C): the block's token argument, by its spec
+        if self.check_tokens is not None:
+            self.check_tokens(x.shape[1])
         self.slot.plan = self.state.plan(
             self.key, x, layer_index=self.index, num_layers=self.count, grid=self.grid, protected=self.protected
         )

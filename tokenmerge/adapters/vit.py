@@ -88,9 +88,8 @@ from ..errors import TokenMergeError, check
 from ..hooks import HookSet, ModuleHook, PerThread, copied_ref
 from ..placements import TokenStream
 from ..plan import MergeMode, MergePlan, identity_token_map, proportional_attention_bias, source_matrix
-from ..policies.thresholds import FixedCount, layer_schedule
 from ..state import MergeState
-from .base import Adapter
+from .base import Adapter, check_layer_counts
 
 __all__ = ["TimmViTAdapter", "ViTMergeRecord", "merge_record", "unmerge_to_patches", "SUPPORTED_FAMILIES"]
 
@@ -630,8 +629,8 @@ class TimmViTAdapter(Adapter):
                 placement.blocks[1] < depth,
                 f"TokenStream.blocks must lie within the model's {depth} blocks; got {placement.blocks}",
             )
-        if isinstance(config.threshold, FixedCount):
-            layer_schedule(config.threshold.r, len(_merging_blocks(placement, depth)))
+        merging = len(_merging_blocks(placement, depth))
+        check_layer_counts(config, merging, f"the ViT merges in {merging} blocks (TokenStream.blocks)")
 
     def family(self, target: Any) -> str:
         """``"a ViT (timm VisionTransformer)"``, for error messages."""
