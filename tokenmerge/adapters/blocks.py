@@ -83,6 +83,11 @@ def _position_dependence(block: nn.Module, attn: nn.Module, spec: BlockSpec | No
     return None
 
 
+def _class_name(module: nn.Module) -> str:
+    """``module``'s class with its module path (``timm.models.beit.Block``): a bare name can be ambiguous."""
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
 def _cell(matcher: Any) -> tuple[int, int, int] | None:
     """``(sx, sy, st)`` of a grid matcher (`RandomGrid`, `StridedGrid`), None for any other matcher."""
     return (matcher.sx, matcher.sy, matcher.st) if isinstance(matcher, RandomGrid) else None
@@ -201,7 +206,7 @@ class BlockStackAdapter(Adapter):
                 reason = _position_dependence(block, attn, block_spec(block)) if attn is not None else None
                 check(
                     reason is None,
-                    f"the generic block adapter cannot merge around the attention of {type(block).__name__} "
+                    f"the generic block adapter cannot merge around the attention of {_class_name(block)} "
                     f"(blocks.{index}): {reason}, and merged tokens have no single position (EVA, BEiT, Swin and "
                     "other rotary or relative-position attention are not supported); merge around mlp only "
                     "(SubLayers(attn=False, mlp=True)) or register a BlockSpec and adapter for this family",
