@@ -197,13 +197,12 @@ def parse_method(spec: str, seed: int = 0) -> Method:
         if not sep or not key:
             raise TokenMergeError(f"method options must be key=value; got {option!r} in {spec!r}")
         kwargs[key.strip()] = _value(text.strip())
-    kwargs = _flags_to_bools(kwargs)
     seed = int(kwargs.pop("seed", seed))
     if name == "plain":
         return Method.plain()
     if name == "block":
         ratio = float(_value(value)) if value else 0.5
-        build = _block_config(ratio, seed, dict(kwargs))
+        build = _block_config(ratio, seed, _flags_to_bools(kwargs))  # labels keep the spec's 0/1
         label = "block r=" + f"{ratio:g}" + "".join(f",{k}={_show(v)}" for k, v in kwargs.items())
         return Method(label=label, kind="tokenmerge", spec=spec, build=build)
     if name not in _PRESETS:
@@ -215,7 +214,7 @@ def parse_method(spec: str, seed: int = 0) -> Method:
         kwargs = {first: _value(value), **kwargs}
     kwargs["seed"] = seed
     try:
-        config = preset(**kwargs)
+        config = preset(**_flags_to_bools(kwargs))  # labels keep the spec's 0/1
     except TypeError as error:
         raise TokenMergeError(f"method {spec!r}: {error}") from None
     shown = {k: v for k, v in kwargs.items() if k != "seed"}
