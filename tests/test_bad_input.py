@@ -520,7 +520,7 @@ def test_a_matcher_given_no_mergeable_tokens_returns_an_empty_matching() -> None
         (lambda: tokenmerge.ToMeSD(seed=-1), "seed must be None or an int >= 0"),
         (lambda: _config(options=None), "options must be a dict"),
         (lambda: _config(options=[("protected", 1)]), "options must be a dict"),
-        (lambda: _config(blocks=(True, True)), "blocks\\[0\\] must be an int >= 0; got True"),
+        (lambda: _config(blocks=(True, True)), "blocks must be None or \\(first, last\\) .*; got \\(True, True\\)"),
         (lambda: _config(max_downsample=True), "max_downsample must be 1, 2, 4 or 8 \\(an int\\); got True"),
         (lambda: _config(kv_only="yes"), "kv_only must be True or False; got 'yes'"),
         (lambda: _config(merge_attn=torch.tensor([1, 0])), "merge_attn must be True or False; got tensor"),

@@ -7,7 +7,7 @@ import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .errors import TokenMergeError, check, check_bool, check_instance, check_int, check_sequence
+from .errors import TokenMergeError, check, check_bool, check_instance, check_int, is_int
 from .placements import DOWNSAMPLES, KeyValues, Placement, ResidualRange, SubLayers, TokenStream
 from .plan import MERGE_MODES, MergeMode
 from .policies.base import Matcher, PairCache, ThresholdPolicy
@@ -60,11 +60,11 @@ def _check_legacy(given: dict[str, Any]) -> None:
                 f"max_downsample must be 1, 2, 4 or 8 (an int); got {value!r}",
             )
         elif name == "blocks" and value is not None:
-            allowed = "None or a tuple (first, last) of ints with 0 <= first <= last"
-            check(isinstance(value, tuple), f"blocks must be {allowed}; got {value!r}")
-            first, last = check_sequence("blocks", value, length=2, what=allowed)
-            check_int("blocks[0]", first, 0)
-            check_int("blocks[1]", last, first)  # type: ignore[arg-type]
+            ok = isinstance(value, tuple) and len(value) == 2 and all(is_int(b) and b >= 0 for b in value)
+            check(
+                ok and value[0] <= value[1],
+                f"blocks must be None or (first, last) with 0 <= first <= last, two ints (not bools); got {value!r}",
+            )
         elif name == "options":
             check_instance("options", value, dict, "a dict (e.g. {'protected': 1})")
             keys = [k for k in value if not isinstance(k, str)]
