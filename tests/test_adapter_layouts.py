@@ -170,6 +170,21 @@ def test_vit_refuses_grid_matchers_over_several_blocks_at_apply(
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
+def test_vit_refused_grid_matcher_keeps_the_earlier_config(timm_tiny_vit: Callable[..., nn.Module]) -> None:
+    model = timm_tiny_vit()
+    x = torch.randn(2, 3, *model.patch_embed.img_size)
+    handle = tokenmerge.apply(model, tokenmerge.ToMe(r=4))
+    with torch.no_grad():
+        expected = model(x)
+    refused = MergeConfig(matcher=RandomGrid(2, 2), threshold=FixedRatio(0.5), placement=TokenStream(), seed=0)
+    with pytest.raises(TokenMergeError, match="RandomGrid is a grid matcher"):
+        tokenmerge.apply(model, refused)  # refused in check(), before anything is touched
+    assert tokenmerge.get_handle(model) is handle and handle.active
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+    handle.remove()
+
+
 @pytest.mark.parametrize("block", [0, 2])
 def test_vit_grid_matcher_in_one_block_merges_cells_of_the_non_square_patch_grid(
     timm_tiny_vit: Callable[..., nn.Module], block: int
@@ -233,7 +248,7 @@ def test_stack_layout() -> None:
     assert stack_layout(37, 1) == TokenLayout.image(6, 6, prefix=1)
     assert stack_layout(37, 1, (4, 9)) == TokenLayout.image(4, 9, prefix=1)
     assert stack_layout(10) == TokenLayout.sequence(10)
-    with pytest.raises(TokenMergeError, match="SubLayers.protected must leave tokens to merge"):
+    with pytest.raises(TokenMergeError, match="SubLayers.protected must be less than the block's"):
         stack_layout(3, 3)
 
 

@@ -251,8 +251,9 @@ def _config_arg(name: str, classify: Callable[[Any], str], good: tuple = ()) -> 
 
 CELL = int_in(1, 8, MAX_SIDE)
 BOOL = (boolean, (True, False))
-#: merge_attn=False with the other sub-layers off merges nothing: refused, so only True is listed as valid.
-ATTN = (boolean, (True,))
+#: merge_attn=False with the other sub-layers off merges nothing: refused (grey: right in kind, wrong in
+#: combination), so only True is valid.
+ATTN = (lambda v: OK if v is True else GREY if v is False else BAD, (True, False))
 SEED = (seed, (None, 0, 7, 2**31 - 1))
 DOWN = (max_downsample, (1, 2, 4, 8))
 
@@ -373,52 +374,10 @@ ARGS: list[Arg] = [
     _config_arg("options", options, ({}, {"protected": 1})),
 ]
 
-#: Arguments that still fail the property today, with the owner that is fixing them (not
-#: this file's: presets.py, config.py and matchers.py are other helpers' files).
-_BOOL_GAP = "bools not type-checked: a truthy str or an int passes (specs helper, presets.py/config.py)"
-_CELL_GAP = "cell size: True passes as an int, huge sizes are not bounded (layout helper, matchers.py)"
-_RAND_GAP = "use_rand not type-checked (layout helper, matchers.py)"
-_DOWN_GAP = "max_downsample: 2.0 and True pass (== 2, == 1) (specs helper, config.py)"
-_SEED_GAP = "seed: ints up to any size pass, 2**64 then fails in MergeState (specs/state helpers)"
-KNOWN_GAPS: dict[str, str] = {
-    "RandomGrid(sx)": _CELL_GAP,
-    "RandomGrid(sy)": _CELL_GAP,
-    "RandomGrid(use_rand)": _RAND_GAP,
-    "StridedGrid(sx)": _CELL_GAP,
-    "StridedGrid(sy)": _CELL_GAP,
-    "ToMe(prop_attn)": _BOOL_GAP,
-    "ToMe(trace_source)": _BOOL_GAP,
-    "ToMe(seed)": _SEED_GAP,
-    "ToMeSD(max_downsample)": _DOWN_GAP,
-    "ToMeSD(sx)": _CELL_GAP,
-    "ToMeSD(sy)": _CELL_GAP,
-    "ToMeSD(use_rand)": _RAND_GAP,
-    "ToMeSD(merge_attn)": _BOOL_GAP,
-    "ToMeSD(merge_crossattn)": _BOOL_GAP,
-    "ToMeSD(merge_mlp)": _BOOL_GAP,
-    "ToMeSD(seed)": _SEED_GAP,
-    "CAToMe(max_downsample)": _DOWN_GAP,
-    "CAToMe(sx)": _CELL_GAP,
-    "CAToMe(sy)": _CELL_GAP,
-    "CAToMe(use_rand)": _RAND_GAP,
-    "CAToMe(merge_attn)": _BOOL_GAP,
-    "CAToMe(merge_crossattn)": _BOOL_GAP,
-    "CAToMe(merge_mlp)": _BOOL_GAP,
-    "CAToMe(seed)": _SEED_GAP,
-    "ToDo(downsample)": "downsample: True and huge sizes pass (specs helper, presets.py)",
-    "ToDo(max_downsample)": _DOWN_GAP,
-    "ToDo(seed)": _SEED_GAP,
-    "MergeConfig(seed)": _SEED_GAP,
-    "MergeConfig(merge_attn)": _BOOL_GAP,
-    "MergeConfig(merge_crossattn)": _BOOL_GAP,
-    "MergeConfig(merge_mlp)": _BOOL_GAP,
-    "MergeConfig(max_downsample)": _DOWN_GAP,
-    "MergeConfig(blocks)": "blocks: (True, True) passes as ints (specs helper, config.py)",
-    "MergeConfig(prop_attn)": _BOOL_GAP,
-    "MergeConfig(trace_source)": _BOOL_GAP,
-    "MergeConfig(kv_only)": _BOOL_GAP,
-    "MergeConfig(options)": "options: None or a non-dict passes (specs helper, config.py)",
-}
+#: Arguments that still fail the property, with the reason. Empty: every constructor's
+#: arguments are checked (the last gaps, in the presets, `MergeConfig` and the matchers,
+#: were closed by the apply-checks work of issue 13). An entry runs as xfail(strict=False).
+KNOWN_GAPS: dict[str, str] = {}
 
 
 def _param(arg: Arg) -> Any:
@@ -535,8 +494,168 @@ def test_validators_name_the_argument_the_value_and_what_is_allowed() -> None:
     assert check_bool("b", False) is False
 
 
-@pytest.mark.xfail(strict=False, reason="known gap: no mergeable tokens crash arange (layout helper, matchers.py)")
 def test_a_matcher_given_no_mergeable_tokens_returns_an_empty_matching() -> None:
     # A protected prefix as long as the sequence leaves nothing to merge.
     matching = AlternatingBipartite().match(torch.randn(2, 0, 4), MergeContext())
     assert matching.num_src == matching.num_dst == 0
+
+
+# ------------------------------------------------------------------ the issue's findings, one test each
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: tokenmerge.ToMe(prop_attn="no"), "prop_attn must be True or False; got 'no'"),
+        (lambda: tokenmerge.ToMe(trace_source=1), "trace_source must be True or False; got 1"),
+        (lambda: tokenmerge.ToMeSD(merge_mlp=1), "merge_mlp must be True or False; got 1"),
+        (lambda: tokenmerge.CAToMe(merge_crossattn=0), "merge_crossattn must be True or False; got 0"),
+        (lambda: tokenmerge.ToMeSD(use_rand=1), "use_rand must be a bool; got 1"),
+        (lambda: tokenmerge.ToMeSD(sx=True), "sx must be an int in \\[1, 64\\]; got True"),
+        (lambda: tokenmerge.ToMeSD(sx=2**20, sy=2**20), "sx must be an int in \\[1, 64\\]"),
+        (lambda: tokenmerge.ToMeSD(max_downsample=2.0), "max_downsample must be 1, 2, 4 or 8; got 2.0"),
+        (lambda: tokenmerge.ToDo(downsample=2**20), "downsample must be an int >= 2 and <= 64; got 1048576"),
+        (lambda: tokenmerge.ToDo(downsample=True), "downsample must be an int >= 2 and <= 64; got True"),
+        (lambda: tokenmerge.ToMe(seed=2**64), "seed must be None or an int >= 0 and <= 9223372036854775807"),
+        (lambda: tokenmerge.ToMeSD(seed=-1), "seed must be None or an int >= 0"),
+        (lambda: _config(options=None), "options must be a dict"),
+        (lambda: _config(options=[("protected", 1)]), "options must be a dict"),
+        (lambda: _config(blocks=(True, True)), "blocks must be None or \\(first, last\\) .*; got \\(True, True\\)"),
+        (lambda: _config(max_downsample=True), "max_downsample must be 1, 2, 4 or 8 \\(an int\\); got True"),
+        (lambda: _config(kv_only="yes"), "kv_only must be True or False; got 'yes'"),
+        (lambda: _config(merge_attn=torch.tensor([1, 0])), "merge_attn must be True or False; got tensor"),
+    ],
+)
+def test_strict_types_and_bounds_in_presets_and_merge_config(make, message) -> None:
+    with pytest.raises(TokenMergeError, match=message):  # refused before a DeprecationWarning is raised
+        make()
+
+
+def _config(**fields: Any) -> MergeConfig:
+    return MergeConfig(matcher=AlternatingBipartite(), threshold=FixedCount(2), **fields)
+
+
+def test_benchmark_specs_turn_0_1_into_bools() -> None:
+    from tokenmerge.tools.bench_methods import parse_method
+
+    config = parse_method("tomesd:0.5,merge_mlp=1,use_rand=0").build(None)
+    assert config.placement.mlp is True and config.matcher.use_rand is False
+    with pytest.raises(TokenMergeError, match="merge_mlp must be True or False; got 2"):
+        parse_method("tomesd:0.5,merge_mlp=2")
+
+
+# ------------------------------------------------------------------ apply: refused before the model changes
+
+
+class _Unpicklable(NoCache):
+    """A user cache holding a lock: `copy.deepcopy` fails on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import threading
+
+        self.lock = threading.Lock()
+
+
+def _hooks_of(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
+    return [
+        (name, tuple(m._forward_pre_hooks), tuple(m._forward_hooks))
+        for name, m in model.named_modules()
+        if m._forward_pre_hooks or m._forward_hooks
+    ]
+
+
+def _bad_seed() -> MergeConfig:
+    config = MergeConfig(matcher=RandomGrid(), threshold=FixedRatio(0.3), seed=0)
+    config.seed = 2**64  # set after construction: only apply's own validation can catch it
+    return config
+
+
+@pytest.mark.parametrize(
+    ("make_bad", "message"),
+    [
+        (_bad_seed, "seed must be None or an int >= 0"),
+        (
+            lambda: MergeConfig(matcher=RandomGrid(), threshold=FixedRatio(0.3), cache=_Unpicklable()),
+            "cache _Unpicklable cannot be used: .*copy.deepcopy",
+        ),
+        (
+            lambda: MergeConfig(matcher=AlternatingBipartite(), threshold=FixedCount([1, 2])),
+            "r as a list must have one entry per layer \\(3\\); got 2: the block stack merges in 3 blocks",
+        ),
+    ],
+    ids=["seed", "undeepcopyable_cache", "per_layer_length"],
+)
+def test_a_refused_apply_keeps_the_earlier_config_active_and_unchanged(block_stack, make_bad, message) -> None:
+    x = torch.randn(2, 17, 16, generator=torch.Generator().manual_seed(0))  # (B, N, C): a 4x4 grid and a prefix
+    good = MergeConfig(
+        matcher=RandomGrid(), threshold=FixedRatio(0.5), seed=0, placement=tokenmerge.placements.SubLayers(protected=1)
+    )
+    handle = tokenmerge.apply(block_stack, good)
+    with torch.no_grad():
+        expected = block_stack(x)
+    hooks, weights = _hooks_of(block_stack), {k: v.clone() for k, v in block_stack.state_dict().items()}
+    bad = make_bad()
+    with pytest.raises(TokenMergeError, match=message):
+        tokenmerge.apply(block_stack, bad)
+    assert handle.active and tokenmerge.get_handle(block_stack) is handle and handle.config is good
+    assert _hooks_of(block_stack) == hooks
+    assert all(torch.equal(v, weights[k]) for k, v in block_stack.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(block_stack(x), expected)
+    handle.remove()
+
+
+def test_a_failure_while_attaching_keeps_the_earlier_config(block_stack, monkeypatch) -> None:
+    from tokenmerge.adapters import find_adapter
+
+    x = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(0))
+    handle = tokenmerge.apply(block_stack, tokenmerge.ToMeSD(seed=0))
+    with torch.no_grad():
+        expected = block_stack(x)
+    hooks = _hooks_of(block_stack)
+    adapter = find_adapter(block_stack)
+    original = type(adapter).attach
+
+    def attach_then_fail(self, target, config, state, hook_set):
+        original(self, target, config, state, hook_set)
+        raise TokenMergeError("attach failed on purpose")
+
+    monkeypatch.setattr(type(adapter), "attach", attach_then_fail)
+    with pytest.raises(TokenMergeError, match="on purpose"):
+        tokenmerge.apply(block_stack, tokenmerge.ToMeSD(ratio=0.25, seed=1))
+    monkeypatch.undo()
+    assert handle.active and _hooks_of(block_stack) == hooks
+    with torch.no_grad():
+        assert torch.equal(block_stack(x), expected)
+    handle.remove()
+
+
+def test_a_block_stacks_grid_and_protected_count_are_checked() -> None:
+    from tests.conftest import BlockStack
+    from tokenmerge.placements import SubLayers
+
+    torch.manual_seed(0)
+    stack = BlockStack().eval()
+    x = torch.randn(1, 17, 16)  # (B, N, C): 1 prefix token and a 4 x 4 grid
+
+    def config(matcher: Matcher, **placement: Any) -> MergeConfig:
+        return MergeConfig(matcher=matcher, threshold=FixedRatio(0.3), seed=0, placement=SubLayers(**placement))
+
+    # At apply: a grid smaller than the matcher's cell.
+    with pytest.raises(TokenMergeError, match="SubLayers.grid=\\(4, 4\\) is smaller than a cell of RandomGrid"):
+        tokenmerge.apply(stack, config(RandomGrid(sx=8, sy=8), protected=1, grid=(4, 4)))
+    # At the first forward (the token count is known only then), naming the field.
+    first_forward = [
+        (config(AlternatingBipartite(), protected=20), "SubLayers.protected must be less than the block's 17 tokens"),
+        (config(AlternatingBipartite(), protected=17), "SubLayers.protected must be less than the block's 17 tokens"),
+        (config(RandomGrid(), protected=1, grid=(4, 5)), "SubLayers.grid must cover the 16 tokens"),
+        (config(RandomGrid(), protected=2), "SubLayers.grid must be given for RandomGrid"),
+        (config(RandomGrid(sx=5, sy=5), protected=1), "RandomGrid\\(sx=5, sy=5\\) does not fit the block's 4 x 4"),
+    ]
+    for bad, message in first_forward:
+        with tokenmerge.apply(stack, bad), pytest.raises(TokenMergeError, match=message):
+            stack(x)
+    with tokenmerge.apply(stack, config(RandomGrid(), protected=1)) as handle:
+        stack(x)
+        assert handle.state.merged_tokens["blocks.0"] == (17, 13)

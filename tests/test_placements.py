@@ -32,8 +32,8 @@ BAD_PLACEMENTS = [
     (lambda: SubLayers(attn=False), "SubLayers needs attn, cross_attn or mlp"),
     (lambda: SubLayers(max_downsample=3), "SubLayers.max_downsample must be 1, 2, 4 or 8; got 3"),
     (lambda: SubLayers(max_downsample=True), "SubLayers.max_downsample must be 1, 2, 4 or 8; got True"),
-    (lambda: SubLayers(protected=-1), "SubLayers.protected must be an int >= 0; got -1"),
-    (lambda: SubLayers(protected=True), "SubLayers.protected must be an int >= 0; got True"),
+    (lambda: SubLayers(protected=-1), "SubLayers.protected must be an int >= 0 and <= 16777216; got -1"),
+    (lambda: SubLayers(protected=True), "SubLayers.protected must be an int >= 0 and <= 16777216; got True"),
     (lambda: SubLayers(grid=(0, 4)), "SubLayers.grid must be None or a tuple"),
     (lambda: SubLayers(grid=[4, 4]), "SubLayers.grid must be None or a tuple"),
     (lambda: KeyValues(max_downsample=16), "KeyValues.max_downsample must be 1, 2, 4 or 8; got 16"),
@@ -87,10 +87,10 @@ def test_presets_build_placements_without_warnings() -> None:
             prop_attn=False, trace_source=True
         )
         assert tokenmerge.ToDo(max_downsample=4).placement == KeyValues(max_downsample=4)
-        assert tokenmerge.ToMeSD(merge_mlp=1).placement == SubLayers(mlp=True)  # 0/1 as tomesd takes them
         grid_config(placement=ResidualRange(0, 1)).replace(seed=3)
-    with pytest.raises(TokenMergeError, match="merge_mlp must be a bool \\(or 0/1\\); got 2"):
-        tokenmerge.ToMeSD(merge_mlp=2)
+    for value in (1, 0, 2, "no"):  # bools only: tomesd's 0/1 too (a truthy "no" would turn it on)
+        with pytest.raises(TokenMergeError, match=f"merge_mlp must be True or False; got {value!r}"):
+            tokenmerge.ToMeSD(merge_mlp=value)
 
 
 @pytest.mark.parametrize(

@@ -345,7 +345,7 @@ def test_compiled_partition_does_not_read_the_timestep_on_the_host() -> None:
 class NegativeBest(Matcher):
     def match(self, metric, ctx):
         m = AlternatingBipartite().match(metric, ctx)
-        return Matching(m.src_idx, m.dst_idx, m.best - 1, m.score)
+        return Matching(m.src_idx, m.dst_idx, torch.full_like(m.best, -1), m.score)  # negative whatever the draw
 
 
 class GarbageIndices(Matcher):

@@ -14,7 +14,7 @@ from .errors import TokenMergeError
 from .hooks import HookSet, hook_sets_in
 from .state import MergeState
 
-__all__ = ["apply", "remove", "MergeHandle", "get_handle"]
+__all__ = ["apply", "remove", "MergeHandle", "get_handle", "build_state"]
 
 # target -> its handle. Weak both ways: a handle refers to its target weakly, so a model
 # applied to and dropped without remove() is freed with its hooks and state.
@@ -117,19 +117,24 @@ def apply(target: Any, config: MergeConfig) -> MergeHandle:
     * ``torch._dynamo.config.skip_nnmodule_hook_guards`` is turned off while any config
       is applied and put back when the last one is removed.
     """
+    # 1. Everything that can be refused is refused before the model is touched: the
+    #    config, the target, the config against the target, and the runtime state.
     if not isinstance(config, MergeConfig):
         raise TokenMergeError(f"config must be a tokenmerge.MergeConfig (e.g. tokenmerge.ToMeSD()); got {config!r}")
     config.validate()
     adapter = find_adapter(target)
     adapter.check(target, config)
-    state = MergeState(config)
+    state = build_state(config)
+    # 2. The configs this one replaces: the target's own, and any in its module tree.
+    replaced: list[HookSet] = []
     previous = _HANDLES.get(target)
     if previous is not None:
-        previous.remove()
+        replaced.append(previous._hooks)
     model = adapter.model_of(target)
     if isinstance(model, nn.Module):
-        for other in hook_sets_in(model):  # a config on a sub-module, an ancestor, or a copy's
-            other.remove()  # its handle turns inactive
+        replaced += [other for other in hook_sets_in(model) if all(other is not r for r in replaced)]
+    # 3. The new hooks go on first; a failure takes them off again and leaves the earlier
+    #    config active, exactly as it was.
     hooks = HookSet()
     hooks.meta = (config, state, adapter)
     try:
@@ -137,9 +142,40 @@ def apply(target: Any, config: MergeConfig) -> MergeHandle:
     except BaseException:
         hooks.remove()
         raise
+    # 4. Only now the earlier configs go (their handles turn inactive).
+    if previous is not None:
+        previous.remove()
+    for other in replaced:
+        other.remove()
     handle = MergeHandle(target, config, state, adapter, hooks)
     _HANDLES[target] = handle
     return handle
+
+
+def build_state(config: MergeConfig) -> MergeState:
+    """The `MergeState` of ``config``, with the calling thread's runtime built (at `apply`, not at the first forward).
+
+    Building it makes a fresh copy of the pair cache (`MergeConfig.fresh_cache`: a deep
+    copy, then ``reset()``) and seeds the generator, so a cache that cannot be copied or
+    reset is refused here, by name, before the model is touched.
+
+    Raises:
+        TokenMergeError: naming the cache class when copying or resetting it fails.
+    """
+    try:
+        config.fresh_cache()
+    except TokenMergeError:
+        raise
+    except Exception as error:
+        name = type(config.cache).__name__
+        raise TokenMergeError(
+            f"cache {name} cannot be used: tokenmerge gives every model (and thread) a fresh copy made with "
+            f"copy.deepcopy and reset(), which raised {type(error).__name__}: {error}; make {name} deep-copyable "
+            "(e.g. define __deepcopy__) or hold unpicklable resources outside it"
+        ) from error
+    state = MergeState(config)
+    state.generator  # noqa: B018 - builds this thread's generation state (its cache copy, its seeded generator)
+    return state
 
 
 def remove(target: Any) -> bool:

@@ -7,13 +7,17 @@ import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .errors import TokenMergeError, check
+from .errors import TokenMergeError, check, check_bool, check_instance, check_int, is_int
 from .placements import DOWNSAMPLES, KeyValues, Placement, ResidualRange, SubLayers, TokenStream
 from .plan import MERGE_MODES, MergeMode
 from .policies.base import Matcher, PairCache, ThresholdPolicy
 from .policies.caches import NoCache
 
-__all__ = ["MergeConfig", "LEGACY_FIELDS"]
+__all__ = ["MergeConfig", "LEGACY_FIELDS", "MAX_SEED"]
+
+#: Largest seed: what `torch.Generator.manual_seed` takes as a non-negative int64 (the
+#: counter-based partitions of `tokenmerge.policies.rng` hash any int).
+MAX_SEED = 2**63 - 1
 
 
 class _Deprecated:
@@ -40,6 +44,31 @@ LEGACY_FIELDS: dict[str, Any] = {
 
 #: ``options`` keys each family default reads (the rest have no placement field).
 _OPTION_KEYS: dict[type[Placement], tuple[str, ...]] = {SubLayers: ("grid", "protected"), TokenStream: ("dense",)}
+
+
+_LEGACY_BOOLS = ("merge_attn", "merge_crossattn", "merge_mlp", "prop_attn", "trace_source", "kv_only")
+
+
+def _check_legacy(given: dict[str, Any]) -> None:
+    """Types and ranges of the deprecated fields ``given`` (before they are compared or translated)."""
+    for name, value in given.items():
+        if name in _LEGACY_BOOLS:
+            check_bool(name, value)
+        elif name == "max_downsample":
+            check(
+                isinstance(value, int) and not isinstance(value, bool) and value in DOWNSAMPLES,
+                f"max_downsample must be 1, 2, 4 or 8 (an int); got {value!r}",
+            )
+        elif name == "blocks" and value is not None:
+            ok = isinstance(value, tuple) and len(value) == 2 and all(is_int(b) and b >= 0 for b in value)
+            check(
+                ok and value[0] <= value[1],
+                f"blocks must be None or (first, last) with 0 <= first <= last, two ints (not bools); got {value!r}",
+            )
+        elif name == "options":
+            check_instance("options", value, dict, "a dict (e.g. {'protected': 1})")
+            keys = [k for k in value if not isinstance(k, str)]
+            check(not keys, f"options keys must be str; got {keys!r}")
 
 
 def _legacy_of(placement: Placement | None, given: dict[str, Any]) -> dict[str, Any]:
@@ -102,7 +131,8 @@ class MergeConfig:
         cache: decides when plans are recomputed (`PairCache`); `NoCache` by default.
         mode: how merged tokens combine: ``"mean"``, ``"weighted"`` (by token size)
             or ``"sum"``.
-        seed: seed of the generator random matchers draw from; merging never touches
+        seed: seed of the generator random matchers draw from (None: fresh entropy;
+            else an int in ``[0, 2**63)``, `MAX_SEED` at most); merging never touches
             the global RNG or the user's generator. The generator is re-seeded at the
             start of every generation, so identical calls give identical results.
         merge_attn: deprecated, `SubLayers.attn`.
@@ -150,14 +180,15 @@ class MergeConfig:
         *,
         _legacy: dict[str, Any] | None = None,
     ) -> None:
+        old = (merge_attn, merge_crossattn, merge_mlp, max_downsample, blocks, prop_attn, trace_source, kv_only)
+        given = {name: value for name, value in zip(LEGACY_FIELDS, (*old, options)) if value is not _NOT_GIVEN}
+        _check_legacy(given)  # first: a tensor or a str compared with the old default would crash or pass
         self.matcher = matcher
         self.threshold = threshold
         self.cache = NoCache() if cache is None else cache
         self.mode = mode
         self.seed = seed
         self.placement = placement
-        old = (merge_attn, merge_crossattn, merge_mlp, max_downsample, blocks, prop_attn, trace_source, kv_only)
-        given = {name: value for name, value in zip(LEGACY_FIELDS, (*old, options)) if value is not _NOT_GIVEN}
         changed = {name: value for name, value in given.items() if value != LEGACY_FIELDS[name]}
         if placement is not None and changed:
             shown = ", ".join(f"{k}={v!r}" for k, v in changed.items())
@@ -194,10 +225,7 @@ class MergeConfig:
         )
         check(isinstance(self.cache, PairCache), f"cache must be a tokenmerge.policies.PairCache; got {self.cache!r}")
         check(self.mode in MERGE_MODES, f"mode must be one of {MERGE_MODES}; got {self.mode!r}")
-        check(
-            self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)),
-            f"seed must be None or an int; got {self.seed!r}",
-        )
+        check_int("seed", self.seed, 0, MAX_SEED, allow_none=True)
         check(
             self.placement is None or isinstance(self.placement, Placement),
             "placement must be None or a tokenmerge.placements.Placement (SubLayers, KeyValues, ResidualRange, "
@@ -211,21 +239,7 @@ class MergeConfig:
                 f"placement={self.placement.describe()} cannot be combined with the deprecated fields {shown}: "
                 "put those settings into the placement",
             )
-        legacy = _legacy_of(None, self._legacy)
-        check(
-            legacy["max_downsample"] in DOWNSAMPLES,
-            f"max_downsample must be 1, 2, 4 or 8; got {legacy['max_downsample']!r}",
-        )
-        blocks = legacy["blocks"]
-        if blocks is not None:
-            ok = (
-                isinstance(blocks, tuple)
-                and len(blocks) == 2
-                and all(isinstance(b, int) and b >= 0 for b in blocks)
-                and blocks[0] <= blocks[1]
-            )
-            check(ok, f"blocks must be None or (first, last) with 0 <= first <= last; got {blocks!r}")
-        check(isinstance(legacy["options"], dict), f"options must be a dict; got {legacy['options']!r}")
+        _check_legacy(self._legacy)
         self.threshold.validate(self.matcher)
 
     def placement_for(self, default: type[Placement], family: str = "this model") -> Placement:

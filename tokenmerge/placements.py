@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
-from .errors import check
+from .errors import MAX_TOKENS, check
 
 __all__ = ["Placement", "SubLayers", "KeyValues", "ResidualRange", "TokenStream", "DOWNSAMPLES"]
 
@@ -85,10 +85,14 @@ class SubLayers(Placement):
             this much from the model's highest-resolution level with attention
             (1, 2, 4 or 8; UNets; patch transformers have one level).
         protected: leading tokens never merged (class or register tokens); generic
-            block stacks only, diffusion models have none.
+            block stacks only, diffusion models have none. It must leave tokens to
+            merge: a count at least the block's token count is refused at the first
+            forward (the count is known only then), naming this field.
         grid: ``(h, w)`` token grid of the mergeable tokens, for grid matchers when the
             adapter cannot derive it (a generic block stack whose N is not square);
-            diffusion models derive it from the latent.
+            diffusion models derive it from the latent. A grid matcher's cell must fit
+            it (checked at `tokenmerge.apply`), and ``h * w`` must equal the tokens
+            after ``protected`` (checked at the first forward, naming this field).
     """
 
     form: ClassVar[str] = "merging around the sub-layers of every block"
@@ -113,12 +117,17 @@ class SubLayers(Placement):
             f"SubLayers.max_downsample must be 1, 2, 4 or 8; got {self.max_downsample!r}",
         )
         check(
-            _is_int(self.protected) and self.protected >= 0,
-            f"SubLayers.protected must be an int >= 0; got {self.protected!r}",
+            _is_int(self.protected) and 0 <= self.protected <= MAX_TOKENS,
+            f"SubLayers.protected must be an int >= 0 and <= {MAX_TOKENS}; got {self.protected!r}",
         )
         if self.grid is not None:
             ok = isinstance(self.grid, tuple) and len(self.grid) == 2 and all(_is_int(v) and v > 0 for v in self.grid)
-            check(ok, f"SubLayers.grid must be None or a tuple (h, w) of ints > 0; got {self.grid!r}")
+            ok = ok and self.grid[0] * self.grid[1] <= MAX_TOKENS
+            check(
+                ok,
+                f"SubLayers.grid must be None or a tuple (h, w) of ints > 0 with h * w <= {MAX_TOKENS}; "
+                f"got {self.grid!r}",
+            )
 
 
 @dataclass(frozen=True)

@@ -6,20 +6,22 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from .config import MergeConfig
-from .errors import check
+from .errors import check_bool, check_int
 from .placements import KeyValues, SubLayers, TokenStream
 from .policies.caches import CA_TOME_C3, NoCache, RecomputeAt
-from .policies.matchers import AlternatingBipartite, RandomGrid, StridedGrid
+from .policies.matchers import MAX_STRIDE, AlternatingBipartite, RandomGrid, StridedGrid
 from .policies.thresholds import FixedCount, FixedRatio, SimilarityThreshold
 
 __all__ = ["ToMe", "ToMeSD", "CAToMe", "ToDo"]
 
 
 def _flag(name: str, value: Any) -> bool:
-    """A preset's on/off argument: a bool, or 0/1 as tomesd takes them."""
-    ok = isinstance(value, bool) or (isinstance(value, int) and value in (0, 1))
-    check(ok, f"{name} must be a bool (or 0/1); got {value!r}")
-    return bool(value)
+    """A preset's on/off argument: a `bool` only (``1``, ``"no"`` or ``None`` are refused).
+
+    tomesd takes 0/1 as well; here a truthy ``"no"`` would turn a feature *on*, so the
+    type is strict (the benchmark's method specs convert ``merge_mlp=1`` to a bool).
+    """
+    return check_bool(name, value)
 
 
 def _sub_layers(attn: Any, cross_attn: Any, mlp: Any, max_downsample: int) -> SubLayers:
@@ -149,13 +151,14 @@ def ToDo(
     and nothing needs unmerging.
 
     Args:
-        downsample: pooling factor per side, >= 2.
+        downsample: pooling factor per side, an int in ``[2, 64]`` (a cell of at most
+            ``64 x 64`` tokens, the grid matchers' largest stride).
         max_downsample: as in `ToMeSD`.
         ratio: fraction of tokens pooled away; defaults to all but one per cell,
             ``1 - 1/downsample**2`` (plain average pooling).
         seed: unused by the fixed top-left grid; kept for a uniform signature.
     """
-    check(isinstance(downsample, int) and downsample >= 2, f"downsample must be an int >= 2; got {downsample!r}")
+    downsample = check_int("downsample", downsample, 2, MAX_STRIDE)  # type: ignore[assignment]
     full = 1.0 - 1.0 / (downsample * downsample)
     return MergeConfig(
         matcher=StridedGrid(sx=downsample, sy=downsample),

@@ -11,7 +11,41 @@ from ..hooks import HookSet
 from ..placements import Placement
 from ..state import MergeState
 
-__all__ = ["Adapter"]
+__all__ = ["Adapter", "check_layer_counts"]
+
+
+def _threshold_policies(policy: Any) -> list[Any]:
+    """``policy`` and, for a `Scheduled` one, the policies of its stages and its default."""
+    found = [policy]
+    for _, stage in getattr(policy, "stages", None) or []:
+        found += _threshold_policies(stage)
+    default = getattr(policy, "default", None)
+    if default is not None and default is not policy:
+        found += _threshold_policies(default)
+    return found
+
+
+def check_layer_counts(config: MergeConfig, num_layers: int, where: str) -> None:
+    """Refuse a per-layer ``r`` (`FixedCount`, also inside `Scheduled`) whose length is not ``num_layers``.
+
+    Every adapter calls it from `Adapter.check` with the number of layers that merge
+    in the target (ViT blocks in ``TokenStream.blocks``, UNet/DiT blocks within
+    ``max_downsample``, one plan per `ResidualRange`), so the mistake is reported at
+    `tokenmerge.apply`, not at the first forward.
+
+    Args:
+        config: the config being applied.
+        num_layers: the number of merging layers of the target.
+        where: what those layers are, for the message (``"UNet2DConditionModel merges in 3 blocks"``).
+    """
+    from ..policies.thresholds import FixedCount, layer_schedule  # the ViT's own check, reused
+
+    for policy in _threshold_policies(config.threshold):
+        if isinstance(policy, FixedCount):
+            try:
+                layer_schedule(policy.r, num_layers)
+            except TokenMergeError as error:
+                raise TokenMergeError(f"{error}: {where}") from None
 
 
 class Adapter(ABC):

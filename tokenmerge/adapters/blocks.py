@@ -21,6 +21,7 @@ that forms none raises `TokenMergeError` naming ``SubLayers.grid``, and so does 
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from typing import Any
@@ -34,7 +35,7 @@ from ..layout import TokenLayout
 from ..placements import SubLayers, TokenStream
 from ..policies.matchers import RandomGrid
 from ..state import MergeState
-from .base import Adapter
+from .base import Adapter, check_layer_counts
 from .specs import Argument, BlockSpec, block_call, block_spec
 
 __all__ = ["BlockStackAdapter", "block_stack", "stack_layout", "GENERIC_BLOCK"]
@@ -50,25 +51,30 @@ def _spec_of(block: nn.Module) -> BlockSpec:
 
 
 def stack_layout(
-    num_tokens: int, protected: int = 0, grid: tuple[int, ...] | None = None, needs_grid: bool = False
+    num_tokens: int, protected: int = 0, grid: tuple[int, ...] | None = None, matcher: Any = None
 ) -> TokenLayout:
     """The `TokenLayout` of a block call on ``num_tokens`` tokens under a `SubLayers` placement.
+
+    Checked at every block call, since a stack's token count is known only then (a few
+    int comparisons, no tensor op).
 
     Args:
         num_tokens: N, the tokens the block gets (the protected ones included).
         protected: `SubLayers.protected`, prefix tokens never merged.
         grid: `SubLayers.grid`, the mergeable span's grid; None for a square ``(s, s)``
             when ``N - protected`` is a perfect square, else a sequence ``(N - protected,)``.
-        needs_grid: True for a grid matcher, which refuses a span that forms no grid.
+        matcher: the config's matcher; a grid matcher (`RandomGrid`, `StridedGrid`)
+            refuses a span that forms no grid, or a square grid smaller than its cell.
 
     Raises:
-        TokenMergeError: naming ``SubLayers.protected`` or ``SubLayers.grid`` when they
-            do not fit ``num_tokens``.
+        TokenMergeError: naming ``SubLayers.protected`` or ``SubLayers.grid`` (or the
+            matcher's cell) when they do not fit ``num_tokens``.
     """
     mergeable = num_tokens - protected
     if mergeable < 1:
         raise TokenMergeError(
-            f"SubLayers.protected must leave tokens to merge: the blocks get {num_tokens} tokens; got {protected}"
+            f"SubLayers.protected must be less than the block's {num_tokens} tokens (it must leave tokens to "
+            f"merge); got protected={protected}"
         )
     if grid is not None:
         if math.prod(grid) != mergeable:
@@ -78,14 +84,20 @@ def stack_layout(
             )
         return TokenLayout(grid, prefix=protected)
     side = math.isqrt(mergeable)
-    if side * side == mergeable:
-        return TokenLayout.image(side, side, prefix=protected)
-    if needs_grid:
+    cell = _cell(matcher)
+    if side * side != mergeable:
+        if cell is not None:
+            raise TokenMergeError(
+                f"SubLayers.grid must be given for {type(matcher).__name__}: the {mergeable} tokens after the "
+                f"{protected} protected ones do not form a square; pass SubLayers(grid=(h, w))"
+            )
+        return TokenLayout.sequence(mergeable, prefix=protected)
+    if cell is not None and (cell[0] > side or cell[1] > side):
         raise TokenMergeError(
-            f"SubLayers.grid must be given for a grid matcher: the {mergeable} tokens after the {protected} "
-            "protected ones do not form a square; pass SubLayers(grid=(h, w))"
+            f"{type(matcher).__name__}(sx={cell[0]}, sy={cell[1]}) does not fit the block's {side} x {side} token "
+            "grid: no cell would be full and nothing would merge; use a smaller cell or pass SubLayers(grid=(h, w))"
         )
-    return TokenLayout.sequence(mergeable, prefix=protected)
+    return TokenLayout.image(side, side, prefix=protected)
 
 
 def block_stack(target: Any) -> list[nn.Module] | None:
@@ -106,6 +118,39 @@ def block_stack(target: Any) -> list[nn.Module] | None:
     if all(usable(b) for b in blocks):
         return blocks
     return None
+
+
+#: Words in an argument or parameter name that mark attention tied to token positions
+#: (rotary embeddings, relative-position biases): merged tokens no longer have one position.
+_POSITION_WORDS = ("rope", "rotary", "freqs_cis", "rel_pos", "relative_position", "position_bias", "pos_bias")
+
+
+def _position_dependence(block: nn.Module, attn: nn.Module, spec: BlockSpec | None) -> str | None:
+    """Why ``block``'s attention ``attn`` depends on token positions (a rotary or relative-position input), or None."""
+    if spec is not None and spec.rotary is not None:
+        return f"its BlockSpec names a rotary-embedding argument {spec.rotary!r}"
+    for module in (block, attn):
+        try:
+            names = list(inspect.signature(module.forward).parameters)
+        except (TypeError, ValueError):  # a builtin forward: nothing to read
+            names = []
+        for name in names:
+            if any(word in name.lower() for word in _POSITION_WORDS):
+                return f"{type(module).__name__}.forward takes {name!r}"
+    for name, _ in [*attn.named_parameters(), *attn.named_buffers()]:
+        if any(word in name.lower() for word in _POSITION_WORDS):
+            return f"its attention {type(attn).__name__} holds {name!r}"
+    return None
+
+
+def _class_name(module: nn.Module) -> str:
+    """``module``'s class with its module path (``timm.models.beit.Block``): a bare name can be ambiguous."""
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def _cell(matcher: Any) -> tuple[int, int, int] | None:
+    """``(sx, sy, st)`` of a grid matcher (`RandomGrid`, `StridedGrid`), None for any other matcher."""
+    return (matcher.sx, matcher.sy, matcher.st) if isinstance(matcher, RandomGrid) else None
 
 
 class BlockStackAdapter(Adapter):
@@ -171,6 +216,28 @@ class BlockStackAdapter(Adapter):
                     f"{old} must be False (SubLayers.{field}): the blocks of this stack have no "
                     f"{role.replace('_', '-')} layer",
                 )
+        for index, block in enumerate(blocks):
+            for role, wanted in (("self_attention", placement.attn), ("cross_attention", placement.cross_attn)):
+                attn = _spec_of(block).sublayer(block, role) if wanted else None
+                reason = _position_dependence(block, attn, block_spec(block)) if attn is not None else None
+                check(
+                    reason is None,
+                    f"the generic block adapter cannot merge around the attention of {_class_name(block)} "
+                    f"(blocks.{index}): {reason}, and merged tokens have no single position (EVA, BEiT, Swin and "
+                    "other rotary or relative-position attention are not supported); merge around mlp only "
+                    "(SubLayers(attn=False, mlp=True)) or register a BlockSpec and adapter for this family",
+                )
+        cell = _cell(config.matcher)
+        if placement.grid is not None and cell is not None:
+            sx, sy, st = cell
+            h, w = placement.grid
+            check(
+                sx <= w and sy <= h and st == 1,
+                f"SubLayers.grid={placement.grid} is smaller than a cell of {type(config.matcher).__name__}"
+                f"(sx={sx}, sy={sy}, st={st}): no cell would be full and nothing would merge; "
+                "the cell must fit the grid (sx <= w, sy <= h, st == 1 on an image grid)",
+            )
+        check_layer_counts(config, len(blocks), f"the block stack merges in {len(blocks)} blocks")
 
     def family(self, target: Any) -> str:
         """``"a block stack"``, for error messages."""
@@ -181,7 +248,7 @@ class BlockStackAdapter(Adapter):
         blocks = block_stack(target)
         assert blocks is not None
         placement = self.sub_layers(target, config)
-        tokens = _Tokens(placement.protected, placement.grid, isinstance(config.matcher, RandomGrid))
+        tokens = _Tokens(placement.protected, placement.grid, config.matcher)
         for index, block in enumerate(blocks):
             spec = _spec_of(block)
             hidden = block_call(block, spec).hidden
@@ -200,12 +267,12 @@ class BlockStackAdapter(Adapter):
 class _Tokens:
     """How the placement describes a block call's tokens: `stack_layout`'s arguments but N."""
 
-    def __init__(self, protected: int, grid: tuple[int, ...] | None, needs_grid: bool) -> None:
-        self.protected, self.grid, self.needs_grid = protected, grid, needs_grid
+    def __init__(self, protected: int, grid: tuple[int, ...] | None, matcher: Any) -> None:
+        self.protected, self.grid, self.matcher = protected, grid, matcher
 
     def layout(self, num_tokens: int) -> TokenLayout:
         """The layout of a call on ``num_tokens`` tokens (a Python value: no operator)."""
-        return stack_layout(num_tokens, self.protected, self.grid, self.needs_grid)
+        return stack_layout(num_tokens, self.protected, self.grid, self.matcher)
 
 
 class _PlanHook:

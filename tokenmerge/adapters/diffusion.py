@@ -23,19 +23,17 @@ The pipeline's own call is unchanged.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 from diffusers import DiffusionPipeline
 from diffusers.models.modeling_utils import ModelMixin
-from torch import nn
 
 from ..config import MergeConfig
 from ..errors import TokenMergeError, check
 from ..hooks import HookSet
 from ..placements import KeyValues, Placement, ResidualRange, SubLayers
 from ..state import MergeState
-from .base import Adapter
+from .base import Adapter, check_layer_counts
 from .diffusion_blocks import KV_ONLY_FUSED_MESSAGE, RangeMerge, SubLayerMerge, fused_self_attention
 from .diffusion_layout import DenoiserLayout, describe_denoiser, supported_models
 from .diffusion_steps import StepTracker
@@ -49,11 +47,6 @@ def _supported_text() -> str:
         + ", ".join(supported_models())
         + ", or one of those models itself"
     )
-
-
-# The hook set last attached to each denoiser, so applying through the pipeline and then
-# through its denoiser (or the other way round) still leaves one set of hooks.
-_ATTACHED: weakref.WeakKeyDictionary[nn.Module, HookSet] = weakref.WeakKeyDictionary()
 
 
 def _denoiser_of(target: Any) -> Any:
@@ -139,6 +132,13 @@ class DiffusersAdapter(Adapter):
                     f"(BlockSpec.key_value_argument); {type(site.block).__name__} at {site.name} has none",
                 )
                 check(not fused_self_attention(attn), KV_ONLY_FUSED_MESSAGE)
+                only_cross = bool(getattr(site.block, "only_cross_attention", False))
+                check(
+                    not (only_cross or getattr(attn, "is_cross_attention", False)),
+                    f"placement KeyValues (ToDo) downsamples self-attention keys and values, but "
+                    f"{type(site.block).__name__} at {site.name} has no self-attention: its attn1 attends to the "
+                    "encoder states (a model built with only_cross_attention=True); use SubLayers (ToMeSD) instead",
+                )
         elif isinstance(placement, ResidualRange):
             count = len(layout.sites)
             check(
@@ -146,14 +146,22 @@ class DiffusersAdapter(Adapter):
                 f"ResidualRange.last must lie within the model's {count} transformer blocks, "
                 f"0 <= first <= last <= {count - 1} (MergeConfig.blocks); got {placement.describe()}",
             )
+            check_layer_counts(config, 1, f"{model_name}'s ResidualRange plans once per call (1 layer)")
+            return
+        merging = self.merging_sites(layout, placement)
+        where = f"{model_name} merges in {len(merging)} transformer blocks"
+        check_layer_counts(config, len(merging), f"{where} (max_downsample={placement.max_downsample})")
+
+    @staticmethod
+    def merging_sites(layout: DenoiserLayout, placement: SubLayers | KeyValues) -> list[Any]:
+        """The blocks that merge under ``placement``: those within its ``max_downsample``, in order."""
+        return [site for site in layout.sites if layout.relative_downsample(site) <= placement.max_downsample]
 
     def attach(self, target: Any, config: MergeConfig, state: MergeState, hooks: HookSet) -> None:
         """Hook the denoiser (step tracking) and its transformer blocks (merging)."""
+        # An earlier config on the denoiser (applied through the pipeline or the denoiser) is
+        # removed by `tokenmerge.apply` once these hooks are attached, never before.
         layout = self.layout(target)
-        previous = _ATTACHED.get(layout.model)
-        if previous is not None and previous is not hooks:
-            previous.remove()  # applied before through another handle (pipeline vs denoiser)
-        _ATTACHED[layout.model] = hooks
         pipeline = target if isinstance(target, DiffusionPipeline) else None
         tracker = StepTracker(state, layout, pipeline)
         hooks.pre(layout.model, tracker, prepend=True)
@@ -162,6 +170,6 @@ class DiffusersAdapter(Adapter):
             RangeMerge(config, state, tracker, layout).attach(hooks)
             return
         assert isinstance(placement, (SubLayers, KeyValues))
-        merging = [site for site in layout.sites if layout.relative_downsample(site) <= placement.max_downsample]
+        merging = self.merging_sites(layout, placement)
         for index, site in enumerate(merging):
             SubLayerMerge(config, state, tracker, layout, site, index, len(merging)).attach(hooks)

@@ -101,9 +101,8 @@ from ..layout import TokenLayout
 from ..placements import TokenStream
 from ..plan import MergeMode, MergePlan, identity_token_map, proportional_attention_bias, source_matrix
 from ..policies.matchers import RandomGrid
-from ..policies.thresholds import FixedCount, layer_schedule
 from ..state import MergeState
-from .base import Adapter
+from .base import Adapter, check_layer_counts
 
 __all__ = ["TimmViTAdapter", "ViTMergeRecord", "merge_record", "unmerge_to_patches", "SUPPORTED_FAMILIES"]
 
@@ -666,8 +665,9 @@ class TimmViTAdapter(Adapter):
                 placement.blocks[1] < depth,
                 f"TokenStream.blocks must lie within the model's {depth} blocks; got {placement.blocks}",
             )
-        if isinstance(config.threshold, FixedCount):
-            layer_schedule(config.threshold.r, len(_merging_blocks(placement, depth)))
+        merging = _merging_blocks(placement, depth)
+        refuse_grid_matchers_after_merges(config, placement, merging)
+        check_layer_counts(config, len(merging), f"the ViT merges in {len(merging)} blocks (TokenStream.blocks)")
 
     def family(self, target: Any) -> str:
         """``"a ViT (timm VisionTransformer)"``, for error messages."""
@@ -678,7 +678,6 @@ class TimmViTAdapter(Adapter):
         placement = self.placement(target, config)
         assert isinstance(placement, TokenStream)
         merging = _merging_blocks(placement, len(target.blocks))
-        refuse_grid_matchers_after_merges(config, placement, merging)
         run = _Run(target, config, placement)
         hooks.post(target.patch_embed, _patch_embed_post(run))
         for index, block in enumerate(target.blocks):

@@ -57,7 +57,8 @@ class AlternatingBipartite(Matcher):
 
 def _alternating(num_tokens: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
     """Even positions ``(ceil(N/2),)`` and odd positions ``(floor(N/2),)``."""
-    return torch.arange(0, num_tokens, 2, device=device), torch.arange(1, num_tokens, 2, device=device)
+    # max(..., 1): no tokens give two empty ranges (arange(1, 0, 2) would raise)
+    return torch.arange(0, num_tokens, 2, device=device), torch.arange(1, max(num_tokens, 1), 2, device=device)
 
 
 _alternating_cached = functools.lru_cache(maxsize=64)(_alternating)

@@ -13,7 +13,8 @@ todo       `tokenmerge.ToDo`                           downsample factor
 block      ToMeSD's matcher over a block range         ratio (DiT/PixArt residual stream)
 =========  ==========================================  =====================================
 
-The keys are the preset's keyword arguments (``max_downsample=2``, ``merge_mlp=1``,
+The keys are the preset's keyword arguments (``max_downsample=2``, ``merge_mlp=1``
+(on/off arguments as 0/1 or true/false; 0/1 become bools here, the presets take bools only),
 ``recompute_at=0/10/20``, ``seed=1``); ``block`` takes ``blocks=FIRST-LAST`` (default:
 all but the first and last 1/14 of the blocks) and ``prop_attn`` (default off: a mask
 takes SDPA off its flash kernel). The ``tomesd`` *library* is a separate row kind
@@ -131,6 +132,15 @@ def _value(text: str) -> Any:
     return text
 
 
+#: The presets' on/off arguments: a spec may write them 0/1 (``merge_mlp=1``), as for tomesd.
+_FLAGS = ("merge_attn", "merge_crossattn", "merge_mlp", "use_rand", "prop_attn", "trace_source")
+
+
+def _flags_to_bools(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with the on/off arguments given as 0/1 turned into bools (the presets take bools only)."""
+    return {k: bool(v) if k in _FLAGS and type(v) is int and v in (0, 1) else v for k, v in kwargs.items()}
+
+
 def _block_range(model: nn.Module, blocks: tuple[int, int] | None) -> tuple[int, int]:
     count = len(getattr(model, "transformer_blocks", []))
     if count == 0:
@@ -143,9 +153,9 @@ def _block_range(model: nn.Module, blocks: tuple[int, int] | None) -> tuple[int,
 
 def _block_config(ratio: float, seed: int, kwargs: dict[str, Any]) -> Callable[[nn.Module], MergeConfig]:
     blocks = kwargs.pop("blocks", None)
-    prop_attn = bool(kwargs.pop("prop_attn", False))
-    sx, sy = int(kwargs.pop("sx", 2)), int(kwargs.pop("sy", 2))
-    use_rand = bool(kwargs.pop("use_rand", True))
+    prop_attn = kwargs.pop("prop_attn", False)
+    sx, sy = kwargs.pop("sx", 2), kwargs.pop("sy", 2)  # checked by RandomGrid
+    use_rand = kwargs.pop("use_rand", True)
     mode = kwargs.pop("mode", "mean")
     if kwargs:
         raise TokenMergeError(
@@ -192,7 +202,7 @@ def parse_method(spec: str, seed: int = 0) -> Method:
         return Method.plain()
     if name == "block":
         ratio = float(_value(value)) if value else 0.5
-        build = _block_config(ratio, seed, dict(kwargs))
+        build = _block_config(ratio, seed, _flags_to_bools(kwargs))  # labels keep the spec's 0/1
         label = "block r=" + f"{ratio:g}" + "".join(f",{k}={_show(v)}" for k, v in kwargs.items())
         return Method(label=label, kind="tokenmerge", spec=spec, build=build)
     if name not in _PRESETS:
@@ -204,7 +214,7 @@ def parse_method(spec: str, seed: int = 0) -> Method:
         kwargs = {first: _value(value), **kwargs}
     kwargs["seed"] = seed
     try:
-        config = preset(**kwargs)
+        config = preset(**_flags_to_bools(kwargs))  # labels keep the spec's 0/1
     except TypeError as error:
         raise TokenMergeError(f"method {spec!r}: {error}") from None
     shown = {k: v for k, v in kwargs.items() if k != "seed"}
