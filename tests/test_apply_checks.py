@@ -73,3 +73,29 @@ def test_the_generic_adapter_refuses_rotary_and_relative_position_blocks(arch, b
     # Merging around the feed-forward layer only leaves attention's positions alone: accepted.
     mlp_only = tokenmerge.ToMeSD(seed=0).replace(placement=tokenmerge.placements.SubLayers(attn=False, mlp=True))
     tokenmerge.apply(model.blocks, mlp_only).remove()
+
+
+@pytest.mark.parametrize("family", ["unet", "dit-sublayers", "dit-range"])
+def test_a_cell_larger_than_the_finest_token_grid_raises_instead_of_merging_nothing(family: str) -> None:
+    # Before: every token of the 16 x 16 (UNet) or 8 x 8 (DiT) grid was a source without a
+    # destination, nothing merged, and the model ran as if unmerged.
+    from tokenmerge.placements import ResidualRange, SubLayers
+    from tokenmerge.policies import FixedRatio
+    from tokenmerge.tools import tiny
+
+    latent = torch.randn(1, 4, 16, 16)
+    if family == "unet":
+        model, kwargs = tiny.tiny_sd_unet(), {"encoder_hidden_states": tiny.tiny_prompt_embeds()}
+    else:
+        model, kwargs = tiny.tiny_dit(), {"class_labels": torch.tensor([1])}
+    placement = ResidualRange(0, 1) if family == "dit-range" else SubLayers()
+    cell = 32 if family == "unet" else 16
+    config = MergeConfig(matcher=RandomGrid(cell, cell), threshold=FixedRatio(0.5), seed=0, placement=placement)
+    with torch.no_grad(), tokenmerge.apply(model, config):
+        with pytest.raises(TokenMergeError, match=rf"RandomGrid\(sx={cell}, sy={cell}, st=1\) does not fit the"):
+            model(latent, torch.tensor([10]), **kwargs)
+        # A cell that fits the finest grid merges there (coarser levels may stay unmerged, as in tomesd).
+    fitting = config.replace(matcher=RandomGrid(2, 2))
+    with torch.no_grad(), tokenmerge.apply(model, fitting) as handle:
+        model(latent, torch.tensor([10]), **kwargs)
+        assert any(n_out < n_in for n_in, n_out in handle.state.merged_tokens.values())

@@ -84,18 +84,19 @@ def stack_layout(
             )
         return TokenLayout(grid, prefix=protected)
     side = math.isqrt(mergeable)
-    cell = _cell(matcher)
+    grid_matcher = isinstance(matcher, RandomGrid)
     if side * side != mergeable:
-        if cell is not None:
+        if grid_matcher:
             raise TokenMergeError(
                 f"SubLayers.grid must be given for {type(matcher).__name__}: the {mergeable} tokens after the "
                 f"{protected} protected ones do not form a square; pass SubLayers(grid=(h, w))"
             )
         return TokenLayout.sequence(mergeable, prefix=protected)
-    if cell is not None and (cell[0] > side or cell[1] > side):
+    if grid_matcher and not matcher.fits((side, side)):
         raise TokenMergeError(
-            f"{type(matcher).__name__}(sx={cell[0]}, sy={cell[1]}) does not fit the block's {side} x {side} token "
-            "grid: no cell would be full and nothing would merge; use a smaller cell or pass SubLayers(grid=(h, w))"
+            f"{type(matcher).__name__}(sx={matcher.sx}, sy={matcher.sy}) does not fit the block's {side} x {side} "
+            "token grid: no cell would be full and nothing would merge; use a smaller cell or pass "
+            "SubLayers(grid=(h, w))"
         )
     return TokenLayout.image(side, side, prefix=protected)
 
@@ -146,11 +147,6 @@ def _position_dependence(block: nn.Module, attn: nn.Module, spec: BlockSpec | No
 def _class_name(module: nn.Module) -> str:
     """``module``'s class with its module path (``timm.models.beit.Block``): a bare name can be ambiguous."""
     return f"{type(module).__module__}.{type(module).__qualname__}"
-
-
-def _cell(matcher: Any) -> tuple[int, int, int] | None:
-    """``(sx, sy, st)`` of a grid matcher (`RandomGrid`, `StridedGrid`), None for any other matcher."""
-    return (matcher.sx, matcher.sy, matcher.st) if isinstance(matcher, RandomGrid) else None
 
 
 class BlockStackAdapter(Adapter):
@@ -227,12 +223,11 @@ class BlockStackAdapter(Adapter):
                     "other rotary or relative-position attention are not supported); merge around mlp only "
                     "(SubLayers(attn=False, mlp=True)) or register a BlockSpec and adapter for this family",
                 )
-        cell = _cell(config.matcher)
-        if placement.grid is not None and cell is not None:
-            sx, sy, st = cell
-            h, w = placement.grid
+        matcher = config.matcher
+        if placement.grid is not None and isinstance(matcher, RandomGrid):
+            sx, sy, st = matcher.sx, matcher.sy, matcher.st
             check(
-                sx <= w and sy <= h and st == 1,
+                matcher.fits(placement.grid),
                 f"SubLayers.grid={placement.grid} is smaller than a cell of {type(config.matcher).__name__}"
                 f"(sx={sx}, sy={sy}, st={st}): no cell would be full and nothing would merge; "
                 "the cell must fit the grid (sx <= w, sy <= h, st == 1 on an image grid)",

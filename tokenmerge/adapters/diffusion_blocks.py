@@ -33,14 +33,16 @@ from torch import Tensor, nn
 from ..config import MergeConfig
 from ..errors import TokenMergeError
 from ..hooks import HookSet, PerThread, PlanSlot, merge_around
+from ..layout import TokenLayout
 from ..placements import KeyValues, SubLayers
 from ..plan import MergePlan, proportional_attention_bias
+from ..policies.matchers import RandomGrid
 from ..state import MergeState
 from .diffusion_layout import BlockSite, DenoiserLayout
 from .diffusion_steps import StepTracker
 from .specs import BlockCall
 
-__all__ = ["SubLayerMerge", "RangeMerge", "fused_self_attention", "KV_ONLY_FUSED_MESSAGE"]
+__all__ = ["SubLayerMerge", "RangeMerge", "check_cell_fits", "fused_self_attention", "KV_ONLY_FUSED_MESSAGE"]
 
 KV_ONLY_FUSED_MESSAGE = (
     "kv_only (ToDo) cannot run on a self-attention with fused QKV projections (fuse_qkv_projections): "
@@ -61,6 +63,24 @@ def fused_self_attention(attn: nn.Module) -> bool:
 def _has_mask(call: BlockCall, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Whether a block call passed a self-attention mask (which would not fit merged tokens)."""
     return call.mask is not None and call.mask.get(args, kwargs) is not None
+
+
+def check_cell_fits(matcher: Any, layout: TokenLayout, denoiser: DenoiserLayout, site: BlockSite) -> None:
+    """Refuse a grid matcher whose cell does not fit the model's finest token grid.
+
+    Coarser levels are smaller still, so on such a grid nothing would merge anywhere in
+    the model (each cell needs a destination): a `TokenMergeError` naming the cell and the
+    grid, at the first denoiser call, instead of a silent no-op. A coarser level (UNets,
+    ``max_downsample`` > 1) smaller than the cell merges nothing in that layer, as in tomesd.
+    """
+    if not isinstance(matcher, RandomGrid) or denoiser.relative_downsample(site) != 1 or matcher.fits(layout.grid):
+        return
+    grid = " x ".join(str(n) for n in layout.grid)
+    raise TokenMergeError(
+        f"{type(matcher).__name__}(sx={matcher.sx}, sy={matcher.sy}, st={matcher.st}) does not fit the {grid} "
+        f"token grid of {site.name} (the model's finest): no cell would be full and nothing would merge; "
+        "use a smaller sx/sy or a larger image"
+    )
 
 
 class SubLayerMerge:
@@ -121,6 +141,7 @@ class SubLayerMerge:
         layout = self.layout.token_layout(self.tracker.latent_hw, self.site, x.shape[1])  # image (h, w)
         if layout is None:
             return
+        check_cell_fits(self.config.matcher, layout, self.layout, self.site)
         plan = self.state.plan(
             self.site.name, x, layout=layout, layer_index=self.layer_index, num_layers=self.num_layers
         )
@@ -215,6 +236,7 @@ class RangeMerge:
         layout = self.layout.token_layout(self.tracker.latent_hw, site, x.shape[1])  # image (H/p, W/p)
         if layout is None:
             return None
+        check_cell_fits(self.config.matcher, layout, self.layout, site)
         plan = self.state.plan(self.key, x, layout=layout, layer_index=0, num_layers=1)
         if plan.r == 0:
             return None

@@ -282,6 +282,15 @@ class RandomGrid(Matcher):
         """``1 - 1 / (sx * sy * st)``: all but one token of every cell."""
         return 1.0 - 1.0 / (self.sx * self.sy * self.st)
 
+    def fits(self, grid: tuple[int, ...]) -> bool:
+        """Whether ``grid`` (``(n,)``, ``(h, w)`` or ``(t, h, w)``) holds a full ``st x sy x sx`` cell.
+
+        On a grid that does not, every token is a source without a destination of its
+        cell: nothing merges. Adapters use this to refuse a cell that cannot fit.
+        """
+        t, h, w = (1,) * (3 - len(grid)) + tuple(grid)
+        return t >= self.st and h >= self.sy and w >= self.sx
+
     def draw_choice(
         self, h: int, w: int, ctx: MergeContext, device: torch.device | str | None = None, *, t: int = 1
     ) -> Tensor | None:
