@@ -163,7 +163,8 @@ def build_state(config: MergeConfig) -> MergeState:
         TokenMergeError: naming the cache class when copying or resetting it fails.
     """
     try:
-        config.fresh_cache()
+        # PerThread builds the calling thread's generation right away: the cache's copy, the seeded generator.
+        return MergeState(config)
     except TokenMergeError:
         raise
     except Exception as error:
@@ -173,9 +174,6 @@ def build_state(config: MergeConfig) -> MergeState:
             f"copy.deepcopy and reset(), which raised {type(error).__name__}: {error}; make {name} deep-copyable "
             "(e.g. define __deepcopy__) or hold unpicklable resources outside it"
         ) from error
-    state = MergeState(config)
-    state.generator  # noqa: B018 - builds this thread's generation state (its cache copy, its seeded generator)
-    return state
 
 
 def remove(target: Any) -> bool:
