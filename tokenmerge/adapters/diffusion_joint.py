@@ -48,6 +48,7 @@ __all__ = [
     "JointAttention",
     "apply_rotary",
     "apply_rotary_wan",
+    "apply_rotary_qwen",
     "split_text",
     "join_text",
     "check_joint_attention",
@@ -113,8 +114,18 @@ def apply_rotary_wan(x: Tensor, cos: Tensor, sin: Tensor, heads: int) -> Tensor:
     return out.type_as(heads_view).flatten(2)  # (B, S, H * D)
 
 
+def apply_rotary_qwen(x: Tensor, freqs: Tensor) -> Tensor:
+    """Qwen-Image-style rotary embedding of ``x`` ``(B, S, heads, D)``, complex ``freqs`` ``(S or B x S, D/2)``.
+
+    As diffusers' ``apply_rotary_emb_qwen(..., use_real=False)``: pairs as complex numbers
+    times the complex table, in float32, cast back.
+    """
+    rotated = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, S, H, D/2)
+    return torch.view_as_real(rotated * freqs.unsqueeze(-2)).flatten(3).type_as(x)
+
+
 #: The token axis of each rotary style's tables (`BlockSpec.rotary_style`): Flux ``(S, D)``, Wan ``(1, S, 1, D)``.
-TOKEN_AXIS = {"flux": 0, "wan": 1}
+TOKEN_AXIS = {"flux": 0, "wan": 1, "qwen": 0}
 
 
 def check_joint_attention(site: BlockSite, keys_values: bool) -> None:
@@ -244,6 +255,13 @@ class JointAttention:
         if keys_values:
             if self.fused():
                 raise TokenMergeError(FUSED_MESSAGE)
+            text_mask = kwargs.get(spec.context_mask) if spec.context_mask is not None else None
+            if isinstance(text_mask, Tensor):
+                # Qwen-Image builds its key mask from the image queries' count: a mask that masks
+                # nothing is dropped (the same attention); a padded text runs this call unmerged.
+                if not bool(text_mask.all()):
+                    return None
+                kwargs = {**kwargs, spec.context_mask: None}
             call.kv = plan
         rotary = self.rotary_argument
         table = rotary.get(args, kwargs) if rotary is not None else None
@@ -266,6 +284,11 @@ class JointAttention:
     def _tables(self, call: _Call, table: Table, plan: MergePlan, text: int, select: str, text_first: bool) -> Table:
         """The table for the queries or keys at ``norm_q``/``norm_k`` (and the text stream's, `_Call.text_tables`)."""
         spec, axis = self.spec, self.axis
+        if spec.rotary_style == "qwen":
+            # Qwen-Image: (image freqs (N, D/2), text freqs (T, D/2)), complex; the text's kept.
+            image, text_freqs = table
+            call.text_tables = (text_freqs,)
+            return (image,) if select == "none" else (plan.select(image, dim=0),)  # (B, N', D/2)
         cos, sin = table  # Flux (S, D), Wan (1, S, 1, D)
         if select != "none" and (select == "joint" or not spec.rotary_text):
             # The table covers exactly the tokens the plan covers (the joint sequence, or the image only).
@@ -283,7 +306,9 @@ class JointAttention:
         call.text_tables = (text_cos, text_sin)
         return image_cos, image_sin
 
-    def _rotate(self, x: Tensor, tables: Table) -> Tensor:
+    def _rotate(self, x: Tensor, tables: tuple[Tensor, ...]) -> Tensor:
+        if self.spec.rotary_style == "qwen":
+            return apply_rotary_qwen(x, *tables)  # (B, S, H, D)
         if self.spec.rotary_style == "wan":
             return apply_rotary_wan(x, *tables, heads=self.attn.heads)  # (B, S, H * D)
         return apply_rotary(x, *tables)  # (B, S, H, D)

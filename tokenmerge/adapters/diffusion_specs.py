@@ -12,12 +12,14 @@ from diffusers import (
     DiTTransformer2DModel,
     FluxTransformer2DModel,
     PixArtTransformer2DModel,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     UNet2DConditionModel,
     WanTransformer3DModel,
 )
 from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
 from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 from torch import nn
 
@@ -160,3 +162,34 @@ register_denoiser_spec(
     WanTransformer3DModel, DenoiserSpec("wan", blocks="blocks", patch_size="patch_size", patch_size_t="patch_size")
 )
 # --8<-- [end:wan]
+
+# --8<-- [start:qwen]
+# QwenImageTransformerBlock.forward(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb,
+#   image_rotary_emb, ...) -> (encoder_hidden_states, hidden_states); attn(hidden_states=image,
+#   encoder_hidden_states=text, image_rotary_emb=(image freqs, text freqs)) runs on [text | image] and returns
+#   (image, text); its processor refuses an attention_mask.
+register_block_spec(
+    QwenImageTransformerBlock,
+    BlockSpec(
+        mask=None,
+        rotary="image_rotary_emb",
+        hidden_output=1,
+        context_output=0,
+        self_attention="attn",
+        cross_attention=None,
+        feed_forward="img_mlp",
+        key_value_argument=None,
+        text_order="before",
+        attention_context="encoder_hidden_states",
+        attention_rotary="image_rotary_emb",
+        rotary_text=True,
+        rotary_style="qwen",
+        joint_mask=False,
+        context_mask="encoder_hidden_states_mask",
+    ),
+)
+# The latent arrives packed (B, N, C) (2x2 patches); the token grid is img_shapes' (1, h, w); t / 1000.
+register_denoiser_spec(
+    QwenImageTransformer2DModel, DenoiserSpec("qwen-image", grid_shapes="img_shapes", timestep_scale=1000.0)
+)
+# --8<-- [end:qwen]

@@ -27,6 +27,8 @@ from diffusers import (
     FluxTransformer2DModel,
     PixArtAlphaPipeline,
     PixArtTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionImg2ImgPipeline,
@@ -66,6 +68,9 @@ __all__ = [
     "SD3_POOLED_DIM",
     "tiny_wan",
     "tiny_wan_pipeline",
+    "tiny_qwen_image",
+    "qwen_image_inputs",
+    "tiny_qwen_image_pipeline",
 ]
 
 #: How a builder initialises the weights: ``"normal"``, every parameter drawn from
@@ -508,4 +513,52 @@ def tiny_wan_pipeline(seed: int = 0, **config: Any) -> WanPipeline:
         vae=None,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         transformer=tiny_wan(seed, **config),
+    ).to("cpu")
+
+
+def tiny_qwen_image(
+    seed: int = 0, num_layers: int = 2, *, init: str = "normal", **config: Any
+) -> QwenImageTransformer2DModel:
+    """A Qwen-Image MM-DiT: packed latents ``(B, N, 16)`` (2x2 patches of 4 channels), complex rotary tables.
+
+    See `qwen_image_inputs` for a call; ``seed``, ``init`` and ``config`` as in `tiny_sd_unet`.
+    """
+    defaults: dict[str, Any] = dict(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=num_layers,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=JOINT_TEXT_DIM,
+        axes_dims_rope=(2, 2, 4),
+    )
+    return _build(QwenImageTransformer2DModel, {**defaults, **config}, seed, init)
+
+
+def qwen_image_inputs(batch: int = 1, height: int = 8, width: int = 8, text: int = 5, seed: int = 0) -> dict[str, Any]:
+    """Keyword arguments of one `tiny_qwen_image` call on a ``height x width`` token grid, as the pipeline has them."""
+    gen = _seeded(seed)
+    return dict(
+        hidden_states=torch.randn(batch, height * width, 16, generator=gen),  # (B, N, C) packed
+        encoder_hidden_states=torch.randn(batch, text, JOINT_TEXT_DIM, generator=gen),
+        encoder_hidden_states_mask=torch.ones(batch, text, dtype=torch.long),
+        timestep=torch.full((batch,), 0.5),  # t / 1000
+        img_shapes=[[(1, height, width)]] * batch,
+    )
+
+
+def tiny_qwen_image_pipeline(seed: int = 0, **config: Any) -> QwenImagePipeline:
+    """`QwenImagePipeline` around `tiny_qwen_image`, without VAE or text encoder (packed latents out).
+
+    Call it with ``prompt_embeds`` ``(B, T, JOINT_TEXT_DIM)`` and ``prompt_embeds_mask``
+    (and the negatives with ``true_cfg_scale`` > 1: the two branches run as separate
+    calls), a ``height``/``width`` divisible by 16 and ``output_type="latent"``.
+    """
+    return QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        transformer=tiny_qwen_image(seed, **config),
     ).to("cpu")
