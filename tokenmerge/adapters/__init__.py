@@ -79,6 +79,7 @@ def supported_targets() -> list[str]:
         "diffusers SD3Transformer2DModel (SD3, SD3.5)",
         "diffusers WanTransformer3DModel (Wan 2.1/2.2 video)",
         "diffusers QwenImageTransformer2DModel (Qwen-Image)",
+        "diffusers CogVideoXTransformer3DModel (CogVideoX 1.0/1.5 video)",
         "timm VisionTransformer (vit_*, deit_*, deit3_*)",
         "timm VisionTransformerDistilled",
         "a stack of transformer blocks with .attn and .mlp (nn.ModuleList/Sequential, or a module with .blocks)",

@@ -38,7 +38,7 @@ from ..placements import KeyValues, SubLayers
 from ..plan import MergePlan, proportional_attention_bias
 from ..policies.matchers import RandomGrid
 from ..state import MergeState
-from .diffusion_joint import JointAttention, join_text
+from .diffusion_joint import JointAttention, SpanMergeAround, join_text
 from .diffusion_layout import BlockSite, DenoiserLayout
 from .diffusion_steps import StepTracker
 from .specs import BlockCall
@@ -157,7 +157,11 @@ class SubLayerMerge:
             hooks.pre(attn, self._enter_joint)
             joint.attach(hooks, keys_values)
         if not keys_values and placement.mlp:
-            merge_around(hooks, site.sublayer("feed_forward"), self.mlp, self.config.mode)
+            ff = site.sublayer("feed_forward")
+            if site.spec.joint_feed_forward:  # CogVideoX: the feed-forward sees [text | image]
+                SpanMergeAround(self.mlp, site.spec.text_order != "after", self.config.mode).attach(hooks, ff)
+            else:
+                merge_around(hooks, ff, self.mlp, self.config.mode)
         if not keys_values and placement.cross_attn:  # Wan: queries of the cross-attention to the text
             merge_around(hooks, site.sublayer("cross_attention"), self.cross, self.config.mode)
         second = getattr(site.block, site.spec.image_attention or "", None)

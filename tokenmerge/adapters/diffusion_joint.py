@@ -49,6 +49,8 @@ __all__ = [
     "apply_rotary",
     "apply_rotary_wan",
     "apply_rotary_qwen",
+    "apply_rotary_cogvideox",
+    "SpanMergeAround",
     "split_text",
     "join_text",
     "check_joint_attention",
@@ -124,8 +126,26 @@ def apply_rotary_qwen(x: Tensor, freqs: Tensor) -> Tensor:
     return torch.view_as_real(rotated * freqs.unsqueeze(-2)).flatten(3).type_as(x)
 
 
+def apply_rotary_cogvideox(x: Tensor, cos: Tensor, sin: Tensor, text: int) -> Tensor:
+    """CogVideoX-style rotary embedding: ``x`` ``(B, heads, S, D)`` is ``[text | video]``, only the video part turns.
+
+    ``cos``/``sin`` are ``(N, D)`` or ``(B, N, D)`` over the video tokens; the arithmetic is
+    diffusers' ``apply_rotary_emb`` (interleaved pairs, float32), written into a copy.
+    """
+    video = x[:, :, text:]  # (B, H, N, D)
+    cos = cos.to(x.device)
+    sin = sin.to(x.device)
+    cos = cos[None, None] if cos.dim() == 2 else cos[:, None]  # (1 or B, 1, N, D)
+    sin = sin[None, None] if sin.dim() == 2 else sin[:, None]
+    x_real, x_imag = video.reshape(*video.shape[:-1], -1, 2).unbind(-1)
+    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    out = x.clone()
+    out[:, :, text:] = (video.float() * cos + x_rotated.float() * sin).to(x.dtype)
+    return out
+
+
 #: The token axis of each rotary style's tables (`BlockSpec.rotary_style`): Flux ``(S, D)``, Wan ``(1, S, 1, D)``.
-TOKEN_AXIS = {"flux": 0, "wan": 1, "qwen": 0}
+TOKEN_AXIS = {"flux": 0, "wan": 1, "qwen": 0, "cogvideox": 0}
 
 
 def check_joint_attention(site: BlockSite, keys_values: bool) -> None:
@@ -166,6 +186,8 @@ class _Call:
         self.key_tables: Table | None = None  # keys at norm_k (ToDo: the merged keys' positions)
         self.text_tables: Table | None = None  # norm_added_q / norm_added_k (dual-stream text)
         self.kv: MergePlan | None = None  # keys and values merged with this plan at to_k / to_v (ToDo)
+        self.text = 0  # text tokens of the attention's sequence
+        self.text_first = True
 
 
 class JointAttention:
@@ -252,6 +274,7 @@ class JointAttention:
             return None
         spec = self.spec
         text_first = spec.text_order != "after"
+        call.text, call.text_first = text, text_first
         if keys_values:
             if self.fused():
                 raise TokenMergeError(FUSED_MESSAGE)
@@ -307,6 +330,8 @@ class JointAttention:
         return image_cos, image_sin
 
     def _rotate(self, x: Tensor, tables: tuple[Tensor, ...]) -> Tensor:
+        if self.spec.rotary_style == "cogvideox":
+            return apply_rotary_cogvideox(x, *tables, text=self.call.text)  # (B, H, T + N, D)
         if self.spec.rotary_style == "qwen":
             return apply_rotary_qwen(x, *tables)  # (B, S, H, D)
         if self.spec.rotary_style == "wan":
@@ -333,10 +358,68 @@ class JointAttention:
         return self._rotate(output, tables)  # (B, T, ...)
 
     def _merge_projection(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Any:
-        plan = self.call.kv
-        if plan is None or output.dim() != 3 or output.shape[:2] != (plan.batch, plan.num_in):
+        call = self.call
+        plan = call.kv
+        if plan is None or output.dim() != 3 or output.shape[0] != plan.batch:
             return None
-        return plan.merge(output)  # (B, S - r, C): image keys or values merged, text kept
+        if output.shape[1] == plan.num_in:
+            return plan.merge(output)  # (B, S - r, C): image keys or values merged (and a protected text)
+        if call.text and output.shape[1] == plan.num_in + call.text:
+            # CogVideoX projects [text | image] at once: the image span merged, the text kept.
+            text, image = split_text(output, call.text, call.text_first, dim=1)
+            return join_text(text, plan.merge(image), call.text_first, dim=1)  # (B, T + N - r, C)
+        return None
 
     def _leave(self, *_: Any) -> None:
         self.call.clear()
+
+
+class _SpanCall:
+    def __init__(self) -> None:
+        self.text = -1
+
+
+class SpanMergeAround:
+    """Merge the image span of a module's joint ``[text | image]`` input and unmerge its output's.
+
+    For a feed-forward that a block runs on the concatenated streams (CogVideoX) while its
+    plan covers the image tokens only: the text rows pass through unchanged.
+
+    Args:
+        slot: holds the block's image plan (`tokenmerge.hooks.PlanSlot`).
+        text_first: whether the text comes first in the joint sequence.
+        mode: how merged tokens combine.
+    """
+
+    def __init__(self, slot: Any, text_first: bool, mode: Any) -> None:
+        self.slot, self.text_first, self.mode = slot, text_first, mode
+        self._per_thread = PerThread(_SpanCall)
+
+    def attach(self, hooks: HookSet, module: nn.Module) -> None:
+        """Hook ``module``: merge before, unmerge after (before the user's forward hooks)."""
+        hooks.pre(module, self.merge_input)
+        hooks.post(module, self.unmerge_output, prepend=True)
+
+    def merge_input(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        call = self._per_thread.value
+        call.text = -1
+        plan = self.slot.plan
+        x = args[0] if args else kwargs.get("hidden_states")  # (B, T + N, C)
+        if plan is None or not isinstance(x, Tensor) or x.dim() != 3 or x.shape[0] != plan.batch:
+            return None
+        text = x.shape[1] - plan.num_in
+        if text < 0:
+            return None
+        call.text = text
+        head, image = split_text(x, text, self.text_first, dim=1)
+        merged = join_text(head, plan.merge(image, mode=self.mode), self.text_first, dim=1)  # (B, T + N - r, C)
+        return ((merged, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": merged})
+
+    def unmerge_output(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        call = self._per_thread.value
+        plan, text = self.slot.plan, call.text
+        call.text = -1
+        if plan is None or text < 0 or not isinstance(output, Tensor) or output.shape[1] != text + plan.num_out:
+            return None
+        head, image = split_text(output, text, self.text_first, dim=1)
+        return join_text(head, plan.unmerge(image), self.text_first, dim=1)  # (B, T + N, C)

@@ -9,6 +9,7 @@ patch transformers name the attribute that holds their blocks.
 from __future__ import annotations
 
 from diffusers import (
+    CogVideoXTransformer3DModel,
     DiTTransformer2DModel,
     FluxTransformer2DModel,
     PixArtTransformer2DModel,
@@ -18,6 +19,7 @@ from diffusers import (
     WanTransformer3DModel,
 )
 from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
+from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
 from diffusers.models.transformers.transformer_wan import WanTransformerBlock
@@ -193,3 +195,31 @@ register_denoiser_spec(
     QwenImageTransformer2DModel, DenoiserSpec("qwen-image", grid_shapes="img_shapes", timestep_scale=1000.0)
 )
 # --8<-- [end:qwen]
+
+# --8<-- [start:cogvideox]
+# CogVideoXBlock.forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb, ...) -> (hidden_states,
+#   encoder_hidden_states); attn1(hidden_states=video, encoder_hidden_states=text, image_rotary_emb=(cos, sin) over
+#   the video tokens) projects [text | video] at once and returns (video, text); ff runs on [text | video].
+register_block_spec(
+    CogVideoXBlock,
+    BlockSpec(
+        mask=None,
+        rotary="image_rotary_emb",
+        hidden_output=0,
+        context_output=1,
+        self_attention="attn1",
+        cross_attention=None,
+        key_value_argument=None,
+        text_order="before",
+        attention_context="encoder_hidden_states",
+        attention_rotary="image_rotary_emb",
+        rotary_style="cogvideox",
+        joint_feed_forward=True,
+    ),
+)
+# The latent is (B, F, C, H, W); CogVideoX 1.5 patches frames too (patch_size_t).
+register_denoiser_spec(
+    CogVideoXTransformer3DModel,
+    DenoiserSpec("cogvideox", patch_size="patch_size", patch_size_t="patch_size_t", frames_first=True),
+)
+# --8<-- [end:cogvideox]

@@ -45,7 +45,7 @@ __all__ = [
 
 
 #: How a family lays out and applies its rotary table (`BlockSpec.rotary_style`).
-ROTARY_STYLES: tuple[str, ...] = ("flux", "wan", "qwen")
+ROTARY_STYLES: tuple[str, ...] = ("flux", "wan", "qwen", "cogvideox")
 
 
 def _is_name(value: Any) -> bool:
@@ -118,7 +118,12 @@ class BlockSpec:
             pair of ``(1, S, 1, D)`` tables applied to the ``(B, S, heads * D)`` outputs
             of Wan's query/key norms, split into heads; ``"qwen"``, a pair ``(image
             freqs, text freqs)`` of complex ``(N, D/2)`` and ``(T, D/2)`` tables applied
-            to ``(B, S, heads, D)`` (Qwen-Image).
+            to ``(B, S, heads, D)`` (Qwen-Image); ``"cogvideox"``, ``(cos, sin)`` over
+            the video tokens only, ``(N, D)``, applied to the video part of ``(B, heads,
+            T + N, D)`` queries and keys.
+        joint_feed_forward: the block runs its feed-forward on ``[text | image]``
+            (CogVideoX) although its attention takes the streams apart: the image span
+            is merged around it.
     """
 
     hidden: str | None = "hidden_states"
@@ -141,6 +146,7 @@ class BlockSpec:
     image_attention: str | None = None
     joint_mask: bool = True
     context_mask: str | None = None
+    joint_feed_forward: bool = False
 
     @property
     def joint(self) -> bool:
@@ -160,6 +166,10 @@ class BlockSpec:
         _check_name("BlockSpec", "attention_context", self.attention_context)
         _check_name("BlockSpec", "image_attention", self.image_attention)
         _check_name("BlockSpec", "context_mask", self.context_mask)
+        check(
+            isinstance(self.joint_feed_forward, bool),
+            f"BlockSpec.joint_feed_forward must be a bool; got {self.joint_feed_forward!r}",
+        )
         check(isinstance(self.joint_mask, bool), f"BlockSpec.joint_mask must be a bool; got {self.joint_mask!r}")
         _check_name("BlockSpec", "attention_rotary", self.attention_rotary)
         check(

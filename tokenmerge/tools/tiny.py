@@ -18,6 +18,9 @@ from typing import Any, TypeVar
 import torch
 from diffusers import (
     AutoencoderKL,
+    CogVideoXDDIMScheduler,
+    CogVideoXPipeline,
+    CogVideoXTransformer3DModel,
     DDIMScheduler,
     DiTPipeline,
     DiTTransformer2DModel,
@@ -71,6 +74,9 @@ __all__ = [
     "tiny_qwen_image",
     "qwen_image_inputs",
     "tiny_qwen_image_pipeline",
+    "tiny_cogvideox",
+    "cogvideox_inputs",
+    "tiny_cogvideox_pipeline",
 ]
 
 #: How a builder initialises the weights: ``"normal"``, every parameter drawn from
@@ -561,4 +567,70 @@ def tiny_qwen_image_pipeline(seed: int = 0, **config: Any) -> QwenImagePipeline:
         text_encoder=None,
         tokenizer=None,
         transformer=tiny_qwen_image(seed, **config),
+    ).to("cpu")
+
+
+def tiny_cogvideox(
+    seed: int = 0, num_layers: int = 2, *, rotary: bool = True, init: str = "normal", **config: Any
+) -> CogVideoXTransformer3DModel:
+    """A CogVideoX video MM-DiT (5B-style rotary embeddings; ``rotary=False``: 2B's sin-cos positions).
+
+    Latents ``(B, F, 4, H, W)`` with 2x2 patches; see `cogvideox_inputs` for a call.
+    ``seed``, ``init`` and ``config`` as in `tiny_sd_unet`.
+    """
+    defaults: dict[str, Any] = dict(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=8,
+        text_embed_dim=JOINT_TEXT_DIM,
+        num_layers=num_layers,
+        sample_width=6,
+        sample_height=8,
+        sample_frames=9,
+        patch_size=2,
+        max_text_seq_length=5,
+        use_rotary_positional_embeddings=rotary,
+        use_learned_positional_embeddings=False,
+    )
+    return _build(CogVideoXTransformer3DModel, {**defaults, **config}, seed, init)
+
+
+def cogvideox_inputs(
+    batch: int = 1, frames: int = 3, height: int = 8, width: int = 6, text: int = 5, seed: int = 0, rotary: bool = True
+) -> dict[str, Any]:
+    """Keyword arguments of one `tiny_cogvideox` call: a latent ``(B, frames, 4, height, width)`` and its rotary tables.
+
+    The tables are CogVideoXPipeline's (``get_3d_rotary_pos_embed`` over the token grid).
+    """
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    gen = _seeded(seed)
+    inputs: dict[str, Any] = dict(
+        hidden_states=torch.randn(batch, frames, 4, height, width, generator=gen),
+        encoder_hidden_states=torch.randn(batch, text, JOINT_TEXT_DIM, generator=gen),
+        timestep=torch.full((batch,), 500),
+    )
+    if rotary:
+        grid = (height // 2, width // 2)
+        inputs["image_rotary_emb"] = get_3d_rotary_pos_embed(
+            embed_dim=16, crops_coords=((0, 0), grid), grid_size=grid, temporal_size=frames
+        )
+    return inputs
+
+
+def tiny_cogvideox_pipeline(seed: int = 0, **config: Any) -> CogVideoXPipeline:
+    """`CogVideoXPipeline` around `tiny_cogvideox`, without VAE or text encoder (latents out).
+
+    Call it with ``prompt_embeds`` ``(B, T, JOINT_TEXT_DIM)`` (and ``negative_prompt_embeds``:
+    classifier-free guidance batches both branches), ``num_frames = 4k + 1``,
+    ``height``/``width`` divisible by 16 and ``output_type="latent"``.
+    """
+    return CogVideoXPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=None,
+        transformer=tiny_cogvideox(seed, **config),
+        scheduler=CogVideoXDDIMScheduler(timestep_spacing="trailing"),
     ).to("cpu")
