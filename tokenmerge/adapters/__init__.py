@@ -80,6 +80,7 @@ def supported_targets() -> list[str]:
         "diffusers WanTransformer3DModel (Wan 2.1/2.2 video)",
         "diffusers QwenImageTransformer2DModel (Qwen-Image)",
         "diffusers CogVideoXTransformer3DModel (CogVideoX 1.0/1.5 video)",
+        "diffusers HunyuanVideoTransformer3DModel (HunyuanVideo, double- and single-stream blocks)",
         "timm VisionTransformer (vit_*, deit_*, deit3_*)",
         "timm VisionTransformerDistilled",
         "a stack of transformer blocks with .attn and .mlp (nn.ModuleList/Sequential, or a module with .blocks)",

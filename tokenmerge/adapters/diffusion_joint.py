@@ -145,7 +145,7 @@ def apply_rotary_cogvideox(x: Tensor, cos: Tensor, sin: Tensor, text: int) -> Te
 
 
 #: The token axis of each rotary style's tables (`BlockSpec.rotary_style`): Flux ``(S, D)``, Wan ``(1, S, 1, D)``.
-TOKEN_AXIS = {"flux": 0, "wan": 1, "qwen": 0, "cogvideox": 0}
+TOKEN_AXIS = {"flux": 0, "wan": 1, "qwen": 0, "cogvideox": 0, "hunyuan": 0}
 
 
 def check_joint_attention(site: BlockSite, keys_values: bool) -> None:
@@ -298,11 +298,40 @@ class JointAttention:
             assert rotary is not None
             args, kwargs = rotary.replace(args, kwargs, None)
         mask_argument = self.mask_argument
-        if bias is not None and mask_argument is not None and mask_argument.get(args, kwargs) is None:
+        mask = mask_argument.get(args, kwargs) if mask_argument is not None else None
+        if isinstance(mask, Tensor):
+            # HunyuanVideo masks padded text keys: the image keys' part follows the merge.
+            mask = self._merged_mask(mask, plan, text, text_first)
+            if mask is None:
+                call.clear()
+                return None
+            assert mask_argument is not None
+            args, kwargs = mask_argument.replace(args, kwargs, mask)
+        if bias is not None and mask_argument is not None:
             zeros = bias.new_zeros(bias.shape[0], 1, text)  # (B, 1, T): text tokens have size 1
-            mask = join_text(zeros, bias, text_first, dim=-1)  # (B, 1, S')
-            args, kwargs = mask_argument.replace(args, kwargs, mask[:, None])  # (B, 1, 1, S'): heads, queries
+            additive = join_text(zeros, bias, text_first, dim=-1)[:, None]  # (B, 1, 1, S'): over heads, queries
+            if isinstance(mask, Tensor):
+                if mask.dtype == torch.bool:
+                    additive = additive.masked_fill(~mask, float("-inf"))
+                else:
+                    additive = additive + mask
+            args, kwargs = mask_argument.replace(args, kwargs, additive)
         return args, kwargs
+
+    @staticmethod
+    def _merged_mask(mask: Tensor, plan: MergePlan, text: int, text_first: bool) -> Tensor | None:
+        """The key mask ``(..., S)`` of the merged keys (a merged key keeps its destination's); None if unfit."""
+        if mask.dim() < 2 or mask.shape[0] not in (1, plan.batch):
+            return None
+        keys = mask.shape[-1]
+        if keys == plan.num_in:  # the plan covers the joint sequence (text protected)
+            return plan.select(mask, dim=-1)
+        if keys != plan.num_in + text:
+            return None
+        head, image = split_text(mask, text, text_first, dim=-1)
+        image = plan.select(image, dim=-1)  # (B, ..., N')
+        head = head.expand(image.shape[0], *head.shape[1:])
+        return torch.cat((head, image) if text_first else (image, head), dim=-1)
 
     def _tables(self, call: _Call, table: Table, plan: MergePlan, text: int, select: str, text_first: bool) -> Table:
         """The table for the queries or keys at ``norm_q``/``norm_k`` (and the text stream's, `_Call.text_tables`)."""
@@ -330,6 +359,14 @@ class JointAttention:
         return image_cos, image_sin
 
     def _rotate(self, x: Tensor, tables: tuple[Tensor, ...]) -> Tensor:
+        if self.spec.rotary_style == "hunyuan":
+            # Tables over the video tokens; a joint projection (single-stream blocks) has the text too.
+            video = tables[0].shape[-2]
+            if x.shape[1] == video:
+                return apply_rotary(x, *tables)  # (B, N, H, D)
+            call = self.call
+            head, image = split_text(x, x.shape[1] - video, call.text_first, dim=1)
+            return join_text(head, apply_rotary(image, *tables), call.text_first, dim=1)  # (B, N + T, H, D)
         if self.spec.rotary_style == "cogvideox":
             return apply_rotary_cogvideox(x, *tables, text=self.call.text)  # (B, H, T + N, D)
         if self.spec.rotary_style == "qwen":

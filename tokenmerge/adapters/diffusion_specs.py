@@ -12,6 +12,7 @@ from diffusers import (
     CogVideoXTransformer3DModel,
     DiTTransformer2DModel,
     FluxTransformer2DModel,
+    HunyuanVideoTransformer3DModel,
     PixArtTransformer2DModel,
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
@@ -21,6 +22,10 @@ from diffusers import (
 from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
 from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+from diffusers.models.transformers.transformer_hunyuan_video import (
+    HunyuanVideoSingleTransformerBlock,
+    HunyuanVideoTransformerBlock,
+)
 from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
 from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 from torch import nn
@@ -223,3 +228,38 @@ register_denoiser_spec(
     DenoiserSpec("cogvideox", patch_size="patch_size", patch_size_t="patch_size_t", frames_first=True),
 )
 # --8<-- [end:cogvideox]
+
+# --8<-- [start:hunyuan-video]
+# HunyuanVideoTransformerBlock.forward(hidden_states, encoder_hidden_states, temb, attention_mask, freqs_cis)
+#   -> (hidden_states, encoder_hidden_states); attn(hidden_states=video, encoder_hidden_states=text,
+#   attention_mask=(B, 1, 1, N + T) over [video | text] keys, image_rotary_emb=(cos, sin) over the video).
+# HunyuanVideoSingleTransformerBlock: the same call, but it concatenates [video | text] for proj_mlp and its
+#   attention projects the two together.
+_HUNYUAN = dict(
+    mask="attention_mask",
+    hidden_output=0,
+    context_output=1,
+    self_attention="attn",
+    cross_attention=None,
+    key_value_argument=None,
+    text_order="after",
+    attention_context="encoder_hidden_states",
+    attention_rotary="image_rotary_emb",
+    rotary_style="hunyuan",
+)
+register_block_spec(HunyuanVideoTransformerBlock, BlockSpec(**_HUNYUAN, rotary="freqs_cis", feed_forward="ff"))
+register_block_spec(
+    HunyuanVideoSingleTransformerBlock,
+    BlockSpec(**_HUNYUAN, rotary="image_rotary_emb", feed_forward="proj_mlp", joint_feed_forward=True),
+)
+# The latent is (B, C, F, H, W); the transformer runs its double-stream blocks, then its single-stream ones.
+register_denoiser_spec(
+    HunyuanVideoTransformer3DModel,
+    DenoiserSpec(
+        "hunyuan-video",
+        blocks=stacked_sites("transformer_blocks", "single_transformer_blocks"),
+        patch_size="patch_size",
+        patch_size_t="patch_size_t",
+    ),
+)
+# --8<-- [end:hunyuan-video]

@@ -45,7 +45,7 @@ __all__ = [
 
 
 #: How a family lays out and applies its rotary table (`BlockSpec.rotary_style`).
-ROTARY_STYLES: tuple[str, ...] = ("flux", "wan", "qwen", "cogvideox")
+ROTARY_STYLES: tuple[str, ...] = ("flux", "wan", "qwen", "cogvideox", "hunyuan")
 
 
 def _is_name(value: Any) -> bool:
@@ -120,7 +120,8 @@ class BlockSpec:
             freqs, text freqs)`` of complex ``(N, D/2)`` and ``(T, D/2)`` tables applied
             to ``(B, S, heads, D)`` (Qwen-Image); ``"cogvideox"``, ``(cos, sin)`` over
             the video tokens only, ``(N, D)``, applied to the video part of ``(B, heads,
-            T + N, D)`` queries and keys.
+            T + N, D)`` queries and keys; ``"hunyuan"``, ``(cos, sin)`` ``(N, D)`` over the
+            video tokens, applied to their part of ``(B, S, heads, D)`` queries and keys.
         joint_feed_forward: the block runs its feed-forward on ``[text | image]``
             (CogVideoX) although its attention takes the streams apart: the image span
             is merged around it.

@@ -28,6 +28,8 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    HunyuanVideoPipeline,
+    HunyuanVideoTransformer3DModel,
     PixArtAlphaPipeline,
     PixArtTransformer2DModel,
     QwenImagePipeline,
@@ -77,6 +79,9 @@ __all__ = [
     "tiny_cogvideox",
     "cogvideox_inputs",
     "tiny_cogvideox_pipeline",
+    "tiny_hunyuan_video",
+    "hunyuan_video_inputs",
+    "tiny_hunyuan_video_pipeline",
 ]
 
 #: How a builder initialises the weights: ``"normal"``, every parameter drawn from
@@ -633,4 +638,71 @@ def tiny_cogvideox_pipeline(seed: int = 0, **config: Any) -> CogVideoXPipeline:
         vae=None,
         transformer=tiny_cogvideox(seed, **config),
         scheduler=CogVideoXDDIMScheduler(timestep_spacing="trailing"),
+    ).to("cpu")
+
+
+def tiny_hunyuan_video(
+    seed: int = 0, num_layers: int = 2, num_single_layers: int = 2, *, init: str = "normal", **config: Any
+) -> HunyuanVideoTransformer3DModel:
+    """A HunyuanVideo transformer: double- then single-stream blocks, [video | text], 1x2x2 patches.
+
+    See `hunyuan_video_inputs` for a call; ``seed``, ``init`` and ``config`` as in `tiny_sd_unet`.
+    """
+    defaults: dict[str, Any] = dict(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        num_refiner_layers=1,
+        mlp_ratio=2.0,
+        patch_size=2,
+        patch_size_t=1,
+        qk_norm="rms_norm",
+        guidance_embeds=True,
+        text_embed_dim=JOINT_TEXT_DIM,
+        pooled_projection_dim=FLUX_POOLED_DIM,
+        rope_axes_dim=(4, 6, 6),
+    )
+    return _build(HunyuanVideoTransformer3DModel, {**defaults, **config}, seed, init)
+
+
+def hunyuan_video_inputs(
+    batch: int = 1, frames: int = 3, height: int = 8, width: int = 6, text: int = 5, seed: int = 0
+) -> dict[str, Any]:
+    """Keyword arguments of one `tiny_hunyuan_video` call: a latent ``(B, 4, frames, height, width)``, text, guidance.
+
+    The last text token of the first sample is padding (``encoder_attention_mask`` 0), as
+    prompts shorter than the text length are.
+    """
+    gen = _seeded(seed)
+    mask = torch.ones(batch, text, dtype=torch.long)
+    mask[0, -1] = 0
+    return dict(
+        hidden_states=torch.randn(batch, 4, frames, height, width, generator=gen),
+        encoder_hidden_states=torch.randn(batch, text, JOINT_TEXT_DIM, generator=gen),
+        encoder_attention_mask=mask,
+        pooled_projections=torch.randn(batch, FLUX_POOLED_DIM, generator=gen),
+        timestep=torch.full((batch,), 500),
+        guidance=torch.full((batch,), 6000.0),
+    )
+
+
+def tiny_hunyuan_video_pipeline(seed: int = 0, **config: Any) -> HunyuanVideoPipeline:
+    """`HunyuanVideoPipeline` around `tiny_hunyuan_video`, without VAE or text encoders (latents out).
+
+    Call it with ``prompt_embeds`` ``(B, T, JOINT_TEXT_DIM)``, ``pooled_prompt_embeds``
+    ``(B, FLUX_POOLED_DIM)`` and ``prompt_attention_mask`` ``(B, T)``; guidance is
+    distilled (one call per step); ``num_frames = 4k + 1``, ``height``/``width`` divisible
+    by 16, ``output_type="latent"``.
+    """
+    return HunyuanVideoPipeline(
+        text_encoder=None,
+        tokenizer=None,
+        transformer=tiny_hunyuan_video(seed, **config),
+        vae=None,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder_2=None,
+        tokenizer_2=None,
     ).to("cpu")
