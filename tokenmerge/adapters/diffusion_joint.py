@@ -438,6 +438,7 @@ class SpanMergeAround:
         hooks.post(module, self.unmerge_output, prepend=True)
 
     def merge_input(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Pre-hook: ``[text | image]`` with the image span merged (unchanged when the plan does not fit)."""
         call = self._per_thread.value
         call.text = -1
         plan = self.slot.plan
@@ -453,6 +454,7 @@ class SpanMergeAround:
         return ((merged, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": merged})
 
     def unmerge_output(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        """Forward hook: the output's image span unmerged back to all image tokens."""
         call = self._per_thread.value
         plan, text = self.slot.plan, call.text
         call.text = -1
