@@ -166,10 +166,15 @@ def check_joint_attention(site: BlockSite, keys_values: bool) -> None:
         needed += ["to_k", "to_v"]
     missing = [n for n in needed if not isinstance(getattr(attn, n, None), nn.Module)]
     if missing:
+        hint = (
+            "build it with query/key norms (qk_norm)"
+            if "norm_q" in missing or "norm_k" in missing
+            else "its key and value projections are fused (a parallel attention such as Flux.2's single-stream "
+            "blocks): use SubLayers or ResidualRange"
+        )
         raise TokenMergeError(
             f"{name}: its attention has no {', '.join(missing)} module, where tokenmerge reads queries, keys and "
-            "values per token (rotary embeddings follow merged tokens; ToDo merges keys and values); "
-            "build it with qk_norm (e.g. qk_norm='rms_norm') or use another placement"
+            f"values per token (rotary embeddings follow merged tokens; ToDo merges keys and values); {hint}"
         )
     if keys_values and bool(getattr(attn, "fused_projections", False)):
         raise TokenMergeError(FUSED_MESSAGE)
