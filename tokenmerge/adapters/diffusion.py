@@ -1,20 +1,26 @@
-"""The diffusers adapter: any merging policy in SD 1.x/2.x/SDXL UNets, DiT and PixArt.
+"""The diffusers adapter: any merging policy in UNets, DiT, PixArt, MM-DiTs and video DiTs.
 
 `tokenmerge.apply` reaches `DiffusersAdapter` for any diffusers object. It accepts a
-`DiffusionPipeline` (whose ``unet`` or ``transformer`` gets the hooks), a
-`UNet2DConditionModel`, a `DiTTransformer2DModel` or a `PixArtTransformer2DModel`, and
-attaches forward hooks only:
+`DiffusionPipeline` (whose ``unet`` or ``transformer`` gets the hooks) or one of the
+registered denoisers itself: SD 1.x/2.x/SDXL's `UNet2DConditionModel`,
+`DiTTransformer2DModel`, `PixArtTransformer2DModel`, and the MM-DiT and video families
+`FluxTransformer2DModel`, `SD3Transformer2DModel`, `QwenImageTransformer2DModel`,
+`WanTransformer3DModel`, `CogVideoXTransformer3DModel` and
+`HunyuanVideoTransformer3DModel`. It attaches forward hooks only:
 
-* on the denoiser, a `StepTracker` (latent size, denoising step, new generations);
+* on the denoiser, a `StepTracker` (latent size or token grid, denoising step, new
+  generations);
 * on every transformer block that merges, a `SubLayerMerge` (`SubLayers`: tomesd's
   merge around self-attention / cross-attention / feed-forward; `KeyValues`: ToDo's
-  key/value merging), or for `ResidualRange` a `RangeMerge` over a block range
-  (DiT/PixArt).
+  key/value merging), or for `ResidualRange` a `RangeMerge` over a block range;
+* inside joint attention (MM-DiT) and attention with rotary tables, the hooks of
+  `tokenmerge.adapters.diffusion_joint` (text tokens never merge; rotary tables follow
+  the merged tokens; ToDo's keys and values merged at the projections).
 
 Which models and blocks these are, and how they are called, is data: the
 `DenoiserSpec` and `BlockSpec` rows of `tokenmerge.adapters.diffusion_specs`. The
 placements a model accepts are its `DenoiserSpec.placements` (UNets: `SubLayers`,
-`KeyValues`; DiT and PixArt: those and `ResidualRange`).
+`KeyValues`; the transformers: those and `ResidualRange`).
 
 ``max_downsample`` counts from the highest-resolution level of the model that has
 attention, so SDXL, whose first level has none, merges at its second level by default.
@@ -35,6 +41,7 @@ from ..placements import KeyValues, Placement, ResidualRange, SubLayers
 from ..state import MergeState
 from .base import Adapter, check_layer_counts
 from .diffusion_blocks import KV_ONLY_FUSED_MESSAGE, RangeMerge, SubLayerMerge, fused_self_attention
+from .diffusion_joint import check_joint_attention
 from .diffusion_layout import DenoiserLayout, describe_denoiser, supported_models
 from .diffusion_steps import StepTracker
 
@@ -123,9 +130,15 @@ class DiffusersAdapter(Adapter):
                         f"{old} must be False for {model_name} ({placement.describe()}): its transformer blocks "
                         f"have no {role.replace('_', '-')} layer",
                     )
-        elif isinstance(placement, KeyValues):
+        if isinstance(placement, (KeyValues, ResidualRange)) or getattr(placement, "attn", False):
+            for site in layout.sites:
+                if site.spec.attention_hooks:
+                    check_joint_attention(site, keys_values=isinstance(placement, KeyValues))
+        if isinstance(placement, KeyValues):
             for site in layout.sites:
                 attn = site.sublayer("self_attention")
+                if site.spec.attention_hooks:
+                    continue  # checked above: keys and values merged at the projections
                 check(
                     attn is not None and site.spec.key_value_argument is not None,
                     f"placement KeyValues needs a self-attention that takes separate keys and values "
@@ -145,6 +158,17 @@ class DiffusersAdapter(Adapter):
                 placement.last < count,
                 f"ResidualRange.last must lie within the model's {count} transformer blocks, "
                 f"0 <= first <= last <= {count - 1} (MergeConfig.blocks); got {placement.describe()}",
+            )
+            unmasked = [
+                site.name
+                for site in layout.sites[placement.first : placement.last + 1]
+                if (site.spec.attention_hooks) and not site.spec.joint_mask
+            ]
+            check(
+                not (placement.prop_attn and unmasked),
+                f"ResidualRange.prop_attn needs an attention mask, which the joint attention of {model_name} "
+                f"({', '.join(unmasked[:2])}{', ...' if len(unmasked) > 2 else ''}) does not take; "
+                f"pass prop_attn=False; got {placement.describe()}",
             )
             check_layer_counts(config, 1, f"{model_name}'s ResidualRange plans once per call (1 layer)")
             return

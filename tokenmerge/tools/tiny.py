@@ -18,16 +18,31 @@ from typing import Any, TypeVar
 import torch
 from diffusers import (
     AutoencoderKL,
+    CogVideoXDDIMScheduler,
+    CogVideoXPipeline,
+    CogVideoXTransformer3DModel,
     DDIMScheduler,
     DiTPipeline,
     DiTTransformer2DModel,
     DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    Flux2Transformer2DModel,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    HunyuanVideoPipeline,
+    HunyuanVideoTransformer3DModel,
     PixArtAlphaPipeline,
     PixArtTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
+    WanPipeline,
+    WanTransformer3DModel,
 )
 
 from ..errors import check
@@ -49,6 +64,27 @@ __all__ = [
     "tiny_dit_pipeline",
     "tiny_pixart_pipeline",
     "tiny_prompt_embeds",
+    "tiny_flux",
+    "tiny_flux_pipeline",
+    "flux_inputs",
+    "tiny_sd3",
+    "tiny_sd3_pipeline",
+    "JOINT_TEXT_DIM",
+    "FLUX_POOLED_DIM",
+    "SD3_POOLED_DIM",
+    "tiny_wan",
+    "tiny_wan_pipeline",
+    "tiny_qwen_image",
+    "qwen_image_inputs",
+    "tiny_qwen_image_pipeline",
+    "tiny_cogvideox",
+    "cogvideox_inputs",
+    "tiny_cogvideox_pipeline",
+    "tiny_hunyuan_video",
+    "hunyuan_video_inputs",
+    "tiny_hunyuan_video_pipeline",
+    "tiny_flux2",
+    "flux2_inputs",
 ]
 
 #: How a builder initialises the weights: ``"normal"``, every parameter drawn from
@@ -298,3 +334,416 @@ def tiny_pixart_pipeline(seed: int = 0, num_layers: int = 4) -> PixArtAlphaPipel
 def tiny_prompt_embeds(batch: int = 1, tokens: int = 7, dim: int = TEXT_DIM, seed: int = 0) -> torch.Tensor:
     """Random text embeddings ``(batch, tokens, dim)`` standing in for a text encoder's output."""
     return torch.randn(batch, tokens, dim, generator=_seeded(seed))
+
+
+# ---------------------------------------------------------------------------- MM-DiT and video families
+#: Width of the tiny MM-DiTs' text embeddings (T5 features in the real models).
+JOINT_TEXT_DIM = 16
+#: Width of the tiny Flux's pooled text embedding (CLIP's in the real model).
+FLUX_POOLED_DIM = 8
+
+
+def tiny_flux(
+    seed: int = 0,
+    num_layers: int = 2,
+    num_single_layers: int = 2,
+    *,
+    guidance_embeds: bool = False,
+    init: str = "normal",
+    **config: Any,
+) -> FluxTransformer2DModel:
+    """A Flux.1 transformer: ``num_layers`` double-stream and ``num_single_layers`` single-stream blocks.
+
+    Takes packed latents ``(B, N, 16)`` (2x2 patches of a 4-channel latent), text
+    ``(B, T, JOINT_TEXT_DIM)``, pooled text ``(B, FLUX_POOLED_DIM)``, ``img_ids``/``txt_ids``
+    (see `flux_inputs`); ``guidance_embeds=True`` is Flux-dev's guidance-distilled form.
+    ``seed``, ``init`` and ``config`` as in `tiny_sd_unet`.
+    """
+    defaults: dict[str, Any] = dict(
+        patch_size=1,
+        in_channels=16,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=JOINT_TEXT_DIM,
+        pooled_projection_dim=FLUX_POOLED_DIM,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(2, 2, 4),
+    )
+    return _build(FluxTransformer2DModel, {**defaults, **config}, seed, init)
+
+
+def flux_inputs(
+    batch: int = 1, height: int = 8, width: int = 8, text: int = 5, seed: int = 0, guidance: float | None = None
+) -> dict[str, Any]:
+    """Keyword arguments of one `tiny_flux` call on a ``height x width`` token grid (packed latent).
+
+    ``img_ids`` are ``(0, row, column)`` per token, as FluxPipeline makes them; ``txt_ids``
+    are zeros; the timestep is ``t / 1000`` as the pipeline passes it.
+    """
+    gen = _seeded(seed)
+    rows = torch.arange(height).repeat_interleave(width)
+    cols = torch.arange(width).repeat(height)
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=1).float()  # (N, 3)
+    inputs: dict[str, Any] = dict(
+        hidden_states=torch.randn(batch, height * width, 16, generator=gen),  # (B, N, C) packed
+        encoder_hidden_states=torch.randn(batch, text, JOINT_TEXT_DIM, generator=gen),
+        pooled_projections=torch.randn(batch, FLUX_POOLED_DIM, generator=gen),
+        timestep=torch.full((batch,), 0.5),
+        img_ids=img_ids,
+        txt_ids=torch.zeros(text, 3),
+    )
+    if guidance is not None:
+        inputs["guidance"] = torch.full((batch,), guidance)
+    return inputs
+
+
+def _vae8(seed: int, latent_channels: int = 4) -> AutoencoderKL:
+    """A VAE of scale factor 8 (four levels) without shift or scaling, like the MM-DiT pipelines expect."""
+    config: dict[str, Any] = dict(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        block_out_channels=(8,) * 4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        shift_factor=0.0,
+        scaling_factor=1.0,
+    )
+    return _build(AutoencoderKL, config, seed, "normal")
+
+
+def tiny_flux_pipeline(seed: int = 0, *, guidance_embeds: bool = False, **config: Any) -> FluxPipeline:
+    """`FluxPipeline` around `tiny_flux`, with a VAE of scale factor 8 and no text encoders.
+
+    Call it with ``prompt_embeds`` ``(B, T, JOINT_TEXT_DIM)`` and ``pooled_prompt_embeds``
+    ``(B, FLUX_POOLED_DIM)``, a ``height``/``width`` divisible by 16 (a 2x2-packed latent
+    of ``height / 8 x width / 8``), ``output_type="latent"`` or ``"pt"``.
+    """
+    vae = _vae8(seed)
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=tiny_flux(seed, guidance_embeds=guidance_embeds, **config),
+    ).to("cpu")
+
+
+#: Width of the tiny SD3's pooled text embedding (two CLIPs' in the real model).
+SD3_POOLED_DIM = 8
+
+
+def tiny_sd3(
+    seed: int = 0, sample_size: int = 16, num_layers: int = 3, *, dual: bool = True, init: str = "normal", **config: Any
+) -> SD3Transformer2DModel:
+    """An SD3 / SD3.5 MM-DiT with 2x2 patches: joint attention with the text after the image tokens.
+
+    ``dual=True`` gives the first block SD3.5's second, image-only self-attention
+    (``attn2``) and every block RMS query/key norms; ``dual=False`` is SD3's plain form.
+    Call it with a latent ``(B, 4, H, W)``, ``encoder_hidden_states`` ``(B, T,
+    JOINT_TEXT_DIM)``, ``pooled_projections`` ``(B, SD3_POOLED_DIM)``, ``timestep``.
+    ``seed``, ``init`` and ``config`` as in `tiny_sd_unet`.
+    """
+    defaults: dict[str, Any] = dict(
+        sample_size=sample_size,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=num_layers,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=JOINT_TEXT_DIM,
+        caption_projection_dim=16,
+        pooled_projection_dim=SD3_POOLED_DIM,
+        pos_embed_max_size=32,
+    )
+    if dual:
+        defaults.update(dual_attention_layers=(0,), qk_norm="rms_norm")
+    return _build(SD3Transformer2DModel, {**defaults, **config}, seed, init)
+
+
+def tiny_sd3_pipeline(seed: int = 0, **config: Any) -> StableDiffusion3Pipeline:
+    """`StableDiffusion3Pipeline` around `tiny_sd3`, a VAE of scale factor 8 and no text encoders.
+
+    Call it with ``prompt_embeds`` ``(B, T, JOINT_TEXT_DIM)`` and ``pooled_prompt_embeds``
+    ``(B, SD3_POOLED_DIM)`` (and their negatives with guidance: classifier-free guidance
+    runs both branches in one batched call), a ``height``/``width`` divisible by 16.
+    """
+    return StableDiffusion3Pipeline(
+        transformer=tiny_sd3(seed, **config),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_vae8(seed),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    ).to("cpu")
+
+
+def tiny_wan(seed: int = 0, num_layers: int = 2, *, init: str = "normal", **config: Any) -> WanTransformer3DModel:
+    """A Wan 2.1 video transformer: 1x2x2 patches, rotary (frame, row, column) embeddings, cross-attention to text.
+
+    Call it with a latent ``(B, 4, F, H, W)``, ``encoder_hidden_states`` ``(B, T,
+    JOINT_TEXT_DIM)`` and a ``timestep``; ``seed``, ``init`` and ``config`` as in
+    `tiny_sd_unet`.
+    """
+    defaults: dict[str, Any] = dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        text_dim=JOINT_TEXT_DIM,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=num_layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=64,
+    )
+    return _build(WanTransformer3DModel, {**defaults, **config}, seed, init)
+
+
+def tiny_wan_pipeline(seed: int = 0, **config: Any) -> WanPipeline:
+    """`WanPipeline` around `tiny_wan`, without VAE or text encoder (latents out).
+
+    Call it with ``prompt_embeds`` ``(B, T, JOINT_TEXT_DIM)`` (and
+    ``negative_prompt_embeds``: classifier-free guidance runs the two branches as separate
+    calls), ``num_frames = 4k + 1``, ``height``/``width`` divisible by 16 and
+    ``output_type="latent"``: the latent is ``(B, 4, (num_frames - 1) / 4 + 1, height / 8,
+    width / 8)``, as Wan's VAE would make it.
+    """
+    return WanPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=None,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=tiny_wan(seed, **config),
+    ).to("cpu")
+
+
+def tiny_qwen_image(
+    seed: int = 0, num_layers: int = 2, *, init: str = "normal", **config: Any
+) -> QwenImageTransformer2DModel:
+    """A Qwen-Image MM-DiT: packed latents ``(B, N, 16)`` (2x2 patches of 4 channels), complex rotary tables.
+
+    See `qwen_image_inputs` for a call; ``seed``, ``init`` and ``config`` as in `tiny_sd_unet`.
+    """
+    defaults: dict[str, Any] = dict(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=num_layers,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=JOINT_TEXT_DIM,
+        axes_dims_rope=(2, 2, 4),
+    )
+    return _build(QwenImageTransformer2DModel, {**defaults, **config}, seed, init)
+
+
+def qwen_image_inputs(batch: int = 1, height: int = 8, width: int = 8, text: int = 5, seed: int = 0) -> dict[str, Any]:
+    """Keyword arguments of one `tiny_qwen_image` call on a ``height x width`` token grid, as the pipeline has them."""
+    gen = _seeded(seed)
+    return dict(
+        hidden_states=torch.randn(batch, height * width, 16, generator=gen),  # (B, N, C) packed
+        encoder_hidden_states=torch.randn(batch, text, JOINT_TEXT_DIM, generator=gen),
+        encoder_hidden_states_mask=torch.ones(batch, text, dtype=torch.long),
+        timestep=torch.full((batch,), 0.5),  # t / 1000
+        img_shapes=[[(1, height, width)]] * batch,
+    )
+
+
+def tiny_qwen_image_pipeline(seed: int = 0, **config: Any) -> QwenImagePipeline:
+    """`QwenImagePipeline` around `tiny_qwen_image`, without VAE or text encoder (packed latents out).
+
+    Call it with ``prompt_embeds`` ``(B, T, JOINT_TEXT_DIM)`` and ``prompt_embeds_mask``
+    (and the negatives with ``true_cfg_scale`` > 1: the two branches run as separate
+    calls), a ``height``/``width`` divisible by 16 and ``output_type="latent"``.
+    """
+    return QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        transformer=tiny_qwen_image(seed, **config),
+    ).to("cpu")
+
+
+def tiny_cogvideox(
+    seed: int = 0, num_layers: int = 2, *, rotary: bool = True, init: str = "normal", **config: Any
+) -> CogVideoXTransformer3DModel:
+    """A CogVideoX video MM-DiT (5B-style rotary embeddings; ``rotary=False``: 2B's sin-cos positions).
+
+    Latents ``(B, F, 4, H, W)`` with 2x2 patches; see `cogvideox_inputs` for a call.
+    ``seed``, ``init`` and ``config`` as in `tiny_sd_unet`.
+    """
+    defaults: dict[str, Any] = dict(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=8,
+        text_embed_dim=JOINT_TEXT_DIM,
+        num_layers=num_layers,
+        sample_width=6,
+        sample_height=8,
+        sample_frames=9,
+        patch_size=2,
+        max_text_seq_length=5,
+        use_rotary_positional_embeddings=rotary,
+        use_learned_positional_embeddings=False,
+    )
+    return _build(CogVideoXTransformer3DModel, {**defaults, **config}, seed, init)
+
+
+def cogvideox_inputs(
+    batch: int = 1, frames: int = 3, height: int = 8, width: int = 6, text: int = 5, seed: int = 0, rotary: bool = True
+) -> dict[str, Any]:
+    """Keyword arguments of one `tiny_cogvideox` call: a latent ``(B, frames, 4, height, width)`` and its rotary tables.
+
+    The tables are CogVideoXPipeline's (``get_3d_rotary_pos_embed`` over the token grid).
+    """
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    gen = _seeded(seed)
+    inputs: dict[str, Any] = dict(
+        hidden_states=torch.randn(batch, frames, 4, height, width, generator=gen),
+        encoder_hidden_states=torch.randn(batch, text, JOINT_TEXT_DIM, generator=gen),
+        timestep=torch.full((batch,), 500),
+    )
+    if rotary:
+        grid = (height // 2, width // 2)
+        inputs["image_rotary_emb"] = get_3d_rotary_pos_embed(
+            embed_dim=16, crops_coords=((0, 0), grid), grid_size=grid, temporal_size=frames
+        )
+    return inputs
+
+
+def tiny_cogvideox_pipeline(seed: int = 0, **config: Any) -> CogVideoXPipeline:
+    """`CogVideoXPipeline` around `tiny_cogvideox`, without VAE or text encoder (latents out).
+
+    Call it with ``prompt_embeds`` ``(B, T, JOINT_TEXT_DIM)`` (and ``negative_prompt_embeds``:
+    classifier-free guidance batches both branches), ``num_frames = 4k + 1``,
+    ``height``/``width`` divisible by 16 and ``output_type="latent"``.
+    """
+    return CogVideoXPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=None,
+        transformer=tiny_cogvideox(seed, **config),
+        scheduler=CogVideoXDDIMScheduler(timestep_spacing="trailing"),
+    ).to("cpu")
+
+
+def tiny_hunyuan_video(
+    seed: int = 0, num_layers: int = 2, num_single_layers: int = 2, *, init: str = "normal", **config: Any
+) -> HunyuanVideoTransformer3DModel:
+    """A HunyuanVideo transformer: double- then single-stream blocks, [video | text], 1x2x2 patches.
+
+    See `hunyuan_video_inputs` for a call; ``seed``, ``init`` and ``config`` as in `tiny_sd_unet`.
+    """
+    defaults: dict[str, Any] = dict(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        num_refiner_layers=1,
+        mlp_ratio=2.0,
+        patch_size=2,
+        patch_size_t=1,
+        qk_norm="rms_norm",
+        guidance_embeds=True,
+        text_embed_dim=JOINT_TEXT_DIM,
+        pooled_projection_dim=FLUX_POOLED_DIM,
+        rope_axes_dim=(4, 6, 6),
+    )
+    return _build(HunyuanVideoTransformer3DModel, {**defaults, **config}, seed, init)
+
+
+def hunyuan_video_inputs(
+    batch: int = 1, frames: int = 3, height: int = 8, width: int = 6, text: int = 5, seed: int = 0
+) -> dict[str, Any]:
+    """Keyword arguments of one `tiny_hunyuan_video` call: a latent ``(B, 4, frames, height, width)``, text, guidance.
+
+    The last text token of the first sample is padding (``encoder_attention_mask`` 0), as
+    prompts shorter than the text length are.
+    """
+    gen = _seeded(seed)
+    mask = torch.ones(batch, text, dtype=torch.long)
+    mask[0, -1] = 0
+    return dict(
+        hidden_states=torch.randn(batch, 4, frames, height, width, generator=gen),
+        encoder_hidden_states=torch.randn(batch, text, JOINT_TEXT_DIM, generator=gen),
+        encoder_attention_mask=mask,
+        pooled_projections=torch.randn(batch, FLUX_POOLED_DIM, generator=gen),
+        timestep=torch.full((batch,), 500),
+        guidance=torch.full((batch,), 6000.0),
+    )
+
+
+def tiny_hunyuan_video_pipeline(seed: int = 0, **config: Any) -> HunyuanVideoPipeline:
+    """`HunyuanVideoPipeline` around `tiny_hunyuan_video`, without VAE or text encoders (latents out).
+
+    Call it with ``prompt_embeds`` ``(B, T, JOINT_TEXT_DIM)``, ``pooled_prompt_embeds``
+    ``(B, FLUX_POOLED_DIM)`` and ``prompt_attention_mask`` ``(B, T)``; guidance is
+    distilled (one call per step); ``num_frames = 4k + 1``, ``height``/``width`` divisible
+    by 16, ``output_type="latent"``.
+    """
+    return HunyuanVideoPipeline(
+        text_encoder=None,
+        tokenizer=None,
+        transformer=tiny_hunyuan_video(seed, **config),
+        vae=None,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder_2=None,
+        tokenizer_2=None,
+    ).to("cpu")
+
+
+def tiny_flux2(
+    seed: int = 0, num_layers: int = 2, num_single_layers: int = 2, *, init: str = "normal", **config: Any
+) -> Flux2Transformer2DModel:
+    """A Flux.2 transformer: double-stream blocks, then parallel single-stream blocks on ``[text | image]``.
+
+    See `flux2_inputs` for a call; ``seed``, ``init`` and ``config`` as in `tiny_sd_unet`.
+    """
+    defaults: dict[str, Any] = dict(
+        patch_size=1,
+        in_channels=16,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=JOINT_TEXT_DIM,
+        timestep_guidance_channels=8,
+        mlp_ratio=2.0,
+        axes_dims_rope=(2, 2, 2, 2),
+        guidance_embeds=True,
+    )
+    return _build(Flux2Transformer2DModel, {**defaults, **config}, seed, init)
+
+
+def flux2_inputs(batch: int = 1, height: int = 8, width: int = 8, text: int = 5, seed: int = 0) -> dict[str, Any]:
+    """Keyword arguments of one `tiny_flux2` call: packed latent, text, ``(t, h, w, l)`` position ids, guidance."""
+    gen = _seeded(seed)
+    grid = torch.cartesian_prod(torch.arange(1), torch.arange(height), torch.arange(width), torch.arange(1))
+    text_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(text))
+    return dict(
+        hidden_states=torch.randn(batch, height * width, 16, generator=gen),  # (B, N, C) packed
+        encoder_hidden_states=torch.randn(batch, text, JOINT_TEXT_DIM, generator=gen),
+        timestep=torch.full((batch,), 0.5),  # t / 1000
+        img_ids=grid.expand(batch, -1, -1),  # (B, N, 4)
+        txt_ids=text_ids.expand(batch, -1, -1),  # (B, T, 4)
+        guidance=torch.full((batch,), 4.0),
+    )
