@@ -75,6 +75,7 @@ def supported_targets() -> list[str]:
         "diffusers UNet2DConditionModel",
         "diffusers DiTTransformer2DModel",
         "diffusers PixArtTransformer2DModel",
+        "diffusers FluxTransformer2DModel (Flux.1, double- and single-stream blocks)",
         "timm VisionTransformer (vit_*, deit_*, deit3_*)",
         "timm VisionTransformerDistilled",
         "a stack of transformer blocks with .attn and .mlp (nn.ModuleList/Sequential, or a module with .blocks)",

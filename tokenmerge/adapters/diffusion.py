@@ -35,6 +35,7 @@ from ..placements import KeyValues, Placement, ResidualRange, SubLayers
 from ..state import MergeState
 from .base import Adapter, check_layer_counts
 from .diffusion_blocks import KV_ONLY_FUSED_MESSAGE, RangeMerge, SubLayerMerge, fused_self_attention
+from .diffusion_joint import check_joint_attention
 from .diffusion_layout import DenoiserLayout, describe_denoiser, supported_models
 from .diffusion_steps import StepTracker
 
@@ -123,9 +124,15 @@ class DiffusersAdapter(Adapter):
                         f"{old} must be False for {model_name} ({placement.describe()}): its transformer blocks "
                         f"have no {role.replace('_', '-')} layer",
                     )
-        elif isinstance(placement, KeyValues):
+        if isinstance(placement, (KeyValues, ResidualRange)) or getattr(placement, "attn", False):
+            for site in layout.sites:
+                if site.spec.joint:
+                    check_joint_attention(site, keys_values=isinstance(placement, KeyValues))
+        if isinstance(placement, KeyValues):
             for site in layout.sites:
                 attn = site.sublayer("self_attention")
+                if site.spec.joint:
+                    continue  # checked above: keys and values merged at the projections
                 check(
                     attn is not None and site.spec.key_value_argument is not None,
                     f"placement KeyValues needs a self-attention that takes separate keys and values "

@@ -38,6 +38,7 @@ from ..placements import KeyValues, SubLayers
 from ..plan import MergePlan, proportional_attention_bias
 from ..policies.matchers import RandomGrid
 from ..state import MergeState
+from .diffusion_joint import JointAttention, join_text
 from .diffusion_layout import BlockSite, DenoiserLayout
 from .diffusion_steps import StepTracker
 from .specs import BlockCall
@@ -83,6 +84,13 @@ def check_cell_fits(matcher: Any, layout: TokenLayout, denoiser: DenoiserLayout,
     )
 
 
+class _Text:
+    """Text tokens of the running block call (one per thread)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 class SubLayerMerge:
     """Per-sub-layer merging in one transformer block (tomesd's scheme; ToDo with ``kv_only``).
 
@@ -109,6 +117,9 @@ class SubLayerMerge:
         self.config, self.state, self.tracker, self.layout, self.site = config, state, tracker, layout, site
         self.layer_index, self.num_layers = layer_index, num_layers
         self.attn, self.cross, self.mlp, self.kv = PlanSlot(), PlanSlot(), PlanSlot(), PlanSlot()
+        self.joint = JointAttention(site) if site.spec.joint else None
+        self.keys_values = isinstance(config.placement_for(SubLayers), KeyValues)
+        self._text = PerThread(_Text)  # text tokens of the running call (joint blocks)
 
     def attach(self, hooks: HookSet) -> None:
         """Register the block's plan hook and the hooks around the sub-layers the placement chooses."""
@@ -117,6 +128,9 @@ class SubLayerMerge:
         name = site.spec.sublayer_input
         hooks.pre(site.block, self._plan)
         hooks.post(site.block, self._clear, always_call=True)
+        if self.joint is not None:
+            self._attach_joint(hooks, placement)
+            return
         if isinstance(placement, KeyValues):
             hooks.pre(site.sublayer("self_attention"), self._merge_keys_values)
             return
@@ -129,6 +143,38 @@ class SubLayerMerge:
             if wanted:
                 merge_around(hooks, site.sublayer(role), slot, config.mode, input_name=name)
 
+    def _attach_joint(self, hooks: HookSet, placement: Any) -> None:
+        """Joint attention (MM-DiT): image tokens merged around it, text untouched, rotary selected."""
+        site, joint = self.site, self.joint
+        assert joint is not None
+        keys_values = isinstance(placement, KeyValues)
+        attn = site.sublayer("self_attention")
+        if keys_values or placement.attn:
+            if not keys_values:
+                merge_around(hooks, attn, self.attn, self.config.mode, input_name=site.spec.sublayer_input)
+            hooks.pre(attn, self._enter_joint)
+            joint.attach(hooks, keys_values)
+        if not keys_values and placement.mlp:
+            merge_around(hooks, site.sublayer("feed_forward"), self.mlp, self.config.mode)
+
+    def _enter_joint(self, attn: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        assert self.joint is not None
+        spec = self.site.spec
+        keys_values = self.keys_values
+        plan = self.kv.plan if keys_values else self.attn.plan
+        if plan is None:
+            return None
+        x = args[0] if args else kwargs.get(spec.sublayer_input)  # the attention's (image or joint) tokens
+        if not isinstance(x, Tensor) or x.shape[1] != (plan.num_in if keys_values else plan.num_out):
+            return None  # not merged (another token count): leave the call as it is
+        if spec.concatenated:
+            text = self._text.value.count
+        else:
+            context = kwargs.get(spec.attention_context) if spec.attention_context else None
+            text = context.shape[1] if isinstance(context, Tensor) else 0
+        select = "none" if keys_values else ("joint" if spec.concatenated else "image")
+        return self.joint.prepare(args, kwargs, plan=plan, text=text, select=select, keys_values=keys_values)
+
     def _clear(self, *_: Any) -> None:
         self.attn.plan = self.cross.plan = self.mlp.plan = self.kv.plan = None
 
@@ -138,7 +184,15 @@ class SubLayerMerge:
         x = call.hidden.get(args, kwargs)  # (B, N, C)
         if not isinstance(x, Tensor) or x.dim() != 3:
             return
-        layout = self.layout.token_layout(self.tracker.latent_hw, self.site, x.shape[1])  # image (h, w)
+        text = 0
+        if self.site.spec.concatenated:
+            # Single-stream block: its attention and feed-forward see [text | image]; the text is protected.
+            context = call.context.get(args, kwargs) if call.context is not None else None
+            if not isinstance(context, Tensor) or context.shape[0] != x.shape[0]:
+                return
+            text = self._text.value.count = context.shape[1]
+            x = join_text(context, x, self.site.spec.text_order != "after", dim=1)  # (B, T + N, C)
+        layout = self.layout.token_layout(self.tracker.latent_hw, self.site, x.shape[1], text)  # image or video
         if layout is None:
             return
         check_cell_fits(self.config.matcher, layout, self.layout, self.site)
@@ -222,8 +276,15 @@ class RangeMerge:
         sites = self.layout.sites
         self._calls = {site.block: site.call for site in sites[self.first : self.last + 1]}
         hooks.pre(sites[self.first].block, self._merge)
+        self._joint: dict[nn.Module, JointAttention] = {}
         for site in sites[self.first : self.last + 1]:
             hooks.pre(site.block, self._add_bias)
+            if site.spec.joint:
+                # MM-DiT: rotary tables follow the merged image tokens, proportional attention as a mask.
+                joint = JointAttention(site)
+                self._joint[joint.attn] = joint
+                hooks.pre(joint.attn, self._enter_joint)
+                joint.attach(hooks, keys_values=False)
         hooks.post(sites[self.last].block, self._unmerge, always_call=True, prepend=True)
 
     def _merge(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -257,6 +318,25 @@ class RangeMerge:
         if not isinstance(x, Tensor) or x.shape[:2] != (plan.batch, plan.num_out):
             return None
         return call.mask.replace(args, kwargs, bias)
+
+    def _enter_joint(self, attn: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        current, joint = self.current, self._joint[attn]
+        plan, spec = current.plan, joint.spec
+        if plan is None:
+            return None
+        x = args[0] if args else kwargs.get(spec.sublayer_input)  # (B, N', C) image, or (B, T + N', C) joint
+        if not isinstance(x, Tensor) or x.dim() != 3:
+            return None
+        if spec.concatenated:
+            text = x.shape[1] - plan.num_out
+        else:
+            context = kwargs.get(spec.attention_context) if spec.attention_context else None
+            text = context.shape[1] if isinstance(context, Tensor) else 0
+            if x.shape[1] != plan.num_out:
+                return None
+        if text < 0:
+            return None
+        return joint.prepare(args, kwargs, plan=plan, text=text, select="image", bias=current.bias)
 
     def _unmerge(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         # The plan is kept until the next denoiser call: gradient checkpointing re-runs the

@@ -92,6 +92,41 @@ class DenoiserLayout:
     timestep_index: int
     timestep_name: str = "timestep"
     spec: DenoiserSpec | None = None
+    patch_size_t: int = 1
+    frames_first: bool = False
+    grid_ids: Argument | None = None
+    timestep_scale: float = 1.0
+
+    def latent_grid(self, latent: object) -> tuple[int, ...] | None:
+        """The latent's spatial size as the tokens see it: ``(H, W)``, or ``(F, H, W)`` for a video latent.
+
+        ``(B, C, H, W)`` gives ``(H, W)``; ``(B, C, F, H, W)`` (``(B, F, C, H, W)`` when
+        `frames_first`) gives ``(F, H, W)``. Anything else (a packed ``(B, N, C)`` latent)
+        gives None: its grid comes from `grid_of_ids`.
+        """
+        shape = getattr(latent, "shape", None)
+        if shape is None or len(shape) not in (4, 5):
+            return None
+        if len(shape) == 4:
+            return int(shape[-2]), int(shape[-1])  # (B, C, H, W) -> (H, W)
+        frames = shape[1] if self.frames_first else shape[2]
+        return int(frames), int(shape[-2]), int(shape[-1])  # (B, C, F, H, W) -> (F, H, W)
+
+    def grid_of_ids(self, ids: object) -> tuple[int, ...] | None:
+        """The latent grid, in latent pixels, of position ids ``(N, 3)`` or ``(B, N, 3)`` (frame, row, column).
+
+        Reads the ids on the host (once per denoiser call): rows and columns are the
+        largest ids plus one, times the patch size; frames likewise when there are several.
+        """
+        shape = getattr(ids, "shape", None)
+        if shape is None or len(shape) not in (2, 3) or shape[-1] != 3 or shape[-2] == 0:
+            return None
+        table = ids.reshape(-1, 3)  # type: ignore[attr-defined]
+        frames, rows, cols = (int(v) + 1 for v in (table.amax(0) - table.amin(0)).tolist())
+        if rows * cols * frames != shape[-2]:
+            return None
+        spatial = (rows * self.patch_size, cols * self.patch_size)
+        return spatial if frames == 1 else (frames * self.patch_size_t, *spatial)
 
     @property
     def base_level(self) -> int:
@@ -107,22 +142,39 @@ class DenoiserLayout:
         """How much coarser ``site``'s grid is than the finest grid with attention (1, 2, 4, ...)."""
         return 2 ** (site.level - self.base_level)
 
-    def grid(self, latent_hw: tuple[int, int] | None, site: BlockSite, num_tokens: int) -> tuple[int, int] | None:
-        """The ``(h, w)`` token grid of ``site`` for a latent of size ``latent_hw``; None if it does not fit."""
+    def grid(self, latent_hw: tuple[int, ...] | None, site: BlockSite, num_tokens: int) -> tuple[int, ...] | None:
+        """The token grid of ``site`` for a latent of size ``latent_hw``; None if it does not fit.
+
+        ``(h, w)`` for an image latent ``(H, W)``; ``(t, h, w)`` = ``(F / pt, H / p, W / p)``
+        for a video latent ``(F, H, W)``.
+        """
         if latent_hw is None:
             return None
-        return token_grid(latent_hw, site.level, self.patch_size, num_tokens)
+        if len(latent_hw) == 3:
+            frames, height, width = latent_hw
+            p, pt = self.patch_size, self.patch_size_t
+            grid = (-(-frames // pt), height // p, width // p)
+            return grid if math.prod(grid) == num_tokens and min(grid) > 0 else None
+        return token_grid(latent_hw, site.level, self.patch_size, num_tokens)  # type: ignore[arg-type]
 
-    def token_layout(self, latent_hw: tuple[int, int] | None, site: BlockSite, num_tokens: int) -> TokenLayout | None:
-        """The `TokenLayout` of one call of ``site``: ``TokenLayout.image(h, w)`` on its token grid.
+    def token_layout(
+        self, latent_hw: tuple[int, ...] | None, site: BlockSite, num_tokens: int, text: int = 0
+    ) -> TokenLayout | None:
+        """The `TokenLayout` of one call of ``site``: ``TokenLayout.image(h, w)`` (or ``.video(t, h, w)``) on its grid.
 
         Every token of a UNet, DiT or PixArt block is an image token, so nothing is
         protected: the grid is `grid`'s (``(h, w)`` of the block's level, ``(H/p, W/p)``
-        for a patch transformer). None when the latent size is unknown or no grid
-        covers ``num_tokens`` (the block call then runs unmerged).
+        for a patch transformer, ``(F/pt, H/p, W/p)`` for a video transformer). With
+        ``text`` > 0 the sequence is a joint one: ``num_tokens`` counts ``text`` text
+        tokens, protected before the grid or after it (the block's
+        `BlockSpec.text_order`). None when the latent size is unknown or no grid covers
+        the image tokens (the block call then runs unmerged).
         """
-        grid = self.grid(latent_hw, site, num_tokens)
-        return None if grid is None else TokenLayout.image(*grid)
+        grid = self.grid(latent_hw, site, num_tokens - text)
+        if grid is None:
+            return None
+        before = text if site.spec.text_order != "after" else 0
+        return TokenLayout(grid, prefix=before, suffix=text - before)
 
 
 def token_grid(latent_hw: tuple[int, int], level: int, patch_size: int, num_tokens: int) -> tuple[int, int] | None:
@@ -172,4 +224,8 @@ def describe_denoiser(model: object) -> DenoiserLayout | None:
         timestep_index=_index(timestep),
         timestep_name=timestep.name,
         spec=spec,
+        patch_size_t=spec.patch_size_t_of(model),
+        frames_first=spec.frames_first,
+        grid_ids=spec.grid_ids_argument(model),
+        timestep_scale=float(spec.timestep_scale),
     )

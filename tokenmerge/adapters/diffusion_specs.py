@@ -8,14 +8,15 @@ patch transformers name the attribute that holds their blocks.
 
 from __future__ import annotations
 
-from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DConditionModel
+from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel, UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 from torch import nn
 
 from ..placements import KeyValues, SubLayers
 from .specs import BlockSpec, DenoiserSpec, blocks_in, register_block_spec, register_denoiser_spec
 
-__all__ = ["unet_sites"]
+__all__ = ["unet_sites", "stacked_sites"]
 
 
 def unet_sites(unet: nn.Module) -> list[tuple[str, nn.Module, int]]:
@@ -35,6 +36,26 @@ def unet_sites(unet: nn.Module) -> list[tuple[str, nn.Module, int]]:
     return sites
 
 
+def stacked_sites(*attributes: str):  # noqa: ANN201 - returns a DenoiserSpec.blocks function
+    """A `DenoiserSpec.blocks` function: the blocks of several attributes, one after the other, all at level 0.
+
+    Flux runs its double-stream ``transformer_blocks`` and then its single-stream
+    ``single_transformer_blocks``: one block index space across both (so a
+    `ResidualRange` may span them).
+    """
+
+    def sites(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
+        found: list[tuple[str, nn.Module, int]] = []
+        for attribute in attributes:
+            container = getattr(model, attribute, None)
+            if isinstance(container, nn.Module):
+                found += [(f"{attribute}.{path}", block, 0) for path, block in blocks_in(container)]
+        return found
+
+    sites.__qualname__ = sites.__name__ = f"stacked_sites({', '.join(map(repr, attributes))})"
+    return sites
+
+
 # BasicTransformerBlock.forward(hidden_states, attention_mask, encoder_hidden_states, ...) -> hidden_states
 register_block_spec(BasicTransformerBlock, BlockSpec())  # every field at its default: diffusers' names
 
@@ -50,3 +71,39 @@ register_denoiser_spec(DiTTransformer2DModel, DenoiserSpec("dit", patch_size="pa
 # --8<-- [start:pixart]
 register_denoiser_spec(PixArtTransformer2DModel, DenoiserSpec("pixart", patch_size="patch_size"))
 # --8<-- [end:pixart]
+
+# --8<-- [start:flux]
+# FluxTransformerBlock.forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb, ...)
+#   -> (encoder_hidden_states, hidden_states); its attn(hidden_states=image, encoder_hidden_states=text,
+#   image_rotary_emb=(cos, sin) over [text | image]) returns (image, text).
+_FLUX_JOINT = dict(
+    mask=None,
+    rotary="image_rotary_emb",
+    hidden_output=1,
+    context_output=0,
+    self_attention="attn",
+    cross_attention=None,
+    key_value_argument=None,
+    text_order="before",
+    attention_rotary="image_rotary_emb",
+    rotary_text=True,
+    rotary_style="flux",
+)
+register_block_spec(
+    FluxTransformerBlock, BlockSpec(**_FLUX_JOINT, feed_forward="ff", attention_context="encoder_hidden_states")
+)
+# FluxSingleTransformerBlock.forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb, ...)
+#   concatenates [text | image] and runs attn and proj_mlp (the feed-forward's first layer) on it.
+register_block_spec(FluxSingleTransformerBlock, BlockSpec(**_FLUX_JOINT, feed_forward="proj_mlp", concatenated=True))
+# The latent arrives packed (B, N, C) (2x2 patches of the VAE latent): the token grid comes from img_ids;
+# the pipeline passes t / 1000.
+register_denoiser_spec(
+    FluxTransformer2DModel,
+    DenoiserSpec(
+        "flux",
+        blocks=stacked_sites("transformer_blocks", "single_transformer_blocks"),
+        grid_ids="img_ids",
+        timestep_scale=1000.0,
+    ),
+)
+# --8<-- [end:flux]

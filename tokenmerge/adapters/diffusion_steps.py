@@ -62,7 +62,7 @@ class _TrackerCall:
     """The calling thread's view: latent size of the running call, the schedule of its generation."""
 
     def __init__(self) -> None:
-        self.latent_hw: tuple[int, int] | None = None
+        self.latent_hw: tuple[int, ...] | None = None
         self.schedule: Tensor | None = None
         self.values: list[float] = []
 
@@ -92,8 +92,8 @@ class StepTracker:
         return self._per_thread.value
 
     @property
-    def latent_hw(self) -> tuple[int, int] | None:
-        """``(H, W)`` of the latent of the calling thread's current denoiser call."""
+    def latent_hw(self) -> tuple[int, ...] | None:
+        """``(H, W)`` (video: ``(F, H, W)``) of the latent of the calling thread's current denoiser call."""
         return self._call.latent_hw
 
     def __deepcopy__(self, memo: dict[int, Any]) -> StepTracker:
@@ -128,10 +128,15 @@ class StepTracker:
         """Record the latent size and advance the step; changes no argument."""
         for listener in self._listeners:
             listener()
-        latent = get_argument(args, kwargs, self.layout.latent_index, self.layout.latent_name)
-        if isinstance(latent, Tensor) and latent.dim() == 4:
-            self._call.latent_hw = (int(latent.shape[-2]), int(latent.shape[-1]))  # (B, C, H, W) -> (H, W)
-        timestep = get_argument(args, kwargs, self.layout.timestep_index, self.layout.timestep_name)
+        layout = self.layout
+        latent = get_argument(args, kwargs, layout.latent_index, layout.latent_name)
+        if layout.grid_ids is not None:  # a packed latent (B, N, C): the grid from the position ids
+            self._call.latent_hw = self._grid_of_ids(layout.grid_ids.get(args, kwargs))
+        elif isinstance(latent, Tensor):
+            grid = layout.latent_grid(latent)  # (B, C, H, W) -> (H, W); video (B, C, F, H, W) -> (F, H, W)
+            if grid is not None:
+                self._call.latent_hw = grid
+        timestep = get_argument(args, kwargs, layout.timestep_index, layout.timestep_name)
         if timestep is None:
             return
         if getattr(self.state, "traceable", False):
@@ -141,10 +146,15 @@ class StepTracker:
         self._track(timestep)
 
     @torch.compiler.disable
+    def _grid_of_ids(self, ids: Any) -> tuple[int, ...] | None:
+        return self.layout.grid_of_ids(ids)  # one host read of the ids per call
+
+    @torch.compiler.disable
     def _track(self, timestep: Any) -> None:
         value = timestep_value(timestep)
         if value is None:
             return
+        value *= self.layout.timestep_scale  # the scheduler's timestep (Flux is called with t / 1000)
         state, call = self.state, self._call
         schedule = self._schedule_of_pipeline()
         if schedule is not None and schedule is not call.schedule:

@@ -39,7 +39,12 @@ __all__ = [
     "register_denoiser_spec",
     "denoiser_spec",
     "registered_denoisers",
+    "ROTARY_STYLES",
 ]
+
+
+#: How a family lays out and applies its rotary table (`BlockSpec.rotary_style`).
+ROTARY_STYLES: tuple[str, ...] = ("flux",)
 
 
 def _is_name(value: Any) -> bool:
@@ -79,7 +84,29 @@ class BlockSpec:
             passed positionally.
         key_value_argument: the self-attention's keyword for separate keys and values
             (``encoder_hidden_states`` in diffusers' ``Attention``); None when it has
-            none, which rules out `KeyValues`.
+            none (joint attention merges keys and values at its projections instead).
+        text_order: for blocks whose self-attention is *joint* (MM-DiT: text and image
+            tokens attend together): where the text tokens sit in the attention's
+            sequence, ``"before"`` the image tokens (Flux, Qwen-Image, CogVideoX,
+            HunyuanVideo) or ``"after"`` them (SD3). None: the self-attention sees image
+            tokens only (cross-attention families, Wan).
+        concatenated: the block itself concatenates text and image tokens (in
+            ``text_order``) and runs its attention and feed-forward on the joint sequence
+            (Flux's and HunyuanVideo's single-stream blocks); the text span is then a
+            protected prefix (or suffix) of that sequence. False: the attention takes the
+            image tokens as ``sublayer_input`` and the text as ``key_value_argument``-like
+            ``attention_context`` (dual-stream blocks).
+        attention_context: the joint attention's keyword for the text stream (dual-stream
+            blocks), None if it has none.
+        attention_rotary: the attention module's keyword for the rotary table (None: no
+            rotary embeddings reach the attention).
+        rotary_text: whether the rotary table covers the text tokens too (Flux: the
+            table spans ``[text | image]`` in ``text_order``), or the image tokens only.
+        rotary_style: how the table is laid out and applied (`ROTARY_STYLES`):
+            ``"flux"``, a ``(cos, sin)`` pair of ``(S, D)`` tables applied to
+            ``(B, S, heads, D)`` queries and keys with interleaved pairs; its queries
+            and keys are read at ``norm_q``/``norm_k`` (``norm_added_q``/``norm_added_k``
+            for the text stream), where the tables are applied per token.
     """
 
     hidden: str | None = "hidden_states"
@@ -93,12 +120,39 @@ class BlockSpec:
     feed_forward: str | None = "ff"
     sublayer_input: str = "hidden_states"
     key_value_argument: str | None = "encoder_hidden_states"
+    text_order: str | None = None
+    concatenated: bool = False
+    attention_context: str | None = None
+    attention_rotary: str | None = None
+    rotary_text: bool = False
+    rotary_style: str = "flux"
+
+    @property
+    def joint(self) -> bool:
+        """Whether the block's self-attention is joint (text and image tokens attend together)."""
+        return self.text_order is not None
 
     def __post_init__(self) -> None:
         for name in ("hidden", "context", "mask", "rotary", "self_attention", "cross_attention", "feed_forward"):
             _check_name("BlockSpec", name, getattr(self, name))
         _check_name("BlockSpec", "sublayer_input", self.sublayer_input, optional=False)
         _check_name("BlockSpec", "key_value_argument", self.key_value_argument)
+        _check_name("BlockSpec", "attention_context", self.attention_context)
+        _check_name("BlockSpec", "attention_rotary", self.attention_rotary)
+        check(
+            self.text_order in (None, "before", "after"),
+            f"BlockSpec.text_order must be None, 'before' or 'after'; got {self.text_order!r}",
+        )
+        check(isinstance(self.concatenated, bool), f"BlockSpec.concatenated must be a bool; got {self.concatenated!r}")
+        check(
+            not self.concatenated or self.text_order is not None,
+            "BlockSpec.concatenated needs text_order ('before' or 'after'): where the block puts the text tokens",
+        )
+        check(isinstance(self.rotary_text, bool), f"BlockSpec.rotary_text must be a bool; got {self.rotary_text!r}")
+        check(
+            self.rotary_style in ROTARY_STYLES,
+            f"BlockSpec.rotary_style must be one of {', '.join(ROTARY_STYLES)}; got {self.rotary_style!r}",
+        )
         _check_index("BlockSpec", "hidden_output", self.hidden_output)
         _check_index("BlockSpec", "context_output", self.context_output)
         check(
@@ -277,6 +331,18 @@ class DenoiserSpec:
         latent: the ``forward`` argument that carries the latent ``(B, C, H, W)``.
         timestep: the ``forward`` argument that carries the timestep.
         placements: the placements the family can honour; the first is its default.
+        grid_ids: a ``forward`` argument with one position row per image token (Flux's
+            ``img_ids``, ``(N, 3)``: frame, row, column): the token grid is read from it
+            (its largest row and column), for models whose latent arrives packed as
+            ``(B, N, C)``. None: the grid follows the latent's shape, ``(B, C, H, W)``
+            or, for video, ``(B, C, F, H, W)`` (or ``(B, F, C, H, W)``, `frames_first`).
+        patch_size_t: latent frames per token for video models: an int, the name of the
+            ``model.config`` entry that holds it, or None (1).
+        frames_first: the video latent is ``(B, F, C, H, W)`` (CogVideoX) instead of
+            ``(B, C, F, H, W)``.
+        timestep_scale: what the model's timestep argument is multiplied by to get the
+            scheduler's timestep (Flux pipelines pass ``t / 1000``: 1000), so steps are
+            placed on the scheduler's schedule.
     """
 
     kind: str
@@ -285,8 +351,33 @@ class DenoiserSpec:
     latent: str = "hidden_states"
     timestep: str = "timestep"
     placements: tuple[type[Placement], ...] = (SubLayers, KeyValues, ResidualRange)
+    grid_ids: str | None = None
+    patch_size_t: int | str | None = None
+    frames_first: bool = False
+    timestep_scale: float = 1.0
 
     def __post_init__(self) -> None:
+        _check_name("DenoiserSpec", "grid_ids", self.grid_ids)
+        ok = (
+            self.patch_size_t is None
+            or _is_name(self.patch_size_t)
+            or (
+                isinstance(self.patch_size_t, int)
+                and not isinstance(self.patch_size_t, bool)
+                and self.patch_size_t >= 1
+            )
+        )
+        check(
+            ok, f"DenoiserSpec.patch_size_t must be None, an int >= 1 or a config entry name; got {self.patch_size_t!r}"
+        )
+        check(
+            isinstance(self.frames_first, bool), f"DenoiserSpec.frames_first must be a bool; got {self.frames_first!r}"
+        )
+        ok = isinstance(self.timestep_scale, (int, float)) and not isinstance(self.timestep_scale, bool)
+        check(
+            ok and self.timestep_scale > 0,
+            f"DenoiserSpec.timestep_scale must be a number > 0; got {self.timestep_scale!r}",
+        )
         check(isinstance(self.kind, str) and self.kind, f"DenoiserSpec.kind must be a non-empty str; got {self.kind!r}")
         check(
             _is_name(self.blocks) or callable(self.blocks),
@@ -318,7 +409,31 @@ class DenoiserSpec:
         """The model's patch size (1 for UNets)."""
         if isinstance(self.patch_size, int):
             return self.patch_size
-        return int(getattr(model.config, self.patch_size))
+        value = getattr(model.config, self.patch_size)
+        return int(value[-1] if isinstance(value, (tuple, list)) else value)  # Wan: (t, h, w)
+
+    def patch_size_t_of(self, model: nn.Module) -> int:
+        """The model's temporal patch size (1 when it has none)."""
+        if self.patch_size_t is None:
+            return 1
+        if isinstance(self.patch_size_t, int):
+            return self.patch_size_t
+        value = getattr(model.config, self.patch_size_t, None)
+        if isinstance(value, (tuple, list)):
+            value = value[0]  # Wan: patch_size (t, h, w)
+        return int(value) if value else 1
+
+    def grid_ids_argument(self, model: nn.Module) -> Argument | None:
+        """The `grid_ids` argument of ``model.forward`` (None when the spec has none)."""
+        if self.grid_ids is None:
+            return None
+        params, _ = _parameters(type(model))
+        positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if self.grid_ids not in {p.name for p in params}:
+            raise TokenMergeError(
+                f"model {type(model).__name__}.forward has no {self.grid_ids} argument (DenoiserSpec.grid_ids)"
+            )
+        return Argument(self.grid_ids, positional.index(self.grid_ids) if self.grid_ids in positional else None)
 
     def arguments(self, model: nn.Module) -> tuple[Argument, Argument]:
         """The latent and timestep arguments of ``model.forward``; `TokenMergeError` if either is missing."""

@@ -22,6 +22,9 @@ from diffusers import (
     DiTPipeline,
     DiTTransformer2DModel,
     DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     PixArtAlphaPipeline,
     PixArtTransformer2DModel,
     StableDiffusionImg2ImgPipeline,
@@ -49,6 +52,9 @@ __all__ = [
     "tiny_dit_pipeline",
     "tiny_pixart_pipeline",
     "tiny_prompt_embeds",
+    "tiny_flux",
+    "tiny_flux_pipeline",
+    "flux_inputs",
 ]
 
 #: How a builder initialises the weights: ``"normal"``, every parameter drawn from
@@ -298,3 +304,101 @@ def tiny_pixart_pipeline(seed: int = 0, num_layers: int = 4) -> PixArtAlphaPipel
 def tiny_prompt_embeds(batch: int = 1, tokens: int = 7, dim: int = TEXT_DIM, seed: int = 0) -> torch.Tensor:
     """Random text embeddings ``(batch, tokens, dim)`` standing in for a text encoder's output."""
     return torch.randn(batch, tokens, dim, generator=_seeded(seed))
+
+
+# ---------------------------------------------------------------------------- MM-DiT and video families
+#: Width of the tiny MM-DiTs' text embeddings (T5 features in the real models).
+JOINT_TEXT_DIM = 16
+#: Width of the tiny Flux's pooled text embedding (CLIP's in the real model).
+FLUX_POOLED_DIM = 8
+
+
+def tiny_flux(
+    seed: int = 0,
+    num_layers: int = 2,
+    num_single_layers: int = 2,
+    *,
+    guidance_embeds: bool = False,
+    init: str = "normal",
+    **config: Any,
+) -> FluxTransformer2DModel:
+    """A Flux.1 transformer: ``num_layers`` double-stream and ``num_single_layers`` single-stream blocks.
+
+    Takes packed latents ``(B, N, 16)`` (2x2 patches of a 4-channel latent), text
+    ``(B, T, JOINT_TEXT_DIM)``, pooled text ``(B, FLUX_POOLED_DIM)``, ``img_ids``/``txt_ids``
+    (see `flux_inputs`); ``guidance_embeds=True`` is Flux-dev's guidance-distilled form.
+    ``seed``, ``init`` and ``config`` as in `tiny_sd_unet`.
+    """
+    defaults: dict[str, Any] = dict(
+        patch_size=1,
+        in_channels=16,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=JOINT_TEXT_DIM,
+        pooled_projection_dim=FLUX_POOLED_DIM,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(2, 2, 4),
+    )
+    return _build(FluxTransformer2DModel, {**defaults, **config}, seed, init)
+
+
+def flux_inputs(
+    batch: int = 1, height: int = 8, width: int = 8, text: int = 5, seed: int = 0, guidance: float | None = None
+) -> dict[str, Any]:
+    """Keyword arguments of one `tiny_flux` call on a ``height x width`` token grid (packed latent).
+
+    ``img_ids`` are ``(0, row, column)`` per token, as FluxPipeline makes them; ``txt_ids``
+    are zeros; the timestep is ``t / 1000`` as the pipeline passes it.
+    """
+    gen = _seeded(seed)
+    rows = torch.arange(height).repeat_interleave(width)
+    cols = torch.arange(width).repeat(height)
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=1).float()  # (N, 3)
+    inputs: dict[str, Any] = dict(
+        hidden_states=torch.randn(batch, height * width, 16, generator=gen),  # (B, N, C) packed
+        encoder_hidden_states=torch.randn(batch, text, JOINT_TEXT_DIM, generator=gen),
+        pooled_projections=torch.randn(batch, FLUX_POOLED_DIM, generator=gen),
+        timestep=torch.full((batch,), 0.5),
+        img_ids=img_ids,
+        txt_ids=torch.zeros(text, 3),
+    )
+    if guidance is not None:
+        inputs["guidance"] = torch.full((batch,), guidance)
+    return inputs
+
+
+def tiny_flux_pipeline(seed: int = 0, *, guidance_embeds: bool = False, **config: Any) -> FluxPipeline:
+    """`FluxPipeline` around `tiny_flux`, with a VAE of scale factor 8 and no text encoders.
+
+    Call it with ``prompt_embeds`` ``(B, T, JOINT_TEXT_DIM)`` and ``pooled_prompt_embeds``
+    ``(B, FLUX_POOLED_DIM)``, a ``height``/``width`` divisible by 16 (a 2x2-packed latent
+    of ``height / 8 x width / 8``), ``output_type="latent"`` or ``"pt"``.
+    """
+    vae = _build(
+        AutoencoderKL,
+        dict(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=(8,) * 4,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=1,
+            norm_num_groups=8,
+            shift_factor=0.0,
+            scaling_factor=1.0,
+        ),
+        seed,
+        "normal",
+    )
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=tiny_flux(seed, guidance_embeds=guidance_embeds, **config),
+    ).to("cpu")

@@ -1,0 +1,272 @@
+"""Merging around joint attention (MM-DiT: Flux, SD3, ...): rotary tables, keys and values, masks.
+
+In an MM-DiT block, text and image tokens attend together. Text tokens never merge: a
+plan covers the image tokens only (dual-stream blocks, whose attention takes the image
+stream as ``hidden_states`` and the text as ``encoder_hidden_states``), or the image
+span of the joint sequence with the text as a protected prefix or suffix
+(`~tokenmerge.layout.TokenLayout`; single-stream blocks, which concatenate the two).
+
+The image tokens themselves are merged and unmerged around the attention by
+`tokenmerge.hooks.merge_around`. What the attention does with them besides is
+`JointAttention`'s job, one object per attention module, through forward hooks only:
+
+* **rotary embeddings follow the tokens**: the attention's rotary table (its
+  ``BlockSpec.attention_rotary`` keyword) is taken out of the call, its image part is
+  selected with the plan (`MergePlan.select`: a merged token takes its destination's
+  position), its text part is kept, and both are applied to the queries and keys where
+  the processor has them per token: the outputs of ``norm_q``/``norm_k`` (image or joint
+  sequence) and ``norm_added_q``/``norm_added_k`` (text stream). A per-sample plan makes
+  the table per sample, ``(B, S, D)``, which the model's own processor does not accept,
+  hence applying it here; the arithmetic is the processor's, per token.
+* **ToDo's keys and values** (placement `KeyValues`): queries keep every token; the image
+  keys (after their rotary) and values are merged with the plan at the key norm and the
+  value projection, the text keys and values untouched.
+* **proportional attention** (`ResidualRange` with ``prop_attn``): an additive
+  ``(B, 1, 1, S)`` mask, ``log(size)`` on the merged image tokens and 0 on the text,
+  passed as the attention's ``attention_mask``.
+
+A call that brings its own attention mask keeps it and runs without proportional
+attention. When the plan merges nothing, no hook changes anything (ratio 0 is the plain
+model bit for bit).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import TokenMergeError
+from ..hooks import HookSet, PerThread
+from ..plan import MergePlan
+from .diffusion_layout import BlockSite
+
+__all__ = ["JointAttention", "apply_rotary", "split_text", "join_text", "check_joint_attention", "FUSED_MESSAGE"]
+
+FUSED_MESSAGE = (
+    "placement KeyValues (ToDo) merges the image keys and values of a joint attention at its key norm and "
+    "value projection, which fused QKV projections (fuse_qkv_projections) skip; call unfuse_qkv_projections() first"
+)
+
+Table = tuple[Tensor, Tensor]  # rotary (cos, sin): (S, D) shared, or (B, S, D) per sample
+
+
+def split_text(x: Tensor, text: int, text_first: bool, dim: int) -> tuple[Tensor, Tensor]:
+    """``(text part, image part)`` of ``x`` along ``dim``, the text ``text`` tokens first or last."""
+    n = x.shape[dim]
+    if text_first:
+        return x.narrow(dim, 0, text), x.narrow(dim, text, n - text)
+    return x.narrow(dim, n - text, text), x.narrow(dim, 0, n - text)
+
+
+def join_text(text: Tensor, image: Tensor, text_first: bool, dim: int) -> Tensor:
+    """``[text | image]`` or ``[image | text]`` along ``dim``; a shared text table gets the image's batch axis."""
+    if text.dim() < image.dim():
+        text = text.unsqueeze(0).expand(image.shape[0], *text.shape)
+    elif image.dim() < text.dim():
+        image = image.unsqueeze(0).expand(text.shape[0], *image.shape)
+    parts = (text, image) if text_first else (image, text)
+    return torch.cat(parts, dim=dim)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Flux-style rotary embedding of ``x`` ``(B, S, heads, D)`` with ``cos``/``sin`` ``(S, D)`` or ``(B, S, D)``.
+
+    Interleaved pairs ``(x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)``, computed in
+    float32 and cast back, as diffusers' ``apply_rotary_emb(..., sequence_dim=1)``.
+    """
+    cos = cos.to(x.device)
+    sin = sin.to(x.device)
+    cos = cos[None, :, None, :] if cos.dim() == 2 else cos[:, :, None, :]  # (1 or B, S, 1, D)
+    sin = sin[None, :, None, :] if sin.dim() == 2 else sin[:, :, None, :]
+    x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)  # (B, S, H, D/2) each
+    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)  # (B, S, H, D)
+    return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
+
+
+def check_joint_attention(site: BlockSite, keys_values: bool) -> None:
+    """Refuse, at apply time, a joint attention whose queries and keys tokenmerge cannot reach.
+
+    Rotary tables (and ToDo's keys) are applied at the attention's ``norm_q``/``norm_k``
+    modules and ToDo's values at ``to_v``: they must exist, and ToDo needs unfused
+    projections.
+    """
+    attn = site.sublayer("self_attention")
+    name = f"{type(site.block).__name__} at {site.name}"
+    if attn is None:
+        raise TokenMergeError(f"{name} has no self-attention ({site.spec.self_attention!r}) to merge around")
+    needed = []
+    if site.spec.attention_rotary is not None or keys_values:
+        needed += ["norm_q", "norm_k"]
+    if keys_values:
+        needed.append("to_v")
+    missing = [n for n in needed if not isinstance(getattr(attn, n, None), nn.Module)]
+    if missing:
+        raise TokenMergeError(
+            f"{name}: its attention has no {', '.join(missing)} module, where tokenmerge reads queries, keys and "
+            "values per token (rotary embeddings follow merged tokens; ToDo merges keys and values); "
+            "build it with qk_norm (e.g. qk_norm='rms_norm') or use another placement"
+        )
+    if keys_values and bool(getattr(attn, "fused_projections", False)):
+        raise TokenMergeError(FUSED_MESSAGE)
+
+
+class _Call:
+    """What the running attention call does (one per thread)."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.tables: Table | None = None  # for norm_q / norm_k: image stream, or the joint sequence
+        self.text_tables: Table | None = None  # for norm_added_q / norm_added_k (dual-stream text)
+        self.kv: MergePlan | None = None  # keys and values merged with this plan (ToDo)
+        self.kv_rows: int = 0  # token count of the keys/values the plan fits
+
+
+class JointAttention:
+    """The hooks of one joint attention module: rotary tables, ToDo keys and values, proportional attention.
+
+    The block-level code (`tokenmerge.adapters.diffusion_blocks`) calls `prepare` in a
+    pre-hook of the attention with what this call needs; the hooks of the attention's
+    norms and projections then do it, and the attention's post-hook forgets it.
+
+    Args:
+        site: the block whose self-attention this is (its `BlockSpec` says where the
+            text is, the rotary keyword, whether the block concatenates the streams).
+    """
+
+    def __init__(self, site: BlockSite) -> None:
+        self.site = site
+        self.spec = site.spec
+        self.attn = site.sublayer("self_attention")
+        assert self.attn is not None
+        self._per_thread = PerThread(_Call)
+
+    @property
+    def call(self) -> _Call:
+        """The calling thread's running call."""
+        return self._per_thread.value
+
+    # ------------------------------------------------------------------ wiring
+    def attach(self, hooks: HookSet, keys_values: bool) -> None:
+        """Hook the attention's norms (rotary), and with ``keys_values`` its value projection (ToDo)."""
+        attn = self.attn
+        if self.spec.attention_rotary is not None or keys_values:
+            for name in ("norm_q", "norm_k"):
+                module = getattr(attn, name, None)
+                if not isinstance(module, nn.Module):
+                    raise TokenMergeError(
+                        f"{type(attn).__name__} at {self.site.name} has no {name} module, where tokenmerge reads "
+                        "its queries and keys per token (rotary embeddings, ToDo)"
+                    )
+                hooks.post(module, self._queries if name == "norm_q" else self._keys, prepend=True)
+            for name in ("norm_added_q", "norm_added_k"):
+                module = getattr(attn, name, None)
+                if isinstance(module, nn.Module):
+                    hooks.post(module, self._text, prepend=True)
+        if keys_values:
+            hooks.post(attn.to_v, self._values, prepend=True)
+        hooks.post(attn, self._leave, always_call=True)
+
+    def fused(self) -> bool:
+        """Whether the attention runs fused QKV projections (its norms and ``to_v`` would not see them)."""
+        return bool(getattr(self.attn, "fused_projections", False))
+
+    # ------------------------------------------------------------------ per call
+    def prepare(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        plan: MergePlan | None,
+        text: int,
+        select: str,
+        keys_values: bool = False,
+        bias: Tensor | None = None,
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """Set up the running call; returns the attention's new ``(args, kwargs)`` or None to leave them.
+
+        Args:
+            args, kwargs: the attention's call.
+            plan: the merge plan of the image tokens (or of the joint sequence, with the
+                text protected); None: nothing to do.
+            text: text tokens in the attention's sequence (single-stream blocks) or in
+                its text stream (dual-stream blocks).
+            select: how the rotary table follows ``plan``: ``"joint"`` (the plan covers
+                the joint sequence: select all of it), ``"image"`` (the plan covers the
+                image tokens: select the image part, keep the text part), ``"none"``
+                (queries and keys keep every token: the table as it is).
+            keys_values: merge the image keys and values with ``plan`` (ToDo).
+            bias: ``(B, 1, N')`` log-size bias of the merged image tokens (proportional
+                attention), or None.
+        """
+        call = self.call
+        call.clear()
+        if plan is None or plan.r == 0:
+            return None
+        spec = self.spec
+        text_first = spec.text_order != "after"
+        if keys_values:
+            if self.fused():
+                raise TokenMergeError(FUSED_MESSAGE)
+            call.kv, call.kv_rows = plan, plan.num_in
+        rotary_name = spec.attention_rotary
+        table = kwargs.get(rotary_name) if rotary_name is not None else None
+        if isinstance(table, tuple) and len(table) == 2 and all(isinstance(t, Tensor) for t in table):
+            self._set_tables(call, table, plan, text, select, text_first)  # type: ignore[arg-type]
+            kwargs = {**kwargs, rotary_name: None}
+        if bias is not None and kwargs.get("attention_mask") is None:
+            zeros = bias.new_zeros(bias.shape[0], 1, text)  # (B, 1, T): text tokens have size 1
+            mask = join_text(zeros, bias, text_first, dim=-1)  # (B, 1, S')
+            kwargs = {**kwargs, "attention_mask": mask[:, None]}  # (B, 1, 1, S'): over heads and queries
+        return args, kwargs
+
+    def _set_tables(self, call: _Call, table: Table, plan: MergePlan, text: int, select: str, text_first: bool) -> None:
+        spec = self.spec
+        cos, sin = table  # (S, D)
+        if select == "joint" or not spec.rotary_text:
+            # The table covers exactly the tokens the plan covers (or the image only).
+            call.tables = (plan.select(cos, dim=0), plan.select(sin, dim=0)) if select != "none" else table
+            return
+        text_cos, image_cos = split_text(cos, text, text_first, dim=0)  # (T, D), (N, D)
+        text_sin, image_sin = split_text(sin, text, text_first, dim=0)
+        if select == "image":
+            image_cos, image_sin = plan.select(image_cos, dim=0), plan.select(image_sin, dim=0)  # (B, N', D)
+        if spec.concatenated:
+            # Single-stream block: queries and keys of [text | image] come through norm_q / norm_k together.
+            joined = (join_text(text_cos, image_cos, text_first, -2), join_text(text_sin, image_sin, text_first, -2))
+            call.tables = table if select == "none" else joined
+        else:
+            call.tables = (image_cos, image_sin)
+            call.text_tables = (text_cos, text_sin)
+
+    # ------------------------------------------------------------------ hooks
+    def _queries(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Any:
+        tables = self.call.tables
+        if tables is None:
+            return None
+        return apply_rotary(output, *tables)  # (B, S, H, D)
+
+    def _keys(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Any:
+        call = self.call
+        keys = output if call.tables is None else apply_rotary(output, *call.tables)  # (B, S, H, D)
+        if call.kv is not None and keys.shape[1] == call.kv_rows:
+            keys = call.kv.merge(keys)  # (B, S - r, H, D): image keys merged, text keys kept
+        return keys if keys is not output else None
+
+    def _text(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Any:
+        tables = self.call.text_tables
+        if tables is None:
+            return None
+        return apply_rotary(output, *tables)  # (B, T, H, D)
+
+    def _values(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Any:
+        call = self.call
+        if call.kv is None or output.dim() != 3 or output.shape[1] != call.kv_rows:
+            return None
+        return call.kv.merge(output)  # (B, S - r, C)
+
+    def _leave(self, *_: Any) -> None:
+        self.call.clear()
