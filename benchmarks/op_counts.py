@@ -32,8 +32,10 @@ tokens can reach.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,7 +62,7 @@ CLASSIC_ROWS: Rows = (
 #: Wan 2.1 1.3B at 480x832 px and 81 frames; one denoiser call each (Flux: batch 1, guidance
 #: distilled; SD3.5: batch 2, classifier-free guidance in one call; Wan: batch 1, its pipeline
 #: makes the conditional and unconditional calls apart).
-MODERN_METHODS = ("tomesd:0.5", "todo:2", "block:0.5", "catome:0.7")
+MODERN_METHODS = ("tomesd:0.5", "tomesd:0.5,merge_mlp=1", "todo:2", "block:0.5", "block:0.75", "catome:0.7")
 MODERN_ROWS: Rows = (
     ("flux-dev", 1024, 1, MODERN_METHODS),
     ("sd35-medium", 1024, 2, MODERN_METHODS),
@@ -79,9 +81,36 @@ FLOOR_FAMILIES = ("flux", "sd3", "wan")
 MATRIX_MERGE_MAX_TOKENS.setdefault("meta", MATRIX_MERGE_MAX_TOKENS["cuda"])
 
 
+@contextlib.contextmanager
+def readable_ids(work: Workload) -> Iterator[None]:
+    """Let the adapter read ``work``'s position ids on the host although they are on ``meta``.
+
+    A packed latent (Flux) carries its token grid in its position ids, which the adapter
+    reads on the host once per call; a ``meta`` tensor has no values to read. Inside
+    this block that read is made from a CPU copy of the same ids (the workload's inputs
+    built on the CPU), so the same operators run and are counted; nothing else changes.
+    """
+    from tokenmerge.adapters.diffusion_layout import DenoiserLayout
+
+    cpu = Workload(work.spec, work.model, work.batch, work.resolution, torch.device("cpu"), work.dtype)
+    by_shape = {tuple(v.shape): v for k, v in cpu.inputs.items() if k.endswith("_ids")}
+    original = DenoiserLayout.grid_of_ids
+
+    def grid_of_ids(self: DenoiserLayout, ids: object) -> tuple[int, ...] | None:
+        if isinstance(ids, torch.Tensor) and ids.is_meta and tuple(ids.shape) in by_shape:
+            ids = by_shape[tuple(ids.shape)]
+        return original(self, ids)
+
+    DenoiserLayout.grid_of_ids = grid_of_ids  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        DenoiserLayout.grid_of_ids = original  # type: ignore[method-assign]
+
+
 def count(work: Workload, model: torch.nn.Module) -> tuple[Counter[str], int]:
     """Operators and FLOPs of one call of ``work`` (after one uncounted call)."""
-    with torch.inference_mode():
+    with torch.inference_mode(), readable_ids(work):
         work.step(model, 0)
         with OperatorCounter() as counter:
             work.step(model, 0)

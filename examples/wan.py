@@ -92,9 +92,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args.width = args.width or (32 if args.tiny else 832)
     args.frames = args.frames or (5 if args.tiny else 81)
     if args.size % 16 or args.width % 16 or args.frames % 4 != 1:
-        parser.error(
-            f"--size and --width must be multiples of 16 and --frames 4k + 1; got {args.size}, {args.width}, {args.frames}"
-        )
+        got = f"{args.size}, {args.width}, {args.frames}"
+        parser.error(f"--size and --width must be multiples of 16 and --frames 4k + 1; got {got}")
     device = pick_device(args)
     dtype = pick_dtype(args, device)
     pipe = load(args, device, dtype)

@@ -148,6 +148,19 @@ def test_meta_counts_of_a_merge_and_its_ideal() -> None:
     assert floor is None  # the token floor is a row of the newer families only
 
 
+def test_meta_counts_of_flux_merges_and_their_ideals() -> None:
+    op_counts = _script("op_counts")
+    methods = ("tomesd:0.5", "todo:2", "block:0.5")
+    _title, rows = op_counts.profile_rows("flux-dev-tiny", 128, 1, methods, fewer=(0.5,))
+    by_label = {row.label: row for row in rows}
+    plain, floor = by_label["plain"], by_label["token floor 50%"]
+    for label in ("ToMeSD(0.5)", "ToDo(2)", "block r=0.5"):
+        merged, ideal = by_label[label], by_label[f"ideal@{label}"]
+        assert merged.ops is not None and ideal.ops is not None, (merged.note, ideal.note)
+        assert plain.flops > merged.flops >= ideal.flops >= floor.flops, label
+        assert merged.total > plain.total and merged.layers > 0
+
+
 def test_meta_markdown_table(capsys: pytest.CaptureFixture[str]) -> None:
     op_counts = _script("op_counts")
     args = ["--arch", "wan-1.3b-tiny", "--methods", "catome:0.7", "--markdown"]
