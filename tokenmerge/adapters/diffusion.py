@@ -153,6 +153,17 @@ class DiffusersAdapter(Adapter):
                 f"ResidualRange.last must lie within the model's {count} transformer blocks, "
                 f"0 <= first <= last <= {count - 1} (MergeConfig.blocks); got {placement.describe()}",
             )
+            unmasked = [
+                site.name
+                for site in layout.sites[placement.first : placement.last + 1]
+                if site.spec.joint and not site.spec.joint_mask
+            ]
+            check(
+                not (placement.prop_attn and unmasked),
+                f"ResidualRange.prop_attn needs an attention mask, which the joint attention of {model_name} "
+                f"({', '.join(unmasked[:2])}{', ...' if len(unmasked) > 2 else ''}) does not take; "
+                f"pass prop_attn=False; got {placement.describe()}",
+            )
             check_layer_counts(config, 1, f"{model_name}'s ResidualRange plans once per call (1 layer)")
             return
         merging = self.merging_sites(layout, placement)

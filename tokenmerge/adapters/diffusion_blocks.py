@@ -118,6 +118,7 @@ class SubLayerMerge:
         self.layer_index, self.num_layers = layer_index, num_layers
         self.attn, self.cross, self.mlp, self.kv = PlanSlot(), PlanSlot(), PlanSlot(), PlanSlot()
         self.joint = JointAttention(site) if site.spec.joint else None
+        self.second: JointAttention | None = None  # SD3.5's image-only attn2 under KeyValues
         self.keys_values = isinstance(config.placement_for(SubLayers), KeyValues)
         self._text = PerThread(_Text)  # text tokens of the running call (joint blocks)
 
@@ -156,6 +157,22 @@ class SubLayerMerge:
             joint.attach(hooks, keys_values)
         if not keys_values and placement.mlp:
             merge_around(hooks, site.sublayer("feed_forward"), self.mlp, self.config.mode)
+        second = getattr(site.block, site.spec.image_attention or "", None)
+        if isinstance(second, nn.Module):  # SD3.5's attn2: a self-attention over the image tokens alone
+            if keys_values:
+                self.second = JointAttention(site, second)
+                hooks.pre(second, self._enter_image_attention)
+                self.second.attach(hooks, keys_values=True)
+            elif placement.attn:
+                merge_around(hooks, second, self.attn, self.config.mode)
+
+    def _enter_image_attention(self, attn: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        plan = self.kv.plan
+        x = args[0] if args else kwargs.get(self.site.spec.sublayer_input)  # (B, N, C): the image tokens
+        if plan is None or not isinstance(x, Tensor) or x.shape[:2] != (plan.batch, plan.num_in):
+            return None
+        assert self.second is not None
+        return self.second.prepare(args, kwargs, plan=plan, text=0, select="none", keys_values=True)
 
     def _enter_joint(self, attn: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         assert self.joint is not None

@@ -18,9 +18,10 @@ The image tokens themselves are merged and unmerged around the attention by
   sequence) and ``norm_added_q``/``norm_added_k`` (text stream). A per-sample plan makes
   the table per sample, ``(B, S, D)``, which the model's own processor does not accept,
   hence applying it here; the arithmetic is the processor's, per token.
-* **ToDo's keys and values** (placement `KeyValues`): queries keep every token; the image
-  keys (after their rotary) and values are merged with the plan at the key norm and the
-  value projection, the text keys and values untouched.
+* **ToDo's keys and values** (placement `KeyValues`): queries keep every token and their
+  positions; the image keys and values are merged with the plan at the key and value
+  projections (``to_k``/``to_v``, ``(B, N, C)``), a merged key takes its destination's
+  rotary position; the text keys and values are untouched.
 * **proportional attention** (`ResidualRange` with ``prop_attn``): an additive
   ``(B, 1, 1, S)`` mask, ``log(size)`` on the merged image tokens and 0 on the text,
   passed as the attention's ``attention_mask``.
@@ -88,8 +89,8 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 def check_joint_attention(site: BlockSite, keys_values: bool) -> None:
     """Refuse, at apply time, a joint attention whose queries and keys tokenmerge cannot reach.
 
-    Rotary tables (and ToDo's keys) are applied at the attention's ``norm_q``/``norm_k``
-    modules and ToDo's values at ``to_v``: they must exist, and ToDo needs unfused
+    Rotary tables are applied at the attention's ``norm_q``/``norm_k`` modules and ToDo
+    merges keys and values at ``to_k``/``to_v``: they must exist, and ToDo needs unfused
     projections.
     """
     attn = site.sublayer("self_attention")
@@ -97,10 +98,10 @@ def check_joint_attention(site: BlockSite, keys_values: bool) -> None:
     if attn is None:
         raise TokenMergeError(f"{name} has no self-attention ({site.spec.self_attention!r}) to merge around")
     needed = []
-    if site.spec.attention_rotary is not None or keys_values:
+    if site.spec.attention_rotary is not None:
         needed += ["norm_q", "norm_k"]
     if keys_values:
-        needed.append("to_v")
+        needed += ["to_k", "to_v"]
     missing = [n for n in needed if not isinstance(getattr(attn, n, None), nn.Module)]
     if missing:
         raise TokenMergeError(
@@ -119,10 +120,10 @@ class _Call:
         self.clear()
 
     def clear(self) -> None:
-        self.tables: Table | None = None  # for norm_q / norm_k: image stream, or the joint sequence
-        self.text_tables: Table | None = None  # for norm_added_q / norm_added_k (dual-stream text)
-        self.kv: MergePlan | None = None  # keys and values merged with this plan (ToDo)
-        self.kv_rows: int = 0  # token count of the keys/values the plan fits
+        self.tables: Table | None = None  # queries at norm_q: image stream, or the joint sequence
+        self.key_tables: Table | None = None  # keys at norm_k (ToDo: the merged keys' positions)
+        self.text_tables: Table | None = None  # norm_added_q / norm_added_k (dual-stream text)
+        self.kv: MergePlan | None = None  # keys and values merged with this plan at to_k / to_v (ToDo)
 
 
 class JointAttention:
@@ -130,17 +131,19 @@ class JointAttention:
 
     The block-level code (`tokenmerge.adapters.diffusion_blocks`) calls `prepare` in a
     pre-hook of the attention with what this call needs; the hooks of the attention's
-    norms and projections then do it, and the attention's post-hook forgets it.
+    projections and norms then do it, and the attention's post-hook forgets it.
 
     Args:
         site: the block whose self-attention this is (its `BlockSpec` says where the
             text is, the rotary keyword, whether the block concatenates the streams).
+        attn: the attention module, if not the block's self-attention (SD3.5's
+            image-only ``attn2``).
     """
 
-    def __init__(self, site: BlockSite) -> None:
+    def __init__(self, site: BlockSite, attn: nn.Module | None = None) -> None:
         self.site = site
         self.spec = site.spec
-        self.attn = site.sublayer("self_attention")
+        self.attn = attn if attn is not None else site.sublayer("self_attention")
         assert self.attn is not None
         self._per_thread = PerThread(_Call)
 
@@ -151,27 +154,22 @@ class JointAttention:
 
     # ------------------------------------------------------------------ wiring
     def attach(self, hooks: HookSet, keys_values: bool) -> None:
-        """Hook the attention's norms (rotary), and with ``keys_values`` its value projection (ToDo)."""
+        """Hook the attention's norms (rotary), and with ``keys_values`` its key and value projections (ToDo)."""
         attn = self.attn
-        if self.spec.attention_rotary is not None or keys_values:
-            for name in ("norm_q", "norm_k"):
-                module = getattr(attn, name, None)
-                if not isinstance(module, nn.Module):
-                    raise TokenMergeError(
-                        f"{type(attn).__name__} at {self.site.name} has no {name} module, where tokenmerge reads "
-                        "its queries and keys per token (rotary embeddings, ToDo)"
-                    )
-                hooks.post(module, self._queries if name == "norm_q" else self._keys, prepend=True)
+        if self.spec.attention_rotary is not None:
+            hooks.post(attn.norm_q, self._queries, prepend=True)
+            hooks.post(attn.norm_k, self._keys, prepend=True)
             for name in ("norm_added_q", "norm_added_k"):
                 module = getattr(attn, name, None)
                 if isinstance(module, nn.Module):
                     hooks.post(module, self._text, prepend=True)
         if keys_values:
-            hooks.post(attn.to_v, self._values, prepend=True)
+            hooks.post(attn.to_k, self._merge_projection, prepend=True)
+            hooks.post(attn.to_v, self._merge_projection, prepend=True)
         hooks.post(attn, self._leave, always_call=True)
 
     def fused(self) -> bool:
-        """Whether the attention runs fused QKV projections (its norms and ``to_v`` would not see them)."""
+        """Whether the attention runs fused QKV projections (``to_k``/``to_v`` would not be called)."""
         return bool(getattr(self.attn, "fused_projections", False))
 
     # ------------------------------------------------------------------ per call
@@ -211,11 +209,16 @@ class JointAttention:
         if keys_values:
             if self.fused():
                 raise TokenMergeError(FUSED_MESSAGE)
-            call.kv, call.kv_rows = plan, plan.num_in
+            call.kv = plan
         rotary_name = spec.attention_rotary
         table = kwargs.get(rotary_name) if rotary_name is not None else None
         if isinstance(table, tuple) and len(table) == 2 and all(isinstance(t, Tensor) for t in table):
-            self._set_tables(call, table, plan, text, select, text_first)  # type: ignore[arg-type]
+            queries = self._tables(call, table, plan, text, select, text_first)  # type: ignore[arg-type]
+            # ToDo: queries keep every token and position; the merged keys take their destinations'.
+            keys = queries
+            if keys_values:
+                keys = self._tables(call, table, plan, text, "joint" if spec.concatenated else "image", text_first)
+            call.tables, call.key_tables = queries, keys
             kwargs = {**kwargs, rotary_name: None}
         if bias is not None and kwargs.get("attention_mask") is None:
             zeros = bias.new_zeros(bias.shape[0], 1, text)  # (B, 1, T): text tokens have size 1
@@ -223,24 +226,24 @@ class JointAttention:
             kwargs = {**kwargs, "attention_mask": mask[:, None]}  # (B, 1, 1, S'): over heads and queries
         return args, kwargs
 
-    def _set_tables(self, call: _Call, table: Table, plan: MergePlan, text: int, select: str, text_first: bool) -> None:
+    def _tables(self, call: _Call, table: Table, plan: MergePlan, text: int, select: str, text_first: bool) -> Table:
+        """The table for the queries or keys at ``norm_q``/``norm_k`` (and the text stream's, `_Call.text_tables`)."""
         spec = self.spec
         cos, sin = table  # (S, D)
-        if select == "joint" or not spec.rotary_text:
-            # The table covers exactly the tokens the plan covers (or the image only).
-            call.tables = (plan.select(cos, dim=0), plan.select(sin, dim=0)) if select != "none" else table
-            return
+        if select != "none" and (select == "joint" or not spec.rotary_text):
+            # The table covers exactly the tokens the plan covers (the joint sequence, or the image only).
+            return plan.select(cos, dim=0), plan.select(sin, dim=0)  # (B, S', D)
+        if not spec.rotary_text or (select == "none" and spec.concatenated):
+            return table
         text_cos, image_cos = split_text(cos, text, text_first, dim=0)  # (T, D), (N, D)
         text_sin, image_sin = split_text(sin, text, text_first, dim=0)
         if select == "image":
             image_cos, image_sin = plan.select(image_cos, dim=0), plan.select(image_sin, dim=0)  # (B, N', D)
         if spec.concatenated:
             # Single-stream block: queries and keys of [text | image] come through norm_q / norm_k together.
-            joined = (join_text(text_cos, image_cos, text_first, -2), join_text(text_sin, image_sin, text_first, -2))
-            call.tables = table if select == "none" else joined
-        else:
-            call.tables = (image_cos, image_sin)
-            call.text_tables = (text_cos, text_sin)
+            return join_text(text_cos, image_cos, text_first, -2), join_text(text_sin, image_sin, text_first, -2)
+        call.text_tables = (text_cos, text_sin)
+        return image_cos, image_sin
 
     # ------------------------------------------------------------------ hooks
     def _queries(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Any:
@@ -250,11 +253,10 @@ class JointAttention:
         return apply_rotary(output, *tables)  # (B, S, H, D)
 
     def _keys(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Any:
-        call = self.call
-        keys = output if call.tables is None else apply_rotary(output, *call.tables)  # (B, S, H, D)
-        if call.kv is not None and keys.shape[1] == call.kv_rows:
-            keys = call.kv.merge(keys)  # (B, S - r, H, D): image keys merged, text keys kept
-        return keys if keys is not output else None
+        tables = self.call.key_tables
+        if tables is None:
+            return None
+        return apply_rotary(output, *tables)  # (B, S, H, D)
 
     def _text(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Any:
         tables = self.call.text_tables
@@ -262,11 +264,11 @@ class JointAttention:
             return None
         return apply_rotary(output, *tables)  # (B, T, H, D)
 
-    def _values(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Any:
-        call = self.call
-        if call.kv is None or output.dim() != 3 or output.shape[1] != call.kv_rows:
+    def _merge_projection(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Any:
+        plan = self.call.kv
+        if plan is None or output.dim() != 3 or output.shape[:2] != (plan.batch, plan.num_in):
             return None
-        return call.kv.merge(output)  # (B, S - r, C)
+        return plan.merge(output)  # (B, S - r, C): image keys or values merged, text kept
 
     def _leave(self, *_: Any) -> None:
         self.call.clear()

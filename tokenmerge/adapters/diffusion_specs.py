@@ -8,8 +8,14 @@ patch transformers name the attribute that holds their blocks.
 
 from __future__ import annotations
 
-from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel, UNet2DConditionModel
-from diffusers.models.attention import BasicTransformerBlock
+from diffusers import (
+    DiTTransformer2DModel,
+    FluxTransformer2DModel,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
+from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 from torch import nn
 
@@ -107,3 +113,25 @@ register_denoiser_spec(
     ),
 )
 # --8<-- [end:flux]
+
+# --8<-- [start:sd3]
+# JointTransformerBlock.forward(hidden_states, encoder_hidden_states, temb, ...) -> (encoder_hidden_states,
+#   hidden_states); attn(hidden_states=image, encoder_hidden_states=text) runs on [image | text] (text last) and
+#   returns (image, text); SD3.5's attn2 attends over the image alone. JointAttnProcessor2_0 takes no mask.
+register_block_spec(
+    JointTransformerBlock,
+    BlockSpec(
+        mask=None,
+        hidden_output=1,
+        context_output=0,
+        self_attention="attn",
+        cross_attention=None,
+        key_value_argument=None,
+        text_order="after",
+        attention_context="encoder_hidden_states",
+        image_attention="attn2",
+        joint_mask=False,
+    ),
+)
+register_denoiser_spec(SD3Transformer2DModel, DenoiserSpec("sd3", patch_size="patch_size"))
+# --8<-- [end:sd3]

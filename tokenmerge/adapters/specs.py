@@ -102,6 +102,10 @@ class BlockSpec:
             rotary embeddings reach the attention).
         rotary_text: whether the rotary table covers the text tokens too (Flux: the
             table spans ``[text | image]`` in ``text_order``), or the image tokens only.
+        image_attention: a second self-attention over the image tokens alone (SD3.5's
+            ``attn2``), merged like the joint one; None if none.
+        joint_mask: whether the joint attention's processor applies an
+            ``attention_mask`` (needed for proportional attention); SD3's does not.
         rotary_style: how the table is laid out and applied (`ROTARY_STYLES`):
             ``"flux"``, a ``(cos, sin)`` pair of ``(S, D)`` tables applied to
             ``(B, S, heads, D)`` queries and keys with interleaved pairs; its queries
@@ -126,6 +130,8 @@ class BlockSpec:
     attention_rotary: str | None = None
     rotary_text: bool = False
     rotary_style: str = "flux"
+    image_attention: str | None = None
+    joint_mask: bool = True
 
     @property
     def joint(self) -> bool:
@@ -138,6 +144,8 @@ class BlockSpec:
         _check_name("BlockSpec", "sublayer_input", self.sublayer_input, optional=False)
         _check_name("BlockSpec", "key_value_argument", self.key_value_argument)
         _check_name("BlockSpec", "attention_context", self.attention_context)
+        _check_name("BlockSpec", "image_attention", self.image_attention)
+        check(isinstance(self.joint_mask, bool), f"BlockSpec.joint_mask must be a bool; got {self.joint_mask!r}")
         _check_name("BlockSpec", "attention_rotary", self.attention_rotary)
         check(
             self.text_order in (None, "before", "after"),

@@ -27,6 +27,8 @@ from diffusers import (
     FluxTransformer2DModel,
     PixArtAlphaPipeline,
     PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
@@ -55,6 +57,11 @@ __all__ = [
     "tiny_flux",
     "tiny_flux_pipeline",
     "flux_inputs",
+    "tiny_sd3",
+    "tiny_sd3_pipeline",
+    "JOINT_TEXT_DIM",
+    "FLUX_POOLED_DIM",
+    "SD3_POOLED_DIM",
 ]
 
 #: How a builder initialises the weights: ``"normal"``, every parameter drawn from
@@ -369,6 +376,23 @@ def flux_inputs(
     return inputs
 
 
+def _vae8(seed: int, latent_channels: int = 4) -> AutoencoderKL:
+    """A VAE of scale factor 8 (four levels) without shift or scaling, like the MM-DiT pipelines expect."""
+    config: dict[str, Any] = dict(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        block_out_channels=(8,) * 4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        shift_factor=0.0,
+        scaling_factor=1.0,
+    )
+    return _build(AutoencoderKL, config, seed, "normal")
+
+
 def tiny_flux_pipeline(seed: int = 0, *, guidance_embeds: bool = False, **config: Any) -> FluxPipeline:
     """`FluxPipeline` around `tiny_flux`, with a VAE of scale factor 8 and no text encoders.
 
@@ -376,23 +400,7 @@ def tiny_flux_pipeline(seed: int = 0, *, guidance_embeds: bool = False, **config
     ``(B, FLUX_POOLED_DIM)``, a ``height``/``width`` divisible by 16 (a 2x2-packed latent
     of ``height / 8 x width / 8``), ``output_type="latent"`` or ``"pt"``.
     """
-    vae = _build(
-        AutoencoderKL,
-        dict(
-            in_channels=3,
-            out_channels=3,
-            latent_channels=4,
-            block_out_channels=(8,) * 4,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=1,
-            norm_num_groups=8,
-            shift_factor=0.0,
-            scaling_factor=1.0,
-        ),
-        seed,
-        "normal",
-    )
+    vae = _vae8(seed)
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae,
@@ -401,4 +409,57 @@ def tiny_flux_pipeline(seed: int = 0, *, guidance_embeds: bool = False, **config
         text_encoder_2=None,
         tokenizer_2=None,
         transformer=tiny_flux(seed, guidance_embeds=guidance_embeds, **config),
+    ).to("cpu")
+
+
+#: Width of the tiny SD3's pooled text embedding (two CLIPs' in the real model).
+SD3_POOLED_DIM = 8
+
+
+def tiny_sd3(
+    seed: int = 0, sample_size: int = 16, num_layers: int = 3, *, dual: bool = True, init: str = "normal", **config: Any
+) -> SD3Transformer2DModel:
+    """An SD3 / SD3.5 MM-DiT with 2x2 patches: joint attention with the text after the image tokens.
+
+    ``dual=True`` gives the first block SD3.5's second, image-only self-attention
+    (``attn2``) and every block RMS query/key norms; ``dual=False`` is SD3's plain form.
+    Call it with a latent ``(B, 4, H, W)``, ``encoder_hidden_states`` ``(B, T,
+    JOINT_TEXT_DIM)``, ``pooled_projections`` ``(B, SD3_POOLED_DIM)``, ``timestep``.
+    ``seed``, ``init`` and ``config`` as in `tiny_sd_unet`.
+    """
+    defaults: dict[str, Any] = dict(
+        sample_size=sample_size,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=num_layers,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=JOINT_TEXT_DIM,
+        caption_projection_dim=16,
+        pooled_projection_dim=SD3_POOLED_DIM,
+        pos_embed_max_size=32,
+    )
+    if dual:
+        defaults.update(dual_attention_layers=(0,), qk_norm="rms_norm")
+    return _build(SD3Transformer2DModel, {**defaults, **config}, seed, init)
+
+
+def tiny_sd3_pipeline(seed: int = 0, **config: Any) -> StableDiffusion3Pipeline:
+    """`StableDiffusion3Pipeline` around `tiny_sd3`, a VAE of scale factor 8 and no text encoders.
+
+    Call it with ``prompt_embeds`` ``(B, T, JOINT_TEXT_DIM)`` and ``pooled_prompt_embeds``
+    ``(B, SD3_POOLED_DIM)`` (and their negatives with guidance: classifier-free guidance
+    runs both branches in one batched call), a ``height``/``width`` divisible by 16.
+    """
+    return StableDiffusion3Pipeline(
+        transformer=tiny_sd3(seed, **config),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_vae8(seed),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
     ).to("cpu")
