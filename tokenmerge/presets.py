@@ -75,6 +75,7 @@ def ToMeSD(
     merge_crossattn: bool = False,
     merge_mlp: bool = False,
     *,
+    st: int = 1,
     seed: int | None = None,
 ) -> MergeConfig:
     """ToMeSD (Bolya & Hoffman, 2023) with exactly tomesd's arguments.
@@ -86,10 +87,13 @@ def ToMeSD(
         sx, sy: stride of the destination grid.
         use_rand: random destination inside each cell (seeded by ``seed``).
         merge_attn, merge_crossattn, merge_mlp: which sub-layers merge.
+        st: cell depth in frames on a video model's ``(t, h, w)`` token grid (1: cells
+            within a frame; 2: a cell spans two consecutive frames, at most
+            ``1 - 1/(sx*sy*st)`` merged).
         seed: seed of the partition RNG.
     """
     return MergeConfig(
-        matcher=RandomGrid(sx=sx, sy=sy, use_rand=use_rand),
+        matcher=RandomGrid(sx=sx, sy=sy, use_rand=use_rand, st=st),
         threshold=FixedRatio(ratio),
         cache=NoCache(),
         mode="mean",
@@ -110,6 +114,7 @@ def CAToMe(
     merge_mlp: bool = False,
     *,
     buckets: int | None = None,
+    st: int = 1,
     seed: int | None = None,
 ) -> MergeConfig:
     """CA-ToMe (arXiv 2501.00946): adaptive threshold plus a cache of matched pairs.
@@ -125,10 +130,12 @@ def CAToMe(
             in `ToMeSD`.
         buckets: round the adaptive count down to this many static sizes
             (compile-friendly; see `SimilarityThreshold`).
+        st: cell depth in frames on a video grid, as in `ToMeSD` (the threshold sees the
+            same cells).
         seed: seed of the partition RNG.
     """
     return MergeConfig(
-        matcher=RandomGrid(sx=sx, sy=sy, use_rand=use_rand),
+        matcher=RandomGrid(sx=sx, sy=sy, use_rand=use_rand, st=st),
         threshold=SimilarityThreshold(threshold, buckets=buckets),
         cache=RecomputeAt(recompute_at),
         mode="mean",
@@ -142,6 +149,7 @@ def ToDo(
     max_downsample: int = 1,
     *,
     ratio: float | None = None,
+    st: int = 1,
     seed: int | None = None,
 ) -> MergeConfig:
     """ToDo (Smith et al., 2024): token downsampling of keys and values.
@@ -155,13 +163,16 @@ def ToDo(
             ``64 x 64`` tokens, the grid matchers' largest stride).
         max_downsample: as in `ToMeSD`.
         ratio: fraction of tokens pooled away; defaults to all but one per cell,
-            ``1 - 1/downsample**2`` (plain average pooling).
+            ``1 - 1/(downsample**2 * st)`` (plain average pooling).
+        st: temporal downsampling on a video model's ``(t, h, w)`` token grid: keys and
+            values pooled over ``st`` consecutive frames too (1: within each frame).
         seed: unused by the fixed top-left grid; kept for a uniform signature.
     """
     downsample = check_int("downsample", downsample, 2, MAX_STRIDE)  # type: ignore[assignment]
-    full = 1.0 - 1.0 / (downsample * downsample)
+    st = check_int("st", st, 1, MAX_STRIDE)  # type: ignore[assignment]
+    full = 1.0 - 1.0 / (downsample * downsample * st)
     return MergeConfig(
-        matcher=StridedGrid(sx=downsample, sy=downsample),
+        matcher=StridedGrid(sx=downsample, sy=downsample, st=st),
         threshold=FixedRatio(full if ratio is None else ratio),
         mode="mean",
         seed=seed,

@@ -77,6 +77,7 @@ def supported_targets() -> list[str]:
         "diffusers PixArtTransformer2DModel",
         "diffusers FluxTransformer2DModel (Flux.1, double- and single-stream blocks)",
         "diffusers SD3Transformer2DModel (SD3, SD3.5)",
+        "diffusers WanTransformer3DModel (Wan 2.1/2.2 video)",
         "timm VisionTransformer (vit_*, deit_*, deit3_*)",
         "timm VisionTransformerDistilled",
         "a stack of transformer blocks with .attn and .mlp (nn.ModuleList/Sequential, or a module with .blocks)",

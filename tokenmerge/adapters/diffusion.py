@@ -126,12 +126,12 @@ class DiffusersAdapter(Adapter):
                     )
         if isinstance(placement, (KeyValues, ResidualRange)) or getattr(placement, "attn", False):
             for site in layout.sites:
-                if site.spec.joint:
+                if site.spec.attention_hooks:
                     check_joint_attention(site, keys_values=isinstance(placement, KeyValues))
         if isinstance(placement, KeyValues):
             for site in layout.sites:
                 attn = site.sublayer("self_attention")
-                if site.spec.joint:
+                if site.spec.attention_hooks:
                     continue  # checked above: keys and values merged at the projections
                 check(
                     attn is not None and site.spec.key_value_argument is not None,
@@ -156,7 +156,7 @@ class DiffusersAdapter(Adapter):
             unmasked = [
                 site.name
                 for site in layout.sites[placement.first : placement.last + 1]
-                if site.spec.joint and not site.spec.joint_mask
+                if (site.spec.attention_hooks) and not site.spec.joint_mask
             ]
             check(
                 not (placement.prop_attn and unmasked),

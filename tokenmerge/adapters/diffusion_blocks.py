@@ -117,7 +117,8 @@ class SubLayerMerge:
         self.config, self.state, self.tracker, self.layout, self.site = config, state, tracker, layout, site
         self.layer_index, self.num_layers = layer_index, num_layers
         self.attn, self.cross, self.mlp, self.kv = PlanSlot(), PlanSlot(), PlanSlot(), PlanSlot()
-        self.joint = JointAttention(site) if site.spec.joint else None
+        # Joint attention (MM-DiT) or a self-attention with rotary embeddings (Wan): tokenmerge's attention hooks.
+        self.joint = JointAttention(site) if site.spec.attention_hooks else None
         self.second: JointAttention | None = None  # SD3.5's image-only attn2 under KeyValues
         self.keys_values = isinstance(config.placement_for(SubLayers), KeyValues)
         self._text = PerThread(_Text)  # text tokens of the running call (joint blocks)
@@ -157,6 +158,8 @@ class SubLayerMerge:
             joint.attach(hooks, keys_values)
         if not keys_values and placement.mlp:
             merge_around(hooks, site.sublayer("feed_forward"), self.mlp, self.config.mode)
+        if not keys_values and placement.cross_attn:  # Wan: queries of the cross-attention to the text
+            merge_around(hooks, site.sublayer("cross_attention"), self.cross, self.config.mode)
         second = getattr(site.block, site.spec.image_attention or "", None)
         if isinstance(second, nn.Module):  # SD3.5's attn2: a self-attention over the image tokens alone
             if keys_values:
@@ -296,8 +299,8 @@ class RangeMerge:
         self._joint: dict[nn.Module, JointAttention] = {}
         for site in sites[self.first : self.last + 1]:
             hooks.pre(site.block, self._add_bias)
-            if site.spec.joint:
-                # MM-DiT: rotary tables follow the merged image tokens, proportional attention as a mask.
+            if site.spec.attention_hooks:
+                # MM-DiT, Wan: rotary tables follow the merged image tokens, proportional attention as a mask.
                 joint = JointAttention(site)
                 self._joint[joint.attn] = joint
                 hooks.pre(joint.attn, self._enter_joint)

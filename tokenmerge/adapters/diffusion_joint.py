@@ -42,8 +42,18 @@ from ..errors import TokenMergeError
 from ..hooks import HookSet, PerThread
 from ..plan import MergePlan
 from .diffusion_layout import BlockSite
+from .specs import argument_of
 
-__all__ = ["JointAttention", "apply_rotary", "split_text", "join_text", "check_joint_attention", "FUSED_MESSAGE"]
+__all__ = [
+    "JointAttention",
+    "apply_rotary",
+    "apply_rotary_wan",
+    "split_text",
+    "join_text",
+    "check_joint_attention",
+    "FUSED_MESSAGE",
+    "TOKEN_AXIS",
+]
 
 FUSED_MESSAGE = (
     "placement KeyValues (ToDo) merges the image keys and values of a joint attention at its key norm and "
@@ -84,6 +94,27 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)  # (B, S, H, D/2) each
     x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)  # (B, S, H, D)
     return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
+
+
+def apply_rotary_wan(x: Tensor, cos: Tensor, sin: Tensor, heads: int) -> Tensor:
+    """Wan-style rotary embedding of ``x`` ``(B, S, heads * D)`` with ``cos``/``sin`` ``(1 or B, S, 1, D)``.
+
+    Wan applies it after its query/key norms, which see ``(B, S, heads * D)``: the
+    tokens are split into heads, rotated in interleaved pairs as ``WanAttnProcessor``
+    does, and flattened back.
+    """
+    heads_view = x.unflatten(2, (heads, -1))  # (B, S, H, D)
+    x1, x2 = heads_view.unflatten(-1, (-1, 2)).unbind(-1)  # (B, S, H, D/2) each
+    cos = cos[..., 0::2]
+    sin = sin[..., 1::2]
+    out = torch.empty_like(heads_view)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(heads_view).flatten(2)  # (B, S, H * D)
+
+
+#: The token axis of each rotary style's tables (`BlockSpec.rotary_style`): Flux ``(S, D)``, Wan ``(1, S, 1, D)``.
+TOKEN_AXIS = {"flux": 0, "wan": 1}
 
 
 def check_joint_attention(site: BlockSite, keys_values: bool) -> None:
@@ -146,6 +177,10 @@ class JointAttention:
         self.attn = attn if attn is not None else site.sublayer("self_attention")
         assert self.attn is not None
         self._per_thread = PerThread(_Call)
+        rotary = self.spec.attention_rotary
+        self.rotary_argument = argument_of(type(self.attn), rotary) if rotary is not None else None
+        self.mask_argument = argument_of(type(self.attn), "attention_mask")
+        self.axis = TOKEN_AXIS[self.spec.rotary_style]
 
     @property
     def call(self) -> _Call:
@@ -210,8 +245,8 @@ class JointAttention:
             if self.fused():
                 raise TokenMergeError(FUSED_MESSAGE)
             call.kv = plan
-        rotary_name = spec.attention_rotary
-        table = kwargs.get(rotary_name) if rotary_name is not None else None
+        rotary = self.rotary_argument
+        table = rotary.get(args, kwargs) if rotary is not None else None
         if isinstance(table, tuple) and len(table) == 2 and all(isinstance(t, Tensor) for t in table):
             queries = self._tables(call, table, plan, text, select, text_first)  # type: ignore[arg-type]
             # ToDo: queries keep every token and position; the merged keys take their destinations'.
@@ -219,50 +254,58 @@ class JointAttention:
             if keys_values:
                 keys = self._tables(call, table, plan, text, "joint" if spec.concatenated else "image", text_first)
             call.tables, call.key_tables = queries, keys
-            kwargs = {**kwargs, rotary_name: None}
-        if bias is not None and kwargs.get("attention_mask") is None:
+            assert rotary is not None
+            args, kwargs = rotary.replace(args, kwargs, None)
+        mask_argument = self.mask_argument
+        if bias is not None and mask_argument is not None and mask_argument.get(args, kwargs) is None:
             zeros = bias.new_zeros(bias.shape[0], 1, text)  # (B, 1, T): text tokens have size 1
             mask = join_text(zeros, bias, text_first, dim=-1)  # (B, 1, S')
-            kwargs = {**kwargs, "attention_mask": mask[:, None]}  # (B, 1, 1, S'): over heads and queries
+            args, kwargs = mask_argument.replace(args, kwargs, mask[:, None])  # (B, 1, 1, S'): heads, queries
         return args, kwargs
 
     def _tables(self, call: _Call, table: Table, plan: MergePlan, text: int, select: str, text_first: bool) -> Table:
         """The table for the queries or keys at ``norm_q``/``norm_k`` (and the text stream's, `_Call.text_tables`)."""
-        spec = self.spec
-        cos, sin = table  # (S, D)
+        spec, axis = self.spec, self.axis
+        cos, sin = table  # Flux (S, D), Wan (1, S, 1, D)
         if select != "none" and (select == "joint" or not spec.rotary_text):
             # The table covers exactly the tokens the plan covers (the joint sequence, or the image only).
-            return plan.select(cos, dim=0), plan.select(sin, dim=0)  # (B, S', D)
+            return plan.select(cos, dim=axis), plan.select(sin, dim=axis)  # Flux (B, S', D), Wan (B, S', 1, D)
         if not spec.rotary_text or (select == "none" and spec.concatenated):
             return table
-        text_cos, image_cos = split_text(cos, text, text_first, dim=0)  # (T, D), (N, D)
-        text_sin, image_sin = split_text(sin, text, text_first, dim=0)
+        text_cos, image_cos = split_text(cos, text, text_first, dim=axis)  # (T, D), (N, D)
+        text_sin, image_sin = split_text(sin, text, text_first, dim=axis)
         if select == "image":
-            image_cos, image_sin = plan.select(image_cos, dim=0), plan.select(image_sin, dim=0)  # (B, N', D)
+            image_cos, image_sin = plan.select(image_cos, dim=axis), plan.select(image_sin, dim=axis)  # (B, N', D)
         if spec.concatenated:
             # Single-stream block: queries and keys of [text | image] come through norm_q / norm_k together.
-            return join_text(text_cos, image_cos, text_first, -2), join_text(text_sin, image_sin, text_first, -2)
+            join = axis - 2 if axis == 0 else axis
+            return join_text(text_cos, image_cos, text_first, join), join_text(text_sin, image_sin, text_first, join)
         call.text_tables = (text_cos, text_sin)
         return image_cos, image_sin
+
+    def _rotate(self, x: Tensor, tables: Table) -> Tensor:
+        if self.spec.rotary_style == "wan":
+            return apply_rotary_wan(x, *tables, heads=self.attn.heads)  # (B, S, H * D)
+        return apply_rotary(x, *tables)  # (B, S, H, D)
 
     # ------------------------------------------------------------------ hooks
     def _queries(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Any:
         tables = self.call.tables
         if tables is None:
             return None
-        return apply_rotary(output, *tables)  # (B, S, H, D)
+        return self._rotate(output, tables)
 
     def _keys(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Any:
         tables = self.call.key_tables
         if tables is None:
             return None
-        return apply_rotary(output, *tables)  # (B, S, H, D)
+        return self._rotate(output, tables)
 
     def _text(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Any:
         tables = self.call.text_tables
         if tables is None:
             return None
-        return apply_rotary(output, *tables)  # (B, T, H, D)
+        return self._rotate(output, tables)  # (B, T, ...)
 
     def _merge_projection(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Any:
         plan = self.call.kv

@@ -14,9 +14,11 @@ from diffusers import (
     PixArtTransformer2DModel,
     SD3Transformer2DModel,
     UNet2DConditionModel,
+    WanTransformer3DModel,
 )
 from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 from torch import nn
 
 from ..placements import KeyValues, SubLayers
@@ -135,3 +137,26 @@ register_block_spec(
 )
 register_denoiser_spec(SD3Transformer2DModel, DenoiserSpec("sd3", patch_size="patch_size"))
 # --8<-- [end:sd3]
+
+# --8<-- [start:wan]
+# WanTransformerBlock.forward(hidden_states, encoder_hidden_states, temb, rotary_emb) -> hidden_states:
+#   attn1(x, None, None, rotary_emb) self-attention over the video tokens with rotary tables (1, N, 1, D)
+#   applied after its norm_q / norm_k; attn2 cross-attention to the text; ffn.
+register_block_spec(
+    WanTransformerBlock,
+    BlockSpec(
+        mask=None,
+        rotary="rotary_emb",
+        self_attention="attn1",
+        cross_attention="attn2",
+        feed_forward="ffn",
+        key_value_argument=None,
+        attention_rotary="rotary_emb",
+        rotary_style="wan",
+    ),
+)
+# The latent is (B, C, F, H, W); patch_size is (t, h, w).
+register_denoiser_spec(
+    WanTransformer3DModel, DenoiserSpec("wan", blocks="blocks", patch_size="patch_size", patch_size_t="patch_size")
+)
+# --8<-- [end:wan]

@@ -40,11 +40,12 @@ __all__ = [
     "denoiser_spec",
     "registered_denoisers",
     "ROTARY_STYLES",
+    "argument_of",
 ]
 
 
 #: How a family lays out and applies its rotary table (`BlockSpec.rotary_style`).
-ROTARY_STYLES: tuple[str, ...] = ("flux",)
+ROTARY_STYLES: tuple[str, ...] = ("flux", "wan")
 
 
 def _is_name(value: Any) -> bool:
@@ -110,7 +111,9 @@ class BlockSpec:
             ``"flux"``, a ``(cos, sin)`` pair of ``(S, D)`` tables applied to
             ``(B, S, heads, D)`` queries and keys with interleaved pairs; its queries
             and keys are read at ``norm_q``/``norm_k`` (``norm_added_q``/``norm_added_k``
-            for the text stream), where the tables are applied per token.
+            for the text stream), where the tables are applied per token; ``"wan"``, a
+            pair of ``(1, S, 1, D)`` tables applied to the ``(B, S, heads * D)`` outputs
+            of Wan's query/key norms, split into heads.
     """
 
     hidden: str | None = "hidden_states"
@@ -137,6 +140,11 @@ class BlockSpec:
     def joint(self) -> bool:
         """Whether the block's self-attention is joint (text and image tokens attend together)."""
         return self.text_order is not None
+
+    @property
+    def attention_hooks(self) -> bool:
+        """Whether merging reaches inside the self-attention (joint attention or rotary tables)."""
+        return self.joint or self.attention_rotary is not None
 
     def __post_init__(self) -> None:
         for name in ("hidden", "context", "mask", "rotary", "self_attention", "cross_attention", "feed_forward"):
@@ -239,6 +247,17 @@ def _parameters(cls: type) -> tuple[list[inspect.Parameter], bool]:
     params = list(inspect.signature(forward).parameters.values())[1:]  # without self
     var_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
     return [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)], var_keyword
+
+
+def argument_of(cls: type, name: str) -> Argument | None:
+    """``name`` as an `Argument` of ``cls.forward`` (its position if it can be passed positionally); None if absent."""
+    params, var_keyword = _parameters(cls)
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if name in positional:
+        return Argument(name, positional.index(name))
+    if name in {p.name for p in params} or var_keyword:
+        return Argument(name, None)
+    return None
 
 
 _BOUND: weakref.WeakKeyDictionary[type, dict[BlockSpec, BlockCall]] = weakref.WeakKeyDictionary()

@@ -33,6 +33,8 @@ from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
+    WanPipeline,
+    WanTransformer3DModel,
 )
 
 from ..errors import check
@@ -62,6 +64,8 @@ __all__ = [
     "JOINT_TEXT_DIM",
     "FLUX_POOLED_DIM",
     "SD3_POOLED_DIM",
+    "tiny_wan",
+    "tiny_wan_pipeline",
 ]
 
 #: How a builder initialises the weights: ``"normal"``, every parameter drawn from
@@ -462,4 +466,46 @@ def tiny_sd3_pipeline(seed: int = 0, **config: Any) -> StableDiffusion3Pipeline:
         tokenizer_2=None,
         text_encoder_3=None,
         tokenizer_3=None,
+    ).to("cpu")
+
+
+def tiny_wan(seed: int = 0, num_layers: int = 2, *, init: str = "normal", **config: Any) -> WanTransformer3DModel:
+    """A Wan 2.1 video transformer: 1x2x2 patches, rotary (frame, row, column) embeddings, cross-attention to text.
+
+    Call it with a latent ``(B, 4, F, H, W)``, ``encoder_hidden_states`` ``(B, T,
+    JOINT_TEXT_DIM)`` and a ``timestep``; ``seed``, ``init`` and ``config`` as in
+    `tiny_sd_unet`.
+    """
+    defaults: dict[str, Any] = dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        text_dim=JOINT_TEXT_DIM,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=num_layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=64,
+    )
+    return _build(WanTransformer3DModel, {**defaults, **config}, seed, init)
+
+
+def tiny_wan_pipeline(seed: int = 0, **config: Any) -> WanPipeline:
+    """`WanPipeline` around `tiny_wan`, without VAE or text encoder (latents out).
+
+    Call it with ``prompt_embeds`` ``(B, T, JOINT_TEXT_DIM)`` (and
+    ``negative_prompt_embeds``: classifier-free guidance runs the two branches as separate
+    calls), ``num_frames = 4k + 1``, ``height``/``width`` divisible by 16 and
+    ``output_type="latent"``: the latent is ``(B, 4, (num_frames - 1) / 4 + 1, height / 8,
+    width / 8)``, as Wan's VAE would make it.
+    """
+    return WanPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=None,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=tiny_wan(seed, **config),
     ).to("cpu")
