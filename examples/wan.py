@@ -7,14 +7,14 @@
 A Wan video is a (frames, height, width) grid of tokens: 81 frames at 480x832 px are
 21 x 30 x 52 = 32,760 of them (the VAE keeps one latent frame in four, patches are 2x2).
 Only these merge; the text is attended to by cross-attention and never merges. A
-merging cell is a box of the grid (one latent frame by 2x2 tokens by default; ``--st 2``
-spans two frames), and the rotary positions follow the merged tokens. ``--blocks
+merging cell is a box of the grid, 2x2 tokens of one latent frame (``--st 2``: of two
+consecutive frames), and the rotary positions follow the merged tokens. ``--blocks
 first,last`` merges the residual stream once before block ``first`` and unmerges after
 block ``last`` (the 1.3B model has blocks 0-29). ``--size`` is the height, ``--width``
 and ``--frames`` the rest; the frames are saved as ``plain_<n>.png``/``merged_<n>.png``.
 ``--tiny`` builds the pipeline in code (no download, no text encoder: random prompt
-embeddings); a checkpoint given by ``--model`` is loaded by hub id or local folder and
-prompted with ``--prompt``.
+embeddings; a tiny Wan VAE with random weights); a checkpoint given by ``--model`` is
+loaded by hub id or local folder and prompted with ``--prompt``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from _diffusion_common import add_arguments, build_config, compare, parse, pick_device
 
-from tokenmerge.tools.common import psnr
+from tokenmerge.tools.common import psnr, seeded
 
 
 def pick_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype:
@@ -36,12 +36,37 @@ def pick_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def tiny_video_vae(seed: int) -> Any:
+    """A Wan VAE with random weights at tiny widths: 4 latent channels, 4x in time and 8x in space, as Wan's."""
+    from diffusers import AutoencoderKLWan
+
+    with seeded(seed, torch.device("cpu")):
+        return AutoencoderKLWan(
+            base_dim=8,
+            z_dim=4,
+            dim_mult=[1, 2, 4, 4],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+            latents_mean=[0.0] * 4,
+            latents_std=[1.0] * 4,
+        )
+
+
 def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Any:
     """The pipeline: from ``--model`` (hub id or folder; its VAE kept in float32), or the tiny one."""
     if args.tiny:
+        from diffusers import WanPipeline
+
         from tokenmerge.tools.tiny import tiny_wan_pipeline
 
-        pipe = tiny_wan_pipeline(seed=args.seed).to(dtype=dtype)
+        tiny = tiny_wan_pipeline(seed=args.seed)  # no VAE: its latents would be all there is to see
+        pipe = WanPipeline(
+            tokenizer=None,
+            text_encoder=None,
+            vae=tiny_video_vae(args.seed),
+            scheduler=tiny.scheduler,
+            transformer=tiny.transformer,
+        ).to(dtype=dtype)
     else:
         from diffusers import AutoencoderKLWan, WanPipeline
 
@@ -88,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--prompt", default="a red fox running through fresh snow, slow motion")
     parser.add_argument("--negative-prompt", default="", help="the unconditional prompt of guidance")
     parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--st", type=int, default=1, help="frames a merging cell spans (default 1)")
     args = parse(parser, argv, tiny_size=32)
     args.width = args.width or (32 if args.tiny else 832)
     args.frames = args.frames or (5 if args.tiny else 81)

@@ -29,6 +29,8 @@ RUNS = [
     ("flux", ["--method", "tomesd", "--ratio", "0.5", "--blocks", "1,2", "--batch", "2"], (2, 3, 64, 64)),
     ("wan", ["--method", "tomesd", "--ratio", "0.5"], (5, 3, 32, 32)),
     ("wan", ["--method", "tomesd", "--ratio", "0.5", "--blocks", "0,1"], (5, 3, 32, 32)),
+    ("wan", ["--method", "tomesd", "--ratio", "0.5", "--st", "2"], (5, 3, 32, 32)),
+    ("wan", ["--method", "todo", "--downsample", "2"], (5, 3, 32, 32)),
 ]
 
 
