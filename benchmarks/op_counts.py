@@ -66,7 +66,7 @@ MODERN_METHODS = ("tomesd:0.5", "tomesd:0.5,merge_mlp=1", "todo:2", "block:0.5",
 MODERN_ROWS: Rows = (
     ("flux-dev", 1024, 1, MODERN_METHODS),
     ("sd35-medium", 1024, 2, MODERN_METHODS),
-    ("wan-1.3b", 480, 1, MODERN_METHODS),
+    ("wan-1.3b", 480, 1, (*MODERN_METHODS, "tomesd:0.5,st=2", "block:0.5,st=2")),  # st=2: cells span 2 frames
 )
 
 #: The tables ``--set`` picks.

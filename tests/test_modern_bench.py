@@ -148,13 +148,24 @@ def test_meta_counts_of_a_merge_and_its_ideal() -> None:
     assert floor is None  # the token floor is a row of the newer families only
 
 
-def test_meta_counts_of_flux_merges_and_their_ideals() -> None:
+LABELS = {"tomesd:0.5": "ToMeSD(0.5)", "todo:2": "ToDo(2)", "block:0.5": "block r=0.5"}
+
+
+@pytest.mark.parametrize(
+    ("name", "methods"),
+    [
+        ("flux-dev-tiny", ("tomesd:0.5", "todo:2", "block:0.5")),
+        ("sd35-medium-tiny", ("tomesd:0.5", "todo:2", "block:0.5")),
+        ("wan-1.3b-tiny", ("tomesd:0.5", "tomesd:0.5,st=2", "block:0.5")),
+    ],
+)
+def test_meta_counts_of_merges_and_their_ideals(name: str, methods: tuple[str, ...]) -> None:
     op_counts = _script("op_counts")
-    methods = ("tomesd:0.5", "todo:2", "block:0.5")
-    _title, rows = op_counts.profile_rows("flux-dev-tiny", 128, 1, methods, fewer=(0.5,))
+    spec = get_arch(name)
+    _title, rows = op_counts.profile_rows(name, spec.resolution, spec.batch, methods, fewer=(0.5,))
     by_label = {row.label: row for row in rows}
     plain, floor = by_label["plain"], by_label["token floor 50%"]
-    for label in ("ToMeSD(0.5)", "ToDo(2)", "block r=0.5"):
+    for label in (LABELS.get(m, "ToMeSD(0.5, st=2)") for m in methods):
         merged, ideal = by_label[label], by_label[f"ideal@{label}"]
         assert merged.ops is not None and ideal.ops is not None, (merged.note, ideal.note)
         assert plain.flops > merged.flops >= ideal.flops >= floor.flops, label

@@ -161,17 +161,17 @@ def _block_range(model: nn.Module, blocks: tuple[int, int] | None) -> tuple[int,
 def _block_config(ratio: float, seed: int, kwargs: dict[str, Any]) -> Callable[[nn.Module], MergeConfig]:
     blocks = kwargs.pop("blocks", None)
     prop_attn = kwargs.pop("prop_attn", False)
-    sx, sy = kwargs.pop("sx", 2), kwargs.pop("sy", 2)  # checked by RandomGrid
+    sx, sy, st = kwargs.pop("sx", 2), kwargs.pop("sy", 2), kwargs.pop("st", 1)  # checked by RandomGrid
     use_rand = kwargs.pop("use_rand", True)
     mode = kwargs.pop("mode", "mean")
     if kwargs:
         raise TokenMergeError(
-            f"method 'block' takes blocks, prop_attn, sx, sy, use_rand, mode, seed; got {sorted(kwargs)}"
+            f"method 'block' takes blocks, prop_attn, sx, sy, st, use_rand, mode, seed; got {sorted(kwargs)}"
         )
 
     def build(model: nn.Module) -> MergeConfig:
         return MergeConfig(
-            matcher=RandomGrid(sx=sx, sy=sy, use_rand=use_rand),
+            matcher=RandomGrid(sx=sx, sy=sy, use_rand=use_rand, st=st),
             threshold=FixedRatio(ratio),
             mode=mode,
             seed=seed,
@@ -179,7 +179,7 @@ def _block_config(ratio: float, seed: int, kwargs: dict[str, Any]) -> Callable[[
         )
 
     # Validate what can be validated before the model is known (the block range needs it).
-    MergeConfig(matcher=RandomGrid(sx=sx, sy=sy, use_rand=use_rand), threshold=FixedRatio(ratio), mode=mode)
+    MergeConfig(matcher=RandomGrid(sx=sx, sy=sy, use_rand=use_rand, st=st), threshold=FixedRatio(ratio), mode=mode)
     return build
 
 
