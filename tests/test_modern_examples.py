@@ -74,3 +74,24 @@ def test_checkpoints_default_to_the_published_ids(monkeypatch):
     args = argparse.Namespace(dtype=None)
     assert flux.pick_dtype(args, cuda) == wan.pick_dtype(args, cuda) == torch.bfloat16
     assert flux.pick_dtype(args, cpu) == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("page", "printed"),
+    [
+        ("flux", ["'single_transformer_blocks.0': (23, 15)", "{'transformer_blocks.1-2': (16, 8)}"]),
+        ("wan", ["{'blocks.0': (48, 24), 'blocks.1': (48, 24)}", "{'blocks.0-1': (48, 24)}"]),
+    ],
+)
+def test_tutorial_code_on_the_tiny_pipeline_runs(page, printed, capsys):
+    """The tutorial's sections before the real checkpoint run as written, and print what they say."""
+    import re
+
+    text = (EXAMPLES.parent / "docs" / "tutorials" / f"{page}.md").read_text(encoding="utf-8")
+    tiny_part = text.split("## 3.")[0]
+    code = "\n".join(re.findall(r"```python\n(.*?)```", tiny_part, re.S))
+    exec(compile(code, f"docs/tutorials/{page}.md", "exec"), {})  # noqa: S102 - the page's own code
+    out = capsys.readouterr().out
+    for expected in printed:
+        assert expected in out
+    assert " dB" in out
