@@ -10,6 +10,7 @@ a merge's zero-overhead ideal at or below the merge.
 from __future__ import annotations
 
 import importlib
+import io
 import sys
 from pathlib import Path
 from typing import Any
@@ -194,3 +195,20 @@ def test_gpu_sections_of_the_newer_families() -> None:
     assert all(s.dtype == "bfloat16" for s in dry)
     names = {name for name, _ in gpu_table.PRIORITY}
     assert set(modern) <= names
+
+
+QUICK = {"warmup": 1, "repeats": 1, "schedule": 2, "sample_steps": 2, "progress": False}
+
+
+@pytest.mark.parametrize("name", MODERN_TINY)
+def test_bench_rows_of_the_tiny_variants(name: str) -> None:
+    from tokenmerge.tools.bench import run_bench
+
+    result = run_bench(name, None, compile_modes=["eager"], stream=io.StringIO(), inputs="smooth", **QUICK)
+    rows = {row.method: row for row in result.rows}
+    assert set(rows) == {"plain", "ToMeSD(0.5)", "block r=0.5", "ideal@ToMeSD(0.5)", "ideal@block r=0.5"}
+    assert all(row.ok for row in rows.values()), [row.status for row in rows.values()]
+    for label in ("ToMeSD(0.5)", "block r=0.5"):
+        merged = rows[label]
+        assert 0 < merged.merged <= 0.5 and merged.rel_l2 > 0 and merged.psnr_db is not None
+        assert rows[f"ideal@{label}"].merged == pytest.approx(merged.merged, abs=0.02)
