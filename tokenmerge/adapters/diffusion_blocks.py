@@ -38,7 +38,7 @@ from ..placements import KeyValues, SubLayers
 from ..plan import MergePlan, proportional_attention_bias
 from ..policies.matchers import RandomGrid
 from ..state import MergeState
-from .diffusion_joint import JointAttention, join_text
+from .diffusion_joint import JointAttention, SpanMergeAround, join_text
 from .diffusion_layout import BlockSite, DenoiserLayout
 from .diffusion_steps import StepTracker
 from .specs import BlockCall
@@ -152,12 +152,18 @@ class SubLayerMerge:
         keys_values = isinstance(placement, KeyValues)
         attn = site.sublayer("self_attention")
         if keys_values or placement.attn:
+            # _enter_joint runs first: it sees the unmerged tokens and may keep the call unmerged (a mask
+            # that does not cover them); merge_around's pre-hook then merges the image tokens.
+            hooks.pre(attn, self._enter_joint)
             if not keys_values:
                 merge_around(hooks, attn, self.attn, self.config.mode, input_name=site.spec.sublayer_input)
-            hooks.pre(attn, self._enter_joint)
             joint.attach(hooks, keys_values)
         if not keys_values and placement.mlp:
-            merge_around(hooks, site.sublayer("feed_forward"), self.mlp, self.config.mode)
+            ff = site.sublayer("feed_forward")
+            if site.spec.joint_feed_forward:  # CogVideoX: the feed-forward sees [text | image]
+                SpanMergeAround(self.mlp, site.spec.text_order != "after", self.config.mode).attach(hooks, ff)
+            else:
+                merge_around(hooks, ff, self.mlp, self.config.mode)
         if not keys_values and placement.cross_attn:  # Wan: queries of the cross-attention to the text
             merge_around(hooks, site.sublayer("cross_attention"), self.cross, self.config.mode)
         second = getattr(site.block, site.spec.image_attention or "", None)
@@ -185,15 +191,18 @@ class SubLayerMerge:
         if plan is None:
             return None
         x = args[0] if args else kwargs.get(spec.sublayer_input)  # the attention's (image or joint) tokens
-        if not isinstance(x, Tensor) or x.shape[1] != (plan.num_in if keys_values else plan.num_out):
-            return None  # not merged (another token count): leave the call as it is
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[:2] != (plan.batch, plan.num_in):
+            return None  # another token count: merge_around leaves it too
         if spec.concatenated:
             text = self._text.value.count
         else:
             context = kwargs.get(spec.attention_context) if spec.attention_context else None
             text = context.shape[1] if isinstance(context, Tensor) else 0
         select = "none" if keys_values else ("joint" if spec.concatenated else "image")
-        return self.joint.prepare(args, kwargs, plan=plan, text=text, select=select, keys_values=keys_values)
+        prepared = self.joint.prepare(args, kwargs, plan=plan, text=text, select=select, keys_values=keys_values)
+        if prepared is None and not keys_values:
+            self.attn.plan = None  # e.g. a mask that does not cover the tokens: this attention runs unmerged
+        return prepared
 
     def _clear(self, *_: Any) -> None:
         self.attn.plan = self.cross.plan = self.mlp.plan = self.kv.plan = None
@@ -221,8 +230,9 @@ class SubLayerMerge:
         )
         if plan.r == 0:
             return
-        # A self-attention mask over the N image tokens would not fit N - r merged tokens.
-        self_attention_ok = not _has_mask(call, args, kwargs)
+        # A self-attention mask over the N image tokens would not fit N - r merged tokens; joint
+        # attention adjusts the key mask itself (`JointAttention.prepare`).
+        self_attention_ok = self.site.spec.attention_hooks or not _has_mask(call, args, kwargs)
         self.attn.plan = plan if self_attention_ok else None
         self.kv.plan = plan if self_attention_ok else None
         self.cross.plan = plan
@@ -312,7 +322,9 @@ class RangeMerge:
         site = self.layout.sites[self.first]
         call = site.call
         x = call.hidden.get(args, kwargs)  # (B, N, C)
-        if not isinstance(x, Tensor) or x.dim() != 3 or _has_mask(call, args, kwargs):
+        if not isinstance(x, Tensor) or x.dim() != 3:
+            return None
+        if _has_mask(call, args, kwargs) and not site.spec.attention_hooks:  # joint attention adjusts its mask
             return None
         layout = self.layout.token_layout(self.tracker.latent_hw, site, x.shape[1])  # image (H/p, W/p)
         if layout is None:
@@ -332,8 +344,8 @@ class RangeMerge:
     def _add_bias(self, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         plan, bias = self.current.plan, self.current.bias
         call = self._calls[block]
-        if plan is None or bias is None or call.mask is None:
-            return None
+        if plan is None or bias is None or call.mask is None or call.spec.attention_hooks:
+            return None  # joint attention gets the bias through JointAttention.prepare
         x = call.hidden.get(args, kwargs)  # (B, N - r, C) inside the range
         if not isinstance(x, Tensor) or x.shape[:2] != (plan.batch, plan.num_out):
             return None
@@ -356,7 +368,13 @@ class RangeMerge:
                 return None
         if text < 0:
             return None
-        return joint.prepare(args, kwargs, plan=plan, text=text, select="image", bias=current.bias)
+        prepared = joint.prepare(args, kwargs, plan=plan, text=text, select="image", bias=current.bias)
+        if prepared is None:
+            raise TokenMergeError(
+                f"the attention mask of {joint.site.name} does not cover its merged tokens "
+                f"({plan.num_in} image tokens and {text} text tokens); use SubLayers, which runs such calls unmerged"
+            )
+        return prepared
 
     def _unmerge(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         # The plan is kept until the next denoiser call: gradient checkpointing re-runs the

@@ -48,6 +48,9 @@ __all__ = [
     "JointAttention",
     "apply_rotary",
     "apply_rotary_wan",
+    "apply_rotary_qwen",
+    "apply_rotary_cogvideox",
+    "SpanMergeAround",
     "split_text",
     "join_text",
     "check_joint_attention",
@@ -113,8 +116,36 @@ def apply_rotary_wan(x: Tensor, cos: Tensor, sin: Tensor, heads: int) -> Tensor:
     return out.type_as(heads_view).flatten(2)  # (B, S, H * D)
 
 
+def apply_rotary_qwen(x: Tensor, freqs: Tensor) -> Tensor:
+    """Qwen-Image-style rotary embedding of ``x`` ``(B, S, heads, D)``, complex ``freqs`` ``(S or B x S, D/2)``.
+
+    As diffusers' ``apply_rotary_emb_qwen(..., use_real=False)``: pairs as complex numbers
+    times the complex table, in float32, cast back.
+    """
+    rotated = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, S, H, D/2)
+    return torch.view_as_real(rotated * freqs.unsqueeze(-2)).flatten(3).type_as(x)
+
+
+def apply_rotary_cogvideox(x: Tensor, cos: Tensor, sin: Tensor, text: int) -> Tensor:
+    """CogVideoX-style rotary embedding: ``x`` ``(B, heads, S, D)`` is ``[text | video]``, only the video part turns.
+
+    ``cos``/``sin`` are ``(N, D)`` or ``(B, N, D)`` over the video tokens; the arithmetic is
+    diffusers' ``apply_rotary_emb`` (interleaved pairs, float32), written into a copy.
+    """
+    video = x[:, :, text:]  # (B, H, N, D)
+    cos = cos.to(x.device)
+    sin = sin.to(x.device)
+    cos = cos[None, None] if cos.dim() == 2 else cos[:, None]  # (1 or B, 1, N, D)
+    sin = sin[None, None] if sin.dim() == 2 else sin[:, None]
+    x_real, x_imag = video.reshape(*video.shape[:-1], -1, 2).unbind(-1)
+    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    out = x.clone()
+    out[:, :, text:] = (video.float() * cos + x_rotated.float() * sin).to(x.dtype)
+    return out
+
+
 #: The token axis of each rotary style's tables (`BlockSpec.rotary_style`): Flux ``(S, D)``, Wan ``(1, S, 1, D)``.
-TOKEN_AXIS = {"flux": 0, "wan": 1}
+TOKEN_AXIS = {"flux": 0, "wan": 1, "qwen": 0, "cogvideox": 0, "hunyuan": 0}
 
 
 def check_joint_attention(site: BlockSite, keys_values: bool) -> None:
@@ -155,6 +186,8 @@ class _Call:
         self.key_tables: Table | None = None  # keys at norm_k (ToDo: the merged keys' positions)
         self.text_tables: Table | None = None  # norm_added_q / norm_added_k (dual-stream text)
         self.kv: MergePlan | None = None  # keys and values merged with this plan at to_k / to_v (ToDo)
+        self.text = 0  # text tokens of the attention's sequence
+        self.text_first = True
 
 
 class JointAttention:
@@ -241,9 +274,17 @@ class JointAttention:
             return None
         spec = self.spec
         text_first = spec.text_order != "after"
+        call.text, call.text_first = text, text_first
         if keys_values:
             if self.fused():
                 raise TokenMergeError(FUSED_MESSAGE)
+            text_mask = kwargs.get(spec.context_mask) if spec.context_mask is not None else None
+            if isinstance(text_mask, Tensor):
+                # Qwen-Image builds its key mask from the image queries' count: a mask that masks
+                # nothing is dropped (the same attention); a padded text runs this call unmerged.
+                if not bool(text_mask.all()):
+                    return None
+                kwargs = {**kwargs, spec.context_mask: None}
             call.kv = plan
         rotary = self.rotary_argument
         table = rotary.get(args, kwargs) if rotary is not None else None
@@ -257,15 +298,49 @@ class JointAttention:
             assert rotary is not None
             args, kwargs = rotary.replace(args, kwargs, None)
         mask_argument = self.mask_argument
-        if bias is not None and mask_argument is not None and mask_argument.get(args, kwargs) is None:
+        mask = mask_argument.get(args, kwargs) if mask_argument is not None else None
+        if isinstance(mask, Tensor):
+            # HunyuanVideo masks padded text keys: the image keys' part follows the merge.
+            mask = self._merged_mask(mask, plan, text, text_first)
+            if mask is None:
+                call.clear()
+                return None
+            assert mask_argument is not None
+            args, kwargs = mask_argument.replace(args, kwargs, mask)
+        if bias is not None and mask_argument is not None:
             zeros = bias.new_zeros(bias.shape[0], 1, text)  # (B, 1, T): text tokens have size 1
-            mask = join_text(zeros, bias, text_first, dim=-1)  # (B, 1, S')
-            args, kwargs = mask_argument.replace(args, kwargs, mask[:, None])  # (B, 1, 1, S'): heads, queries
+            additive = join_text(zeros, bias, text_first, dim=-1)[:, None]  # (B, 1, 1, S'): over heads, queries
+            if isinstance(mask, Tensor):
+                if mask.dtype == torch.bool:
+                    additive = additive.masked_fill(~mask, float("-inf"))
+                else:
+                    additive = additive + mask
+            args, kwargs = mask_argument.replace(args, kwargs, additive)
         return args, kwargs
+
+    @staticmethod
+    def _merged_mask(mask: Tensor, plan: MergePlan, text: int, text_first: bool) -> Tensor | None:
+        """The key mask ``(..., S)`` of the merged keys (a merged key keeps its destination's); None if unfit."""
+        if mask.dim() < 2 or mask.shape[0] not in (1, plan.batch):
+            return None
+        keys = mask.shape[-1]
+        if keys == plan.num_in:  # the plan covers the joint sequence (text protected)
+            return plan.select(mask, dim=-1)
+        if keys != plan.num_in + text:
+            return None
+        head, image = split_text(mask, text, text_first, dim=-1)
+        image = plan.select(image, dim=-1)  # (B, ..., N')
+        head = head.expand(image.shape[0], *head.shape[1:])
+        return torch.cat((head, image) if text_first else (image, head), dim=-1)
 
     def _tables(self, call: _Call, table: Table, plan: MergePlan, text: int, select: str, text_first: bool) -> Table:
         """The table for the queries or keys at ``norm_q``/``norm_k`` (and the text stream's, `_Call.text_tables`)."""
         spec, axis = self.spec, self.axis
+        if spec.rotary_style == "qwen":
+            # Qwen-Image: (image freqs (N, D/2), text freqs (T, D/2)), complex; the text's kept.
+            image, text_freqs = table
+            call.text_tables = (text_freqs,)
+            return (image,) if select == "none" else (plan.select(image, dim=0),)  # (B, N', D/2)
         cos, sin = table  # Flux (S, D), Wan (1, S, 1, D)
         if select != "none" and (select == "joint" or not spec.rotary_text):
             # The table covers exactly the tokens the plan covers (the joint sequence, or the image only).
@@ -283,7 +358,19 @@ class JointAttention:
         call.text_tables = (text_cos, text_sin)
         return image_cos, image_sin
 
-    def _rotate(self, x: Tensor, tables: Table) -> Tensor:
+    def _rotate(self, x: Tensor, tables: tuple[Tensor, ...]) -> Tensor:
+        if self.spec.rotary_style == "hunyuan":
+            # Tables over the video tokens; a joint projection (single-stream blocks) has the text too.
+            video = tables[0].shape[-2]
+            if x.shape[1] == video:
+                return apply_rotary(x, *tables)  # (B, N, H, D)
+            call = self.call
+            head, image = split_text(x, x.shape[1] - video, call.text_first, dim=1)
+            return join_text(head, apply_rotary(image, *tables), call.text_first, dim=1)  # (B, N + T, H, D)
+        if self.spec.rotary_style == "cogvideox":
+            return apply_rotary_cogvideox(x, *tables, text=self.call.text)  # (B, H, T + N, D)
+        if self.spec.rotary_style == "qwen":
+            return apply_rotary_qwen(x, *tables)  # (B, S, H, D)
         if self.spec.rotary_style == "wan":
             return apply_rotary_wan(x, *tables, heads=self.attn.heads)  # (B, S, H * D)
         return apply_rotary(x, *tables)  # (B, S, H, D)
@@ -308,10 +395,68 @@ class JointAttention:
         return self._rotate(output, tables)  # (B, T, ...)
 
     def _merge_projection(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> Any:
-        plan = self.call.kv
-        if plan is None or output.dim() != 3 or output.shape[:2] != (plan.batch, plan.num_in):
+        call = self.call
+        plan = call.kv
+        if plan is None or output.dim() != 3 or output.shape[0] != plan.batch:
             return None
-        return plan.merge(output)  # (B, S - r, C): image keys or values merged, text kept
+        if output.shape[1] == plan.num_in:
+            return plan.merge(output)  # (B, S - r, C): image keys or values merged (and a protected text)
+        if call.text and output.shape[1] == plan.num_in + call.text:
+            # CogVideoX projects [text | image] at once: the image span merged, the text kept.
+            text, image = split_text(output, call.text, call.text_first, dim=1)
+            return join_text(text, plan.merge(image), call.text_first, dim=1)  # (B, T + N - r, C)
+        return None
 
     def _leave(self, *_: Any) -> None:
         self.call.clear()
+
+
+class _SpanCall:
+    def __init__(self) -> None:
+        self.text = -1
+
+
+class SpanMergeAround:
+    """Merge the image span of a module's joint ``[text | image]`` input and unmerge its output's.
+
+    For a feed-forward that a block runs on the concatenated streams (CogVideoX) while its
+    plan covers the image tokens only: the text rows pass through unchanged.
+
+    Args:
+        slot: holds the block's image plan (`tokenmerge.hooks.PlanSlot`).
+        text_first: whether the text comes first in the joint sequence.
+        mode: how merged tokens combine.
+    """
+
+    def __init__(self, slot: Any, text_first: bool, mode: Any) -> None:
+        self.slot, self.text_first, self.mode = slot, text_first, mode
+        self._per_thread = PerThread(_SpanCall)
+
+    def attach(self, hooks: HookSet, module: nn.Module) -> None:
+        """Hook ``module``: merge before, unmerge after (before the user's forward hooks)."""
+        hooks.pre(module, self.merge_input)
+        hooks.post(module, self.unmerge_output, prepend=True)
+
+    def merge_input(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        call = self._per_thread.value
+        call.text = -1
+        plan = self.slot.plan
+        x = args[0] if args else kwargs.get("hidden_states")  # (B, T + N, C)
+        if plan is None or not isinstance(x, Tensor) or x.dim() != 3 or x.shape[0] != plan.batch:
+            return None
+        text = x.shape[1] - plan.num_in
+        if text < 0:
+            return None
+        call.text = text
+        head, image = split_text(x, text, self.text_first, dim=1)
+        merged = join_text(head, plan.merge(image, mode=self.mode), self.text_first, dim=1)  # (B, T + N - r, C)
+        return ((merged, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": merged})
+
+    def unmerge_output(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        call = self._per_thread.value
+        plan, text = self.slot.plan, call.text
+        call.text = -1
+        if plan is None or text < 0 or not isinstance(output, Tensor) or output.shape[1] != text + plan.num_out:
+            return None
+        head, image = split_text(output, text, self.text_first, dim=1)
+        return join_text(head, plan.unmerge(image), self.text_first, dim=1)  # (B, T + N, C)

@@ -96,6 +96,16 @@ class DenoiserLayout:
     frames_first: bool = False
     grid_ids: Argument | None = None
     timestep_scale: float = 1.0
+    grid_shapes: Argument | None = None
+
+    def grid_of_shapes(self, shapes: object) -> tuple[int, ...] | None:
+        """The token grid of Qwen-Image's ``img_shapes``: the first sample's first ``(frames, rows, columns)``."""
+        try:
+            frames, rows, cols = (int(v) for v in shapes[0][0])  # type: ignore[index]
+        except (TypeError, IndexError, ValueError):
+            return None
+        spatial = (rows * self.patch_size, cols * self.patch_size)
+        return spatial if frames == 1 else (frames * self.patch_size_t, *spatial)
 
     def latent_grid(self, latent: object) -> tuple[int, ...] | None:
         """The latent's spatial size as the tokens see it: ``(H, W)``, or ``(F, H, W)`` for a video latent.
@@ -227,5 +237,6 @@ def describe_denoiser(model: object) -> DenoiserLayout | None:
         patch_size_t=spec.patch_size_t_of(model),
         frames_first=spec.frames_first,
         grid_ids=spec.grid_ids_argument(model),
+        grid_shapes=spec.grid_ids_argument(model, "grid_shapes"),
         timestep_scale=float(spec.timestep_scale),
     )

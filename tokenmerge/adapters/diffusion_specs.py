@@ -9,15 +9,24 @@ patch transformers name the attribute that holds their blocks.
 from __future__ import annotations
 
 from diffusers import (
+    CogVideoXTransformer3DModel,
     DiTTransformer2DModel,
     FluxTransformer2DModel,
+    HunyuanVideoTransformer3DModel,
     PixArtTransformer2DModel,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     UNet2DConditionModel,
     WanTransformer3DModel,
 )
 from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
+from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+from diffusers.models.transformers.transformer_hunyuan_video import (
+    HunyuanVideoSingleTransformerBlock,
+    HunyuanVideoTransformerBlock,
+)
+from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
 from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 from torch import nn
 
@@ -160,3 +169,97 @@ register_denoiser_spec(
     WanTransformer3DModel, DenoiserSpec("wan", blocks="blocks", patch_size="patch_size", patch_size_t="patch_size")
 )
 # --8<-- [end:wan]
+
+# --8<-- [start:qwen]
+# QwenImageTransformerBlock.forward(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb,
+#   image_rotary_emb, ...) -> (encoder_hidden_states, hidden_states); attn(hidden_states=image,
+#   encoder_hidden_states=text, image_rotary_emb=(image freqs, text freqs)) runs on [text | image] and returns
+#   (image, text); its processor refuses an attention_mask.
+register_block_spec(
+    QwenImageTransformerBlock,
+    BlockSpec(
+        mask=None,
+        rotary="image_rotary_emb",
+        hidden_output=1,
+        context_output=0,
+        self_attention="attn",
+        cross_attention=None,
+        feed_forward="img_mlp",
+        key_value_argument=None,
+        text_order="before",
+        attention_context="encoder_hidden_states",
+        attention_rotary="image_rotary_emb",
+        rotary_text=True,
+        rotary_style="qwen",
+        joint_mask=False,
+        context_mask="encoder_hidden_states_mask",
+    ),
+)
+# The latent arrives packed (B, N, C) (2x2 patches); the token grid is img_shapes' (1, h, w); t / 1000.
+register_denoiser_spec(
+    QwenImageTransformer2DModel, DenoiserSpec("qwen-image", grid_shapes="img_shapes", timestep_scale=1000.0)
+)
+# --8<-- [end:qwen]
+
+# --8<-- [start:cogvideox]
+# CogVideoXBlock.forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb, ...) -> (hidden_states,
+#   encoder_hidden_states); attn1(hidden_states=video, encoder_hidden_states=text, image_rotary_emb=(cos, sin) over
+#   the video tokens) projects [text | video] at once and returns (video, text); ff runs on [text | video].
+register_block_spec(
+    CogVideoXBlock,
+    BlockSpec(
+        mask=None,
+        rotary="image_rotary_emb",
+        hidden_output=0,
+        context_output=1,
+        self_attention="attn1",
+        cross_attention=None,
+        key_value_argument=None,
+        text_order="before",
+        attention_context="encoder_hidden_states",
+        attention_rotary="image_rotary_emb",
+        rotary_style="cogvideox",
+        joint_feed_forward=True,
+    ),
+)
+# The latent is (B, F, C, H, W); CogVideoX 1.5 patches frames too (patch_size_t).
+register_denoiser_spec(
+    CogVideoXTransformer3DModel,
+    DenoiserSpec("cogvideox", patch_size="patch_size", patch_size_t="patch_size_t", frames_first=True),
+)
+# --8<-- [end:cogvideox]
+
+# --8<-- [start:hunyuan-video]
+# HunyuanVideoTransformerBlock.forward(hidden_states, encoder_hidden_states, temb, attention_mask, freqs_cis)
+#   -> (hidden_states, encoder_hidden_states); attn(hidden_states=video, encoder_hidden_states=text,
+#   attention_mask=(B, 1, 1, N + T) over [video | text] keys, image_rotary_emb=(cos, sin) over the video).
+# HunyuanVideoSingleTransformerBlock: the same call, but it concatenates [video | text] for proj_mlp and its
+#   attention projects the two together.
+_HUNYUAN = dict(
+    mask="attention_mask",
+    hidden_output=0,
+    context_output=1,
+    self_attention="attn",
+    cross_attention=None,
+    key_value_argument=None,
+    text_order="after",
+    attention_context="encoder_hidden_states",
+    attention_rotary="image_rotary_emb",
+    rotary_style="hunyuan",
+)
+register_block_spec(HunyuanVideoTransformerBlock, BlockSpec(**_HUNYUAN, rotary="freqs_cis", feed_forward="ff"))
+register_block_spec(
+    HunyuanVideoSingleTransformerBlock,
+    BlockSpec(**_HUNYUAN, rotary="image_rotary_emb", feed_forward="proj_mlp", joint_feed_forward=True),
+)
+# The latent is (B, C, F, H, W); the transformer runs its double-stream blocks, then its single-stream ones.
+register_denoiser_spec(
+    HunyuanVideoTransformer3DModel,
+    DenoiserSpec(
+        "hunyuan-video",
+        blocks=stacked_sites("transformer_blocks", "single_transformer_blocks"),
+        patch_size="patch_size",
+        patch_size_t="patch_size_t",
+    ),
+)
+# --8<-- [end:hunyuan-video]

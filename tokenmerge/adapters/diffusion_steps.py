@@ -132,6 +132,8 @@ class StepTracker:
         latent = get_argument(args, kwargs, layout.latent_index, layout.latent_name)
         if layout.grid_ids is not None:  # a packed latent (B, N, C): the grid from the position ids
             self._call.latent_hw = self._grid_of_ids(layout.grid_ids.get(args, kwargs))
+        elif layout.grid_shapes is not None:  # a packed latent with its grids as Python ints (Qwen-Image)
+            self._call.latent_hw = layout.grid_of_shapes(layout.grid_shapes.get(args, kwargs))
         elif isinstance(latent, Tensor):
             grid = layout.latent_grid(latent)  # (B, C, H, W) -> (H, W); video (B, C, F, H, W) -> (F, H, W)
             if grid is not None:

@@ -45,7 +45,7 @@ __all__ = [
 
 
 #: How a family lays out and applies its rotary table (`BlockSpec.rotary_style`).
-ROTARY_STYLES: tuple[str, ...] = ("flux", "wan")
+ROTARY_STYLES: tuple[str, ...] = ("flux", "wan", "qwen", "cogvideox", "hunyuan")
 
 
 def _is_name(value: Any) -> bool:
@@ -105,6 +105,9 @@ class BlockSpec:
             table spans ``[text | image]`` in ``text_order``), or the image tokens only.
         image_attention: a second self-attention over the image tokens alone (SD3.5's
             ``attn2``), merged like the joint one; None if none.
+        context_mask: the joint attention's keyword for a text padding mask from which
+            its processor builds the joint mask over ``[text | image]`` keys (Qwen-Image's
+            ``encoder_hidden_states_mask``); None if none.
         joint_mask: whether the joint attention's processor applies an
             ``attention_mask`` (needed for proportional attention); SD3's does not.
         rotary_style: how the table is laid out and applied (`ROTARY_STYLES`):
@@ -113,7 +116,15 @@ class BlockSpec:
             and keys are read at ``norm_q``/``norm_k`` (``norm_added_q``/``norm_added_k``
             for the text stream), where the tables are applied per token; ``"wan"``, a
             pair of ``(1, S, 1, D)`` tables applied to the ``(B, S, heads * D)`` outputs
-            of Wan's query/key norms, split into heads.
+            of Wan's query/key norms, split into heads; ``"qwen"``, a pair ``(image
+            freqs, text freqs)`` of complex ``(N, D/2)`` and ``(T, D/2)`` tables applied
+            to ``(B, S, heads, D)`` (Qwen-Image); ``"cogvideox"``, ``(cos, sin)`` over
+            the video tokens only, ``(N, D)``, applied to the video part of ``(B, heads,
+            T + N, D)`` queries and keys; ``"hunyuan"``, ``(cos, sin)`` ``(N, D)`` over the
+            video tokens, applied to their part of ``(B, S, heads, D)`` queries and keys.
+        joint_feed_forward: the block runs its feed-forward on ``[text | image]``
+            (CogVideoX) although its attention takes the streams apart: the image span
+            is merged around it.
     """
 
     hidden: str | None = "hidden_states"
@@ -135,6 +146,8 @@ class BlockSpec:
     rotary_style: str = "flux"
     image_attention: str | None = None
     joint_mask: bool = True
+    context_mask: str | None = None
+    joint_feed_forward: bool = False
 
     @property
     def joint(self) -> bool:
@@ -153,6 +166,11 @@ class BlockSpec:
         _check_name("BlockSpec", "key_value_argument", self.key_value_argument)
         _check_name("BlockSpec", "attention_context", self.attention_context)
         _check_name("BlockSpec", "image_attention", self.image_attention)
+        _check_name("BlockSpec", "context_mask", self.context_mask)
+        check(
+            isinstance(self.joint_feed_forward, bool),
+            f"BlockSpec.joint_feed_forward must be a bool; got {self.joint_feed_forward!r}",
+        )
         check(isinstance(self.joint_mask, bool), f"BlockSpec.joint_mask must be a bool; got {self.joint_mask!r}")
         _check_name("BlockSpec", "attention_rotary", self.attention_rotary)
         check(
@@ -363,6 +381,9 @@ class DenoiserSpec:
             (its largest row and column), for models whose latent arrives packed as
             ``(B, N, C)``. None: the grid follows the latent's shape, ``(B, C, H, W)``
             or, for video, ``(B, C, F, H, W)`` (or ``(B, F, C, H, W)``, `frames_first`).
+        grid_shapes: a ``forward`` argument with each sample's token grids, a list per
+            sample of ``(frames, rows, columns)`` (Qwen-Image's ``img_shapes``): the token
+            grid is the first sample's first entry (in tokens, so ``patch_size`` 1).
         patch_size_t: latent frames per token for video models: an int, the name of the
             ``model.config`` entry that holds it, or None (1).
         frames_first: the video latent is ``(B, F, C, H, W)`` (CogVideoX) instead of
@@ -379,12 +400,14 @@ class DenoiserSpec:
     timestep: str = "timestep"
     placements: tuple[type[Placement], ...] = (SubLayers, KeyValues, ResidualRange)
     grid_ids: str | None = None
+    grid_shapes: str | None = None
     patch_size_t: int | str | None = None
     frames_first: bool = False
     timestep_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _check_name("DenoiserSpec", "grid_ids", self.grid_ids)
+        _check_name("DenoiserSpec", "grid_shapes", self.grid_shapes)
         ok = (
             self.patch_size_t is None
             or _is_name(self.patch_size_t)
@@ -450,17 +473,16 @@ class DenoiserSpec:
             value = value[0]  # Wan: patch_size (t, h, w)
         return int(value) if value else 1
 
-    def grid_ids_argument(self, model: nn.Module) -> Argument | None:
-        """The `grid_ids` argument of ``model.forward`` (None when the spec has none)."""
-        if self.grid_ids is None:
+    def grid_ids_argument(self, model: nn.Module, field: str = "grid_ids") -> Argument | None:
+        """The `grid_ids` (or `grid_shapes`) argument of ``model.forward`` (None when the spec has none)."""
+        name = getattr(self, field)
+        if name is None:
             return None
         params, _ = _parameters(type(model))
         positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        if self.grid_ids not in {p.name for p in params}:
-            raise TokenMergeError(
-                f"model {type(model).__name__}.forward has no {self.grid_ids} argument (DenoiserSpec.grid_ids)"
-            )
-        return Argument(self.grid_ids, positional.index(self.grid_ids) if self.grid_ids in positional else None)
+        if name not in {p.name for p in params}:
+            raise TokenMergeError(f"model {type(model).__name__}.forward has no {name} argument (DenoiserSpec.{field})")
+        return Argument(name, positional.index(name) if name in positional else None)
 
     def arguments(self, model: nn.Module) -> tuple[Argument, Argument]:
         """The latent and timestep arguments of ``model.forward``; `TokenMergeError` if either is missing."""

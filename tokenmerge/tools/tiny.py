@@ -18,6 +18,9 @@ from typing import Any, TypeVar
 import torch
 from diffusers import (
     AutoencoderKL,
+    CogVideoXDDIMScheduler,
+    CogVideoXPipeline,
+    CogVideoXTransformer3DModel,
     DDIMScheduler,
     DiTPipeline,
     DiTTransformer2DModel,
@@ -25,8 +28,12 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    HunyuanVideoPipeline,
+    HunyuanVideoTransformer3DModel,
     PixArtAlphaPipeline,
     PixArtTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionImg2ImgPipeline,
@@ -66,6 +73,15 @@ __all__ = [
     "SD3_POOLED_DIM",
     "tiny_wan",
     "tiny_wan_pipeline",
+    "tiny_qwen_image",
+    "qwen_image_inputs",
+    "tiny_qwen_image_pipeline",
+    "tiny_cogvideox",
+    "cogvideox_inputs",
+    "tiny_cogvideox_pipeline",
+    "tiny_hunyuan_video",
+    "hunyuan_video_inputs",
+    "tiny_hunyuan_video_pipeline",
 ]
 
 #: How a builder initialises the weights: ``"normal"``, every parameter drawn from
@@ -508,4 +524,185 @@ def tiny_wan_pipeline(seed: int = 0, **config: Any) -> WanPipeline:
         vae=None,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         transformer=tiny_wan(seed, **config),
+    ).to("cpu")
+
+
+def tiny_qwen_image(
+    seed: int = 0, num_layers: int = 2, *, init: str = "normal", **config: Any
+) -> QwenImageTransformer2DModel:
+    """A Qwen-Image MM-DiT: packed latents ``(B, N, 16)`` (2x2 patches of 4 channels), complex rotary tables.
+
+    See `qwen_image_inputs` for a call; ``seed``, ``init`` and ``config`` as in `tiny_sd_unet`.
+    """
+    defaults: dict[str, Any] = dict(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=num_layers,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=JOINT_TEXT_DIM,
+        axes_dims_rope=(2, 2, 4),
+    )
+    return _build(QwenImageTransformer2DModel, {**defaults, **config}, seed, init)
+
+
+def qwen_image_inputs(batch: int = 1, height: int = 8, width: int = 8, text: int = 5, seed: int = 0) -> dict[str, Any]:
+    """Keyword arguments of one `tiny_qwen_image` call on a ``height x width`` token grid, as the pipeline has them."""
+    gen = _seeded(seed)
+    return dict(
+        hidden_states=torch.randn(batch, height * width, 16, generator=gen),  # (B, N, C) packed
+        encoder_hidden_states=torch.randn(batch, text, JOINT_TEXT_DIM, generator=gen),
+        encoder_hidden_states_mask=torch.ones(batch, text, dtype=torch.long),
+        timestep=torch.full((batch,), 0.5),  # t / 1000
+        img_shapes=[[(1, height, width)]] * batch,
+    )
+
+
+def tiny_qwen_image_pipeline(seed: int = 0, **config: Any) -> QwenImagePipeline:
+    """`QwenImagePipeline` around `tiny_qwen_image`, without VAE or text encoder (packed latents out).
+
+    Call it with ``prompt_embeds`` ``(B, T, JOINT_TEXT_DIM)`` and ``prompt_embeds_mask``
+    (and the negatives with ``true_cfg_scale`` > 1: the two branches run as separate
+    calls), a ``height``/``width`` divisible by 16 and ``output_type="latent"``.
+    """
+    return QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        transformer=tiny_qwen_image(seed, **config),
+    ).to("cpu")
+
+
+def tiny_cogvideox(
+    seed: int = 0, num_layers: int = 2, *, rotary: bool = True, init: str = "normal", **config: Any
+) -> CogVideoXTransformer3DModel:
+    """A CogVideoX video MM-DiT (5B-style rotary embeddings; ``rotary=False``: 2B's sin-cos positions).
+
+    Latents ``(B, F, 4, H, W)`` with 2x2 patches; see `cogvideox_inputs` for a call.
+    ``seed``, ``init`` and ``config`` as in `tiny_sd_unet`.
+    """
+    defaults: dict[str, Any] = dict(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=8,
+        text_embed_dim=JOINT_TEXT_DIM,
+        num_layers=num_layers,
+        sample_width=6,
+        sample_height=8,
+        sample_frames=9,
+        patch_size=2,
+        max_text_seq_length=5,
+        use_rotary_positional_embeddings=rotary,
+        use_learned_positional_embeddings=False,
+    )
+    return _build(CogVideoXTransformer3DModel, {**defaults, **config}, seed, init)
+
+
+def cogvideox_inputs(
+    batch: int = 1, frames: int = 3, height: int = 8, width: int = 6, text: int = 5, seed: int = 0, rotary: bool = True
+) -> dict[str, Any]:
+    """Keyword arguments of one `tiny_cogvideox` call: a latent ``(B, frames, 4, height, width)`` and its rotary tables.
+
+    The tables are CogVideoXPipeline's (``get_3d_rotary_pos_embed`` over the token grid).
+    """
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    gen = _seeded(seed)
+    inputs: dict[str, Any] = dict(
+        hidden_states=torch.randn(batch, frames, 4, height, width, generator=gen),
+        encoder_hidden_states=torch.randn(batch, text, JOINT_TEXT_DIM, generator=gen),
+        timestep=torch.full((batch,), 500),
+    )
+    if rotary:
+        grid = (height // 2, width // 2)
+        inputs["image_rotary_emb"] = get_3d_rotary_pos_embed(
+            embed_dim=16, crops_coords=((0, 0), grid), grid_size=grid, temporal_size=frames
+        )
+    return inputs
+
+
+def tiny_cogvideox_pipeline(seed: int = 0, **config: Any) -> CogVideoXPipeline:
+    """`CogVideoXPipeline` around `tiny_cogvideox`, without VAE or text encoder (latents out).
+
+    Call it with ``prompt_embeds`` ``(B, T, JOINT_TEXT_DIM)`` (and ``negative_prompt_embeds``:
+    classifier-free guidance batches both branches), ``num_frames = 4k + 1``,
+    ``height``/``width`` divisible by 16 and ``output_type="latent"``.
+    """
+    return CogVideoXPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=None,
+        transformer=tiny_cogvideox(seed, **config),
+        scheduler=CogVideoXDDIMScheduler(timestep_spacing="trailing"),
+    ).to("cpu")
+
+
+def tiny_hunyuan_video(
+    seed: int = 0, num_layers: int = 2, num_single_layers: int = 2, *, init: str = "normal", **config: Any
+) -> HunyuanVideoTransformer3DModel:
+    """A HunyuanVideo transformer: double- then single-stream blocks, [video | text], 1x2x2 patches.
+
+    See `hunyuan_video_inputs` for a call; ``seed``, ``init`` and ``config`` as in `tiny_sd_unet`.
+    """
+    defaults: dict[str, Any] = dict(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        num_refiner_layers=1,
+        mlp_ratio=2.0,
+        patch_size=2,
+        patch_size_t=1,
+        qk_norm="rms_norm",
+        guidance_embeds=True,
+        text_embed_dim=JOINT_TEXT_DIM,
+        pooled_projection_dim=FLUX_POOLED_DIM,
+        rope_axes_dim=(4, 6, 6),
+    )
+    return _build(HunyuanVideoTransformer3DModel, {**defaults, **config}, seed, init)
+
+
+def hunyuan_video_inputs(
+    batch: int = 1, frames: int = 3, height: int = 8, width: int = 6, text: int = 5, seed: int = 0
+) -> dict[str, Any]:
+    """Keyword arguments of one `tiny_hunyuan_video` call: a latent ``(B, 4, frames, height, width)``, text, guidance.
+
+    The last text token of the first sample is padding (``encoder_attention_mask`` 0), as
+    prompts shorter than the text length are.
+    """
+    gen = _seeded(seed)
+    mask = torch.ones(batch, text, dtype=torch.long)
+    mask[0, -1] = 0
+    return dict(
+        hidden_states=torch.randn(batch, 4, frames, height, width, generator=gen),
+        encoder_hidden_states=torch.randn(batch, text, JOINT_TEXT_DIM, generator=gen),
+        encoder_attention_mask=mask,
+        pooled_projections=torch.randn(batch, FLUX_POOLED_DIM, generator=gen),
+        timestep=torch.full((batch,), 500),
+        guidance=torch.full((batch,), 6000.0),
+    )
+
+
+def tiny_hunyuan_video_pipeline(seed: int = 0, **config: Any) -> HunyuanVideoPipeline:
+    """`HunyuanVideoPipeline` around `tiny_hunyuan_video`, without VAE or text encoders (latents out).
+
+    Call it with ``prompt_embeds`` ``(B, T, JOINT_TEXT_DIM)``, ``pooled_prompt_embeds``
+    ``(B, FLUX_POOLED_DIM)`` and ``prompt_attention_mask`` ``(B, T)``; guidance is
+    distilled (one call per step); ``num_frames = 4k + 1``, ``height``/``width`` divisible
+    by 16, ``output_type="latent"``.
+    """
+    return HunyuanVideoPipeline(
+        text_encoder=None,
+        tokenizer=None,
+        transformer=tiny_hunyuan_video(seed, **config),
+        vae=None,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder_2=None,
+        tokenizer_2=None,
     ).to("cpu")

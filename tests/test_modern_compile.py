@@ -1,0 +1,95 @@
+"""MM-DiT and video families under torch.compile(fullgraph=True): fixed-ratio presets, no recompiles.
+
+SD3 (joint attention, text after the image; ToMeSD, ToDo, a residual range) and Wan
+(video grid, rotary tables selected per sample) compile to one graph that serves every
+denoising step. CPU, dynamo's ``aot_eager`` backend, ``error_on_recompile``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch._dynamo
+from modern_cases import range_config
+
+import tokenmerge
+from tokenmerge.tools import tiny
+
+pytestmark = pytest.mark.usefixtures("diffusers_one_thread")
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo() -> Iterator[None]:
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+class CountingBackend:
+    """A dynamo backend that counts the graphs it is given and runs them through aot_eager."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        self.graphs += 1
+        from torch._dynamo.backends.debugging import aot_eager
+
+        return aot_eager(gm, example_inputs)
+
+
+def sd3_step() -> tuple[torch.nn.Module, Callable[[torch.nn.Module, float], torch.Tensor]]:
+    model = tiny.tiny_sd3()
+    gen = torch.Generator().manual_seed(0)
+    latent = torch.randn(2, 4, 16, 12, generator=gen)
+    text = torch.randn(2, 5, tiny.JOINT_TEXT_DIM, generator=gen)
+    pooled = torch.randn(2, tiny.SD3_POOLED_DIM, generator=gen)
+
+    def step(m: torch.nn.Module, t: float) -> torch.Tensor:
+        timestep = torch.full((2,), t)
+        return m(hidden_states=latent, encoder_hidden_states=text, pooled_projections=pooled, timestep=timestep)[0]
+
+    return model, step
+
+
+def wan_step() -> tuple[torch.nn.Module, Callable[[torch.nn.Module, float], torch.Tensor]]:
+    model = tiny.tiny_wan()
+    gen = torch.Generator().manual_seed(0)
+    latent = torch.randn(2, 4, 3, 8, 6, generator=gen)
+    text = torch.randn(2, 5, tiny.JOINT_TEXT_DIM, generator=gen)
+
+    def step(m: torch.nn.Module, t: float) -> torch.Tensor:
+        return m(hidden_states=latent, encoder_hidden_states=text, timestep=torch.full((2,), t))[0]
+
+    return model, step
+
+
+CASES = {
+    "sd3-tomesd": (sd3_step, lambda: tokenmerge.ToMeSD(0.5, merge_mlp=True, seed=0)),
+    "sd3-todo": (sd3_step, lambda: tokenmerge.ToDo(2)),
+    "wan-tomesd": (wan_step, lambda: tokenmerge.ToMeSD(0.5, st=2, seed=0)),
+    "wan-range": (wan_step, lambda: range_config(0, 1)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fixed_ratio_compiles_fullgraph_without_recompiles(case: str) -> None:
+    build, make_config = CASES[case]
+    model, step = build()
+    handle = tokenmerge.apply(model, make_config())
+    assert handle.state.traceable
+    timesteps = (900.0, 600.0, 300.0)
+    with torch.no_grad():
+        expected = [step(model, t) for t in timesteps]
+        backend = CountingBackend()
+        compiled = torch.compile(model, backend=backend, fullgraph=True)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            got = [step(compiled, t) for t in timesteps + timesteps[:2]]
+    assert backend.graphs == 1  # one graph, no break (fullgraph), no recompile over timesteps
+    for out, ref in zip(got, expected + expected[:2], strict=True):
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert sum(a - b for a, b in handle.state.merged_tokens.values()) > 0  # it did merge
+    handle.remove()
