@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -212,3 +213,17 @@ def test_bench_rows_of_the_tiny_variants(name: str) -> None:
         merged = rows[label]
         assert 0 < merged.merged <= 0.5 and merged.rel_l2 > 0 and merged.psnr_db is not None
         assert rows[f"ideal@{label}"].merged == pytest.approx(merged.merged, abs=0.02)
+
+
+def test_gpu_script_dry_run_of_a_modern_section(tmp_path: Path) -> None:
+    gpu_table = _script("gpu_table")
+    argv = ["--dry-run", "--sections", "wan-1.3b-480p", "--out", str(tmp_path), "--repeats", "1"]
+    assert gpu_table.main(argv) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    (run,) = data["runs"]
+    assert run["meta"]["arch"] == "wan-1.3b-tiny" and run["meta"]["dtype"] == "torch.bfloat16"
+    rows = {(row["mode"], row["method"]): row for row in run["rows"]}
+    for mode in ("eager", "default"):  # eager and compiled, plain and merged, and the ideals
+        assert {(mode, m) for m in ("plain", "ToMeSD(0.5)", "block r=0.5", "ideal@block r=0.5")} <= set(rows)
+    assert all(row["status"] == "ok" for row in rows.values()), [row["status"] for row in rows.values()]
+    assert (tmp_path / "wan-1.3b-480p.png").is_file()
