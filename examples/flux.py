@@ -1,6 +1,6 @@
 """Flux.1 (text to image, MM-DiT) with and without token merging: images, time per call, PSNR.
 
-    python examples/flux.py --model black-forest-labs/FLUX.1-dev --blocks 2,54 --ratio 0.5
+    python examples/flux.py --model black-forest-labs/FLUX.1-dev --blocks 4,52 --ratio 0.5
     python examples/flux.py --model /path/to/FLUX.1-dev --method tomesd --ratio 0.5 --size 1024
     python examples/flux.py --tiny --steps 4          # tiny random-weight pipeline on the CPU
 
@@ -8,10 +8,11 @@ Text tokens never merge; only the image tokens do, and their rotary positions fo
 them. ``--blocks first,last`` merges the image tokens of the residual stream once before
 block ``first`` and unmerges them after block ``last``; Flux's blocks are counted in the
 order they run, the 19 double-stream blocks as 0-18 and the 38 single-stream blocks as
-19-56. Without it, the preset merges around every block's attention (and feed-forward
-with ``--merge-mlp``). ``--tiny`` builds the pipeline in code (no download, no text
-encoder: random prompt embeddings); a checkpoint given by ``--model`` is loaded by hub id
-or local folder and prompted with ``--prompt``.
+19-56 (the range runs with proportional attention, as an attention mask). Without it,
+the preset merges around every block's attention (and feed-forward with ``--merge-mlp``).
+``--tiny`` builds the pipeline in code (no download, no text encoder: random prompt
+embeddings); a checkpoint given by ``--model`` is loaded by hub id or local folder and
+prompted with ``--prompt``.
 """
 
 from __future__ import annotations
