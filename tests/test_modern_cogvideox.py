@@ -138,3 +138,13 @@ def test_pipeline_batched_cfg_steps_and_seeds():
     handle.remove()
     with tokenmerge.apply(pipe, tokenmerge.ToMeSD(0.5, seed=1)):
         assert torch.equal(generate(), generate())
+
+
+def test_bad_configs_are_refused_at_apply_and_leave_the_model(cog):
+    model, call = cog
+    plain = run(call)
+    with pytest.raises(tokenmerge.TokenMergeError, match="no cross-attention"):
+        tokenmerge.apply(model, tokenmerge.ToMeSD(0.5, merge_crossattn=True))
+    with pytest.raises(tokenmerge.TokenMergeError, match="ResidualRange.last must lie within"):
+        tokenmerge.apply(model, range_config(1, BLOCKS))
+    assert torch.equal(run(call), plain)

@@ -138,3 +138,17 @@ def test_pipeline_guidance_distilled_steps_and_seeds():
     handle.remove()
     with tokenmerge.apply(pipe, tokenmerge.ToMeSD(0.5, seed=1)):
         assert torch.equal(generate(), generate())
+
+
+def test_bad_configs_are_refused_at_apply_and_leave_the_model(hunyuan):
+    model, call = hunyuan
+    plain = run(call)
+    with pytest.raises(tokenmerge.TokenMergeError, match="no cross-attention"):
+        tokenmerge.apply(model, tokenmerge.ToMeSD(0.5, merge_crossattn=True))
+    with pytest.raises(tokenmerge.TokenMergeError, match="ResidualRange.last must lie within"):
+        tokenmerge.apply(model, range_config(0, BLOCKS))
+    assert torch.equal(run(call), plain)
+    # A grid cell larger than the video grid: refused at the first call, naming the grid.
+    with tokenmerge.apply(model, tokenmerge.ToMeSD(0.5, sx=8, sy=8)):
+        with pytest.raises(tokenmerge.TokenMergeError, match="does not fit the 3 x 4 x 3 token grid"):
+            run(call)

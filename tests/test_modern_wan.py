@@ -112,3 +112,38 @@ def test_pipeline_separate_cfg_calls_steps_and_seeds():
     handle.remove()
     with tokenmerge.apply(pipe, tokenmerge.ToMeSD(0.5, seed=1)):
         assert torch.equal(generate(), generate())
+
+
+def test_bad_configs_are_refused_at_apply_and_leave_the_model(wan):
+    model, call = wan
+    plain = run(call)
+    with pytest.raises(tokenmerge.TokenMergeError, match="ResidualRange.last must lie within"):
+        tokenmerge.apply(model, range_config(0, BLOCKS))
+    model.blocks[0].attn1.fuse_projections()
+    try:
+        with pytest.raises(tokenmerge.TokenMergeError, match="fuse"):
+            tokenmerge.apply(model, tokenmerge.ToDo(2))
+    finally:
+        model.blocks[0].attn1.unfuse_projections()
+    assert torch.equal(run(call), plain)
+
+
+def test_a_deep_copy_is_merged_and_independent():
+    import copy
+
+    model = tiny.tiny_wan()
+    gen = torch.Generator().manual_seed(0)
+    inputs = dict(
+        hidden_states=torch.randn(1, 4, 3, 8, 6, generator=gen),
+        encoder_hidden_states=torch.randn(1, TEXT, tiny.JOINT_TEXT_DIM, generator=gen),
+        timestep=torch.tensor([500.0]),
+    )
+    plain = run(lambda: model(**inputs))
+    handle = tokenmerge.apply(model, tokenmerge.ToMeSD(0.5, merge_mlp=True, seed=0))
+    merged = run(lambda: model(**inputs))
+    twin = copy.deepcopy(model)
+    assert torch.equal(run(lambda: twin(**inputs)), merged)
+    tokenmerge.remove(twin)
+    assert torch.equal(run(lambda: twin(**inputs)), plain)
+    assert torch.equal(run(lambda: model(**inputs)), merged)  # the original keeps its config
+    handle.remove()

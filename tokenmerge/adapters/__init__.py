@@ -76,6 +76,7 @@ def supported_targets() -> list[str]:
         "diffusers DiTTransformer2DModel",
         "diffusers PixArtTransformer2DModel",
         "diffusers FluxTransformer2DModel (Flux.1, double- and single-stream blocks)",
+        "diffusers Flux2Transformer2DModel (Flux.2: SubLayers without merge_mlp, ResidualRange; no ToDo)",
         "diffusers SD3Transformer2DModel (SD3, SD3.5)",
         "diffusers WanTransformer3DModel (Wan 2.1/2.2 video)",
         "diffusers QwenImageTransformer2DModel (Qwen-Image)",

@@ -1,20 +1,26 @@
-"""The diffusers adapter: any merging policy in SD 1.x/2.x/SDXL UNets, DiT and PixArt.
+"""The diffusers adapter: any merging policy in UNets, DiT, PixArt, MM-DiTs and video DiTs.
 
 `tokenmerge.apply` reaches `DiffusersAdapter` for any diffusers object. It accepts a
-`DiffusionPipeline` (whose ``unet`` or ``transformer`` gets the hooks), a
-`UNet2DConditionModel`, a `DiTTransformer2DModel` or a `PixArtTransformer2DModel`, and
-attaches forward hooks only:
+`DiffusionPipeline` (whose ``unet`` or ``transformer`` gets the hooks) or one of the
+registered denoisers itself: SD 1.x/2.x/SDXL's `UNet2DConditionModel`,
+`DiTTransformer2DModel`, `PixArtTransformer2DModel`, and the MM-DiT and video families
+`FluxTransformer2DModel`, `SD3Transformer2DModel`, `QwenImageTransformer2DModel`,
+`WanTransformer3DModel`, `CogVideoXTransformer3DModel` and
+`HunyuanVideoTransformer3DModel`. It attaches forward hooks only:
 
-* on the denoiser, a `StepTracker` (latent size, denoising step, new generations);
+* on the denoiser, a `StepTracker` (latent size or token grid, denoising step, new
+  generations);
 * on every transformer block that merges, a `SubLayerMerge` (`SubLayers`: tomesd's
   merge around self-attention / cross-attention / feed-forward; `KeyValues`: ToDo's
-  key/value merging), or for `ResidualRange` a `RangeMerge` over a block range
-  (DiT/PixArt).
+  key/value merging), or for `ResidualRange` a `RangeMerge` over a block range;
+* inside joint attention (MM-DiT) and attention with rotary tables, the hooks of
+  `tokenmerge.adapters.diffusion_joint` (text tokens never merge; rotary tables follow
+  the merged tokens; ToDo's keys and values merged at the projections).
 
 Which models and blocks these are, and how they are called, is data: the
 `DenoiserSpec` and `BlockSpec` rows of `tokenmerge.adapters.diffusion_specs`. The
 placements a model accepts are its `DenoiserSpec.placements` (UNets: `SubLayers`,
-`KeyValues`; DiT and PixArt: those and `ResidualRange`).
+`KeyValues`; the transformers: those and `ResidualRange`).
 
 ``max_downsample`` counts from the highest-resolution level of the model that has
 attention, so SDXL, whose first level has none, merges at its second level by default.

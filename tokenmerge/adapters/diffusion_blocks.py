@@ -38,7 +38,7 @@ from ..placements import KeyValues, SubLayers
 from ..plan import MergePlan, proportional_attention_bias
 from ..policies.matchers import RandomGrid
 from ..state import MergeState
-from .diffusion_joint import JointAttention, SpanMergeAround, join_text
+from .diffusion_joint import JointAttention, SpanMergeAround, join_text, split_text
 from .diffusion_layout import BlockSite, DenoiserLayout
 from .diffusion_steps import StepTracker
 from .specs import BlockCall
@@ -217,10 +217,16 @@ class SubLayerMerge:
         if self.site.spec.concatenated:
             # Single-stream block: its attention and feed-forward see [text | image]; the text is protected.
             context = call.context.get(args, kwargs) if call.context is not None else None
-            if not isinstance(context, Tensor) or context.shape[0] != x.shape[0]:
+            if context is None:  # Flux.2: the model passes the joint sequence itself
+                image = self.layout.num_image_tokens(self.tracker.latent_hw)
+                if image is None or x.shape[1] <= image:
+                    return
+                text = self._text.value.count = x.shape[1] - image
+            elif not isinstance(context, Tensor) or context.shape[0] != x.shape[0]:
                 return
-            text = self._text.value.count = context.shape[1]
-            x = join_text(context, x, self.site.spec.text_order != "after", dim=1)  # (B, T + N, C)
+            else:
+                text = self._text.value.count = context.shape[1]
+                x = join_text(context, x, self.site.spec.text_order != "after", dim=1)  # (B, T + N, C)
         layout = self.layout.token_layout(self.tracker.latent_hw, self.site, x.shape[1], text)  # image or video
         if layout is None:
             return
@@ -326,6 +332,14 @@ class RangeMerge:
             return None
         if _has_mask(call, args, kwargs) and not site.spec.attention_hooks:  # joint attention adjusts its mask
             return None
+        text, text_first = 0, site.spec.text_order != "after"
+        if site.spec.concatenated and (call.context is None or call.context.get(args, kwargs) is None):
+            # Flux.2's single-stream blocks take [text | image] as one argument: plan the image span.
+            image = self.layout.num_image_tokens(self.tracker.latent_hw)
+            if image is None or x.shape[1] <= image:
+                return None
+            text = x.shape[1] - image
+            head, x = split_text(x, text, text_first, dim=1)
         layout = self.layout.token_layout(self.tracker.latent_hw, site, x.shape[1])  # image (H/p, W/p)
         if layout is None:
             return None
@@ -339,6 +353,8 @@ class RangeMerge:
         if self.config.prop_attn:
             current.bias = proportional_attention_bias(current.size, x.dtype)[:, 0]  # (B, 1, N - r)
         merged = plan.merge(x, mode=self.config.mode)  # (B, N - r, C)
+        if text:
+            merged = join_text(head, merged, text_first, dim=1)  # (B, T + N - r, C)
         return call.hidden.replace(args, kwargs, merged)
 
     def _add_bias(self, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -381,6 +397,13 @@ class RangeMerge:
         # blocks of the range (and these hooks) during the backward pass.
         plan, call = self.current.plan, self.layout.sites[self.last].call
         image = call.image_output(output)  # (B, N - r, C): the image stream, where the spec says it is
-        if plan is None or image is None or image.shape[:2] != (plan.batch, plan.num_out):
+        if plan is None or image is None or image.shape[0] != plan.batch:
             return None
-        return call.with_image_output(output, plan.unmerge(image))  # (B, N, C)
+        if image.shape[1] == plan.num_out:
+            return call.with_image_output(output, plan.unmerge(image))  # (B, N, C)
+        text = image.shape[1] - plan.num_out
+        if call.spec.concatenated and text > 0:  # Flux.2's single-stream blocks return [text | image]
+            text_first = call.spec.text_order != "after"
+            head, merged = split_text(image, text, text_first, dim=1)
+            return call.with_image_output(output, join_text(head, plan.unmerge(merged), text_first, dim=1))
+        return None

@@ -166,10 +166,15 @@ def check_joint_attention(site: BlockSite, keys_values: bool) -> None:
         needed += ["to_k", "to_v"]
     missing = [n for n in needed if not isinstance(getattr(attn, n, None), nn.Module)]
     if missing:
+        hint = (
+            "build it with query/key norms (qk_norm)"
+            if "norm_q" in missing or "norm_k" in missing
+            else "its key and value projections are fused (a parallel attention such as Flux.2's single-stream "
+            "blocks): use SubLayers or ResidualRange"
+        )
         raise TokenMergeError(
             f"{name}: its attention has no {', '.join(missing)} module, where tokenmerge reads queries, keys and "
-            "values per token (rotary embeddings follow merged tokens; ToDo merges keys and values); "
-            "build it with qk_norm (e.g. qk_norm='rms_norm') or use another placement"
+            f"values per token (rotary embeddings follow merged tokens; ToDo merges keys and values); {hint}"
         )
     if keys_values and bool(getattr(attn, "fused_projections", False)):
         raise TokenMergeError(FUSED_MESSAGE)
@@ -438,6 +443,7 @@ class SpanMergeAround:
         hooks.post(module, self.unmerge_output, prepend=True)
 
     def merge_input(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Pre-hook: ``[text | image]`` with the image span merged (unchanged when the plan does not fit)."""
         call = self._per_thread.value
         call.text = -1
         plan = self.slot.plan
@@ -453,6 +459,7 @@ class SpanMergeAround:
         return ((merged, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": merged})
 
     def unmerge_output(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        """Forward hook: the output's image span unmerged back to all image tokens."""
         call = self._per_thread.value
         plan, text = self.slot.plan, call.text
         call.text = -1

@@ -123,15 +123,15 @@ class DenoiserLayout:
         return int(frames), int(shape[-2]), int(shape[-1])  # (B, C, F, H, W) -> (F, H, W)
 
     def grid_of_ids(self, ids: object) -> tuple[int, ...] | None:
-        """The latent grid, in latent pixels, of position ids ``(N, 3)`` or ``(B, N, 3)`` (frame, row, column).
+        """The latent grid, in latent pixels, of position ids ``(N, 3+)`` or ``(B, N, 3+)`` (frame, row, column, ...).
 
         Reads the ids on the host (once per denoiser call): rows and columns are the
         largest ids plus one, times the patch size; frames likewise when there are several.
         """
         shape = getattr(ids, "shape", None)
-        if shape is None or len(shape) not in (2, 3) or shape[-1] != 3 or shape[-2] == 0:
+        if shape is None or len(shape) not in (2, 3) or shape[-1] < 3 or shape[-2] == 0:
             return None
-        table = ids.reshape(-1, 3)  # type: ignore[attr-defined]
+        table = ids.reshape(-1, shape[-1])[:, :3]  # type: ignore[attr-defined]  # Flux.2 adds a 4th column
         frames, rows, cols = (int(v) + 1 for v in (table.amax(0) - table.amin(0)).tolist())
         if rows * cols * frames != shape[-2]:
             return None
@@ -166,6 +166,18 @@ class DenoiserLayout:
             grid = (-(-frames // pt), height // p, width // p)
             return grid if math.prod(grid) == num_tokens and min(grid) > 0 else None
         return token_grid(latent_hw, site.level, self.patch_size, num_tokens)  # type: ignore[arg-type]
+
+    def num_image_tokens(self, latent_hw: tuple[int, ...] | None) -> int | None:
+        """Image (or video) tokens of a patch transformer's latent of size ``latent_hw``; None if unknown."""
+        if latent_hw is None or self.is_unet:
+            return None
+        if len(latent_hw) == 3:
+            return (
+                -(-latent_hw[0] // self.patch_size_t)
+                * (latent_hw[1] // self.patch_size)
+                * (latent_hw[2] // self.patch_size)
+            )
+        return (latent_hw[0] // self.patch_size) * (latent_hw[1] // self.patch_size)
 
     def token_layout(
         self, latent_hw: tuple[int, ...] | None, site: BlockSite, num_tokens: int, text: int = 0

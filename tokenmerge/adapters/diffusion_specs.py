@@ -11,6 +11,7 @@ from __future__ import annotations
 from diffusers import (
     CogVideoXTransformer3DModel,
     DiTTransformer2DModel,
+    Flux2Transformer2DModel,
     FluxTransformer2DModel,
     HunyuanVideoTransformer3DModel,
     PixArtTransformer2DModel,
@@ -22,6 +23,7 @@ from diffusers import (
 from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
 from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+from diffusers.models.transformers.transformer_flux2 import Flux2SingleTransformerBlock, Flux2TransformerBlock
 from diffusers.models.transformers.transformer_hunyuan_video import (
     HunyuanVideoSingleTransformerBlock,
     HunyuanVideoTransformerBlock,
@@ -263,3 +265,29 @@ register_denoiser_spec(
     ),
 )
 # --8<-- [end:hunyuan-video]
+
+# --8<-- [start:flux2]
+# Flux2TransformerBlock: Flux's double-stream block (modulation passed in: temb_mod_img, temb_mod_txt).
+# Flux2SingleTransformerBlock.forward(hidden_states=[text | image], encoder_hidden_states=None, temb_mod, ...):
+#   the model concatenates the streams; its attention is a parallel attention + MLP on the joint sequence.
+register_block_spec(
+    Flux2TransformerBlock, BlockSpec(**_FLUX_JOINT, feed_forward="ff", attention_context="encoder_hidden_states")
+)
+register_block_spec(
+    Flux2SingleTransformerBlock,
+    BlockSpec(
+        **{**_FLUX_JOINT, "hidden_output": None, "context_output": None},  # returns the joint tensor
+        feed_forward=None,
+        concatenated=True,
+    ),
+)
+register_denoiser_spec(
+    Flux2Transformer2DModel,
+    DenoiserSpec(
+        "flux2",
+        blocks=stacked_sites("transformer_blocks", "single_transformer_blocks"),
+        grid_ids="img_ids",
+        timestep_scale=1000.0,
+    ),
+)
+# --8<-- [end:flux2]

@@ -26,6 +26,7 @@ from diffusers import (
     DiTTransformer2DModel,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
+    Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
     HunyuanVideoPipeline,
@@ -82,6 +83,8 @@ __all__ = [
     "tiny_hunyuan_video",
     "hunyuan_video_inputs",
     "tiny_hunyuan_video_pipeline",
+    "tiny_flux2",
+    "flux2_inputs",
 ]
 
 #: How a builder initialises the weights: ``"normal"``, every parameter drawn from
@@ -706,3 +709,41 @@ def tiny_hunyuan_video_pipeline(seed: int = 0, **config: Any) -> HunyuanVideoPip
         text_encoder_2=None,
         tokenizer_2=None,
     ).to("cpu")
+
+
+def tiny_flux2(
+    seed: int = 0, num_layers: int = 2, num_single_layers: int = 2, *, init: str = "normal", **config: Any
+) -> Flux2Transformer2DModel:
+    """A Flux.2 transformer: double-stream blocks, then parallel single-stream blocks on ``[text | image]``.
+
+    See `flux2_inputs` for a call; ``seed``, ``init`` and ``config`` as in `tiny_sd_unet`.
+    """
+    defaults: dict[str, Any] = dict(
+        patch_size=1,
+        in_channels=16,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=JOINT_TEXT_DIM,
+        timestep_guidance_channels=8,
+        mlp_ratio=2.0,
+        axes_dims_rope=(2, 2, 2, 2),
+        guidance_embeds=True,
+    )
+    return _build(Flux2Transformer2DModel, {**defaults, **config}, seed, init)
+
+
+def flux2_inputs(batch: int = 1, height: int = 8, width: int = 8, text: int = 5, seed: int = 0) -> dict[str, Any]:
+    """Keyword arguments of one `tiny_flux2` call: packed latent, text, ``(t, h, w, l)`` position ids, guidance."""
+    gen = _seeded(seed)
+    grid = torch.cartesian_prod(torch.arange(1), torch.arange(height), torch.arange(width), torch.arange(1))
+    text_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(text))
+    return dict(
+        hidden_states=torch.randn(batch, height * width, 16, generator=gen),  # (B, N, C) packed
+        encoder_hidden_states=torch.randn(batch, text, JOINT_TEXT_DIM, generator=gen),
+        timestep=torch.full((batch,), 0.5),  # t / 1000
+        img_ids=grid.expand(batch, -1, -1),  # (B, N, 4)
+        txt_ids=text_ids.expand(batch, -1, -1),  # (B, T, 4)
+        guidance=torch.full((batch,), 4.0),
+    )
