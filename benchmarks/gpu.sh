@@ -14,7 +14,10 @@
 # Usage (repository root):
 #   bash benchmarks/gpu.sh              # GPU: about 7 minutes including every compile; JSON and PNGs to $OUT (or ./out)
 #   bash benchmarks/gpu.sh --dry-run    # CPU: tiny configs through every code path
-# Extra arguments go to benchmarks/gpu_table.py (--sections NAME..., --backend, --repeats, --out).
+#   bash benchmarks/gpu.sh --set modern --budget 540             # Flux.1-dev, SD3.5 Medium, Wan 2.1 1.3B; bf16
+#   bash benchmarks/gpu.sh --sections flux-dev-1024 wan-1.3b-480p  # the two speed targets only
+#   bash benchmarks/gpu.sh --set modern --dry-run                 # CPU: their tiny configs
+# Extra arguments go to benchmarks/gpu_table.py (--set, --sections NAME..., --backend, --repeats, --budget, --out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

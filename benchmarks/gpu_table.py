@@ -49,6 +49,7 @@ class Section:
     mode: str
     estimate_s: float  # expected compile time of the plain model before one was seen in this section
     merge_factor: float = 1.0  # compile time of a merging row over the plain one's
+    dtype: str = "auto"  # float16 on the GPU unless the section names another
     seen: list[float] = field(default_factory=list)
 
     def factor(self, stateful: bool, merges: bool) -> float:
@@ -76,6 +77,19 @@ GPU_SECTIONS = [
     Section("dit-xl-2-512", "dit-xl-2", 512, 8, ["block:0.5"], "default", 45),
 ]
 
+#: The newer families at their published sizes, bf16 (their checkpoints' dtype), compiled with
+#: inductor's default mode: Flux.1-dev at 1024 px (batch 1: guidance distilled), SD3.5 Medium at
+#: 1024 px (batch 2), Wan 2.1 1.3B at 480x832 px and 81 frames (batch 1: one of the pipeline's two
+#: calls per step). Not in the default run: ``--set modern`` or ``--sections NAME...``.
+MODERN_SECTIONS = [
+    Section("flux-dev-1024", "flux-dev", 1024, 1, ["tomesd:0.5", "block:0.5"], "default", 90, dtype="bfloat16"),
+    Section("sd35-medium-1024", "sd35-medium", 1024, 2, ["tomesd:0.5", "block:0.5"], "default", 60, dtype="bfloat16"),
+    Section("wan-1.3b-480p", "wan-1.3b", 480, 1, ["tomesd:0.5", "block:0.5"], "default", 60, dtype="bfloat16"),
+]
+
+#: The section lists ``--set`` picks (``--sections`` picks by name from all of them).
+SECTION_SETS = {"classic": GPU_SECTIONS, "modern": MODERN_SECTIONS, "all": GPU_SECTIONS + MODERN_SECTIONS}
+
 #: Compiled rows, most wanted first: the rows of the targets still open or missed (the cheap
 #: and certain ones before CAToMe's slow, stateful compile), then the met targets' rows
 #: again, then their ideals (overheads), then the rest.
@@ -97,15 +111,33 @@ PRIORITY = [
     ("vit-b16", "ToMe(13, prop_attn=0)"),
     ("sd15-512", "CAToMe(0.7)"),
     ("sd15-512", "ideal@CAToMe(0.7)"),
+    # the newer families (``--set modern``): plain and the best-placed preset first, then the rest
+    ("flux-dev-1024", "plain"),
+    ("flux-dev-1024", "block r=0.5"),
+    ("wan-1.3b-480p", "plain"),
+    ("wan-1.3b-480p", "block r=0.5"),
+    ("flux-dev-1024", "ToMeSD(0.5)"),
+    ("wan-1.3b-480p", "ToMeSD(0.5)"),
+    ("sd35-medium-1024", "plain"),
+    ("sd35-medium-1024", "block r=0.5"),
+    ("sd35-medium-1024", "ToMeSD(0.5)"),
 ]
 
-DRY_ARCH = {"sd15": "sd15-tiny", "dit-xl-2": "dit-xl-2-tiny", "vit-b16": "vit-tiny"}
+DRY_ARCH = {
+    "sd15": "sd15-tiny",
+    "dit-xl-2": "dit-xl-2-tiny",
+    "vit-b16": "vit-tiny",
+    "flux-dev": "flux-dev-tiny",
+    "sd35-medium": "sd35-medium-tiny",
+    "wan-1.3b": "wan-1.3b-tiny",
+}
 
 
-def dry_sections() -> list[Section]:
-    """The GPU sections with tiny CPU models at 64 px, batch 2."""
+def dry_sections(sections: list[Section] | None = None) -> list[Section]:
+    """``sections`` (default: the classic GPU sections) with tiny CPU models at 64 px, batch 2."""
     return [
-        Section(s.name, DRY_ARCH[s.arch], 64, 2, list(s.methods), s.mode, 5.0, s.merge_factor) for s in GPU_SECTIONS
+        Section(s.name, DRY_ARCH[s.arch], 64, 2, list(s.methods), s.mode, 5.0, s.merge_factor, s.dtype)
+        for s in (GPU_SECTIONS if sections is None else sections)
     ]
 
 
@@ -282,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny CPU configs, every code path")
     parser.add_argument("--backend", default=None, help="torch.compile backend (default: inductor; dry run: aot_eager)")
-    parser.add_argument("--sections", nargs="+", default=None, help="run only these sections (names)")
+    parser.add_argument("--set", choices=sorted(SECTION_SETS), default="classic", help="which sections")
+    parser.add_argument("--sections", nargs="+", default=None, help="run only these sections (names, from any set)")
     parser.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default 420; dry 3600)")
     parser.add_argument("--out", default=os.environ.get("OUT") or "out", help="folder for JSON and plots")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per row (default 20; dry run 3)")
@@ -295,9 +328,13 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu" if args.dry_run else "cuda")
     backend = args.backend or ("aot_eager" if args.dry_run else "inductor")
     budget = args.budget or (3600.0 if args.dry_run else 420.0)
-    sections = dry_sections() if args.dry_run else GPU_SECTIONS
+    chosen = SECTION_SETS["all" if args.sections else args.set]
     if args.sections:
-        sections = [s for s in sections if s.name in args.sections]
+        unknown = sorted(set(args.sections) - {s.name for s in chosen})
+        if unknown:
+            parser.error(f"--sections must name sections of {[s.name for s in chosen]}; got {unknown}")
+        chosen = [s for s in chosen if s.name in args.sections]
+    sections = dry_sections(chosen) if args.dry_run else chosen
     repeats = args.repeats or (3 if args.dry_run else 20)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -323,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                 resolution=section.resolution,
                 batch=section.batch,
                 device=device,
+                dtype=section.dtype,
                 backend=backend,
                 warmup=2 if args.dry_run else 3,
                 repeats=repeats,

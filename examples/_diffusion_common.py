@@ -84,6 +84,8 @@ def _recompute_steps(args: argparse.Namespace) -> tuple[int, ...]:
 def build_config(args: argparse.Namespace) -> tokenmerge.MergeConfig:
     """The `MergeConfig` the command line asks for."""
     shared = dict(max_downsample=args.max_downsample, seed=args.seed)
+    if getattr(args, "st", 1) != 1:  # video models: cells spanning frames (examples/wan.py --st)
+        shared["st"] = args.st
     if args.method == "tomesd":
         config = tokenmerge.ToMeSD(
             ratio=args.ratio, merge_crossattn=args.merge_crossattn, merge_mlp=args.merge_mlp, **shared

@@ -90,6 +90,9 @@ DEFAULT_METHODS: dict[str, tuple[str, ...]] = {
     "unet": ("tomesd:0.5", "catome:0.7"),
     "dit": ("block:0.5",),
     "pixart": ("block:0.5",),
+    "flux": ("tomesd:0.5", "block:0.5"),
+    "sd3": ("tomesd:0.5", "block:0.5"),
+    "wan": ("tomesd:0.5", "block:0.5"),
     "vit": ("tome:13",),
 }
 

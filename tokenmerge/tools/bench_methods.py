@@ -10,7 +10,7 @@ tomesd     `tokenmerge.ToMeSD`                         ratio
 catome     `tokenmerge.CAToMe`                         threshold
 tome       `tokenmerge.ToMe`                           r per block
 todo       `tokenmerge.ToDo`                           downsample factor
-block      ToMeSD's matcher over a block range         ratio (DiT/PixArt residual stream)
+block      ToMeSD's matcher over a block range         ratio (patch transformers' residual stream)
 =========  ==========================================  =====================================
 
 The keys are the preset's keyword arguments (``max_downsample=2``, ``merge_mlp=1``
@@ -141,10 +141,17 @@ def _flags_to_bools(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: bool(v) if k in _FLAGS and type(v) is int and v in (0, 1) else v for k, v in kwargs.items()}
 
 
+#: The block lists of the patch transformers, in the order they run (one index space across them:
+#: Flux's 19 double-stream blocks are 0-18, its 38 single-stream blocks 19-56; Wan's are ``blocks``).
+_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")
+
+
 def _block_range(model: nn.Module, blocks: tuple[int, int] | None) -> tuple[int, int]:
-    count = len(getattr(model, "transformer_blocks", []))
+    count = sum(len(getattr(model, name, [])) for name in _BLOCK_LISTS)
     if count == 0:
-        raise TokenMergeError("method 'block' needs a patch transformer (DiT, PixArt) with transformer_blocks")
+        raise TokenMergeError(
+            "method 'block' needs a patch transformer (DiT, PixArt, Flux, SD3, Wan) with transformer_blocks or blocks"
+        )
     if blocks is not None:
         return blocks
     margin = count // 14
@@ -154,17 +161,17 @@ def _block_range(model: nn.Module, blocks: tuple[int, int] | None) -> tuple[int,
 def _block_config(ratio: float, seed: int, kwargs: dict[str, Any]) -> Callable[[nn.Module], MergeConfig]:
     blocks = kwargs.pop("blocks", None)
     prop_attn = kwargs.pop("prop_attn", False)
-    sx, sy = kwargs.pop("sx", 2), kwargs.pop("sy", 2)  # checked by RandomGrid
+    sx, sy, st = kwargs.pop("sx", 2), kwargs.pop("sy", 2), kwargs.pop("st", 1)  # checked by RandomGrid
     use_rand = kwargs.pop("use_rand", True)
     mode = kwargs.pop("mode", "mean")
     if kwargs:
         raise TokenMergeError(
-            f"method 'block' takes blocks, prop_attn, sx, sy, use_rand, mode, seed; got {sorted(kwargs)}"
+            f"method 'block' takes blocks, prop_attn, sx, sy, st, use_rand, mode, seed; got {sorted(kwargs)}"
         )
 
     def build(model: nn.Module) -> MergeConfig:
         return MergeConfig(
-            matcher=RandomGrid(sx=sx, sy=sy, use_rand=use_rand),
+            matcher=RandomGrid(sx=sx, sy=sy, use_rand=use_rand, st=st),
             threshold=FixedRatio(ratio),
             mode=mode,
             seed=seed,
@@ -172,7 +179,7 @@ def _block_config(ratio: float, seed: int, kwargs: dict[str, Any]) -> Callable[[
         )
 
     # Validate what can be validated before the model is known (the block range needs it).
-    MergeConfig(matcher=RandomGrid(sx=sx, sy=sy, use_rand=use_rand), threshold=FixedRatio(ratio), mode=mode)
+    MergeConfig(matcher=RandomGrid(sx=sx, sy=sy, use_rand=use_rand, st=st), threshold=FixedRatio(ratio), mode=mode)
     return build
 
 

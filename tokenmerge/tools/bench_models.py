@@ -34,6 +34,9 @@ __all__ = [
     "build_model",
     "load_weights",
     "smooth_noise",
+    "video_size",
+    "pack_flux_latents",
+    "flux_image_ids",
     "Workload",
 ]
 
@@ -44,10 +47,12 @@ class ArchSpec:
 
     Attributes:
         name: the name on the command line (``sd15``, ``dit-xl-2-tiny``, ...).
-        family: ``"unet"``, ``"dit"``, ``"pixart"`` or ``"vit"``; picks the input builder.
+        family: ``"unet"``, ``"dit"``, ``"pixart"``, ``"flux"``, ``"sd3"``, ``"wan"`` or ``"vit"``;
+            picks the builder and the inputs.
         source: where the config comes from (shown in reports).
         config: keyword arguments of the model class (diffusers) or of ``timm.create_model``.
-        resolution: default image size in pixels.
+        resolution: default image size in pixels (the height for ``wan``; its ``extra`` holds
+            the width and the frame count).
         batch: default batch of the denoiser (2 = one prompt with classifier-free guidance).
         extra: family-specific input sizes (text tokens, caption width, ...).
     """
@@ -145,6 +150,84 @@ _PIXART_ALPHA = {
     "interpolation_scale": 2,
 }
 _TINY_DIT = {"num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 4, "norm_num_groups": 8}
+# FLUX.1-dev: 19 double-stream (MM-DiT) blocks and 38 single-stream blocks of width 3072;
+# 16-channel latents packed 2x2 into 64 channels, so 1024 px is a 64x64 grid of 4096 tokens.
+_FLUX_DEV = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56),
+}
+_TINY_FLUX = {
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "pooled_projection_dim": 16,
+    "axes_dims_rope": (4, 6, 6),
+}
+# SD3.5 Medium (MMDiT-X): 24 joint blocks, the first 13 with a second image-only attention.
+_SD35_MEDIUM = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "num_layers": 24,
+    "attention_head_dim": 64,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048,
+    "out_channels": 16,
+    "pos_embed_max_size": 384,
+    "dual_attention_layers": tuple(range(13)),
+    "qk_norm": "rms_norm",
+}
+_TINY_SD35 = {
+    "sample_size": 16,
+    "num_layers": 3,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "caption_projection_dim": 32,
+    "pooled_projection_dim": 16,
+    "pos_embed_max_size": 32,
+    "dual_attention_layers": (0,),
+}
+# Wan 2.1 T2V 1.3B: 30 blocks of width 1536 (12 heads of 128); patch (1, 2, 2) over the
+# VAE's 4x-in-time, 8x-in-space latents: 81 frames at 480x832 px are 21x30x52 = 32760 tokens.
+_WAN_13B = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 12,
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "ffn_dim": 8960,
+    "num_layers": 30,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "rope_max_seq_len": 1024,
+}
+_TINY_WAN = {
+    "num_attention_heads": 2,
+    "attention_head_dim": 12,
+    "in_channels": 4,
+    "out_channels": 4,
+    "text_dim": 32,
+    "freq_dim": 16,
+    "ffn_dim": 48,
+    "num_layers": 2,
+    "rope_max_seq_len": 32,
+}
 
 
 def _spec(*args: Any, **kwargs: Any) -> tuple[str, ArchSpec]:
@@ -176,6 +259,33 @@ ARCHS: dict[str, ArchSpec] = dict(
             2,
             {"text": (120, 4096)},
         ),
+        _spec(
+            "flux-dev",
+            "flux",
+            "black-forest-labs/FLUX.1-dev transformer/config.json",
+            _FLUX_DEV,
+            1024,
+            1,  # guidance-distilled: one call per step, no classifier-free batch
+            {"text": (512, 4096), "latent_channels": 16, "guidance": 3.5},
+        ),
+        _spec(
+            "sd35-medium",
+            "sd3",
+            "stabilityai/stable-diffusion-3.5-medium transformer/config.json",
+            _SD35_MEDIUM,
+            1024,
+            2,
+            {"text": (333, 4096)},  # 77 CLIP + 256 T5 tokens, as the pipeline joins them
+        ),
+        _spec(
+            "wan-1.3b",
+            "wan",
+            "Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json",
+            _WAN_13B,
+            480,
+            1,  # the pipeline calls the conditional and unconditional passes apart
+            {"text": (512, 4096), "width": 832, "frames": 81},
+        ),
         _spec("vit-b16", "vit", "timm vit_base_patch16_224", {"model_name": "vit_base_patch16_224"}, 224, 256),
         _spec("vit-l16", "vit", "timm vit_large_patch16_224", {"model_name": "vit_large_patch16_224"}, 224, 256),
         _spec("sd15-tiny", "unet", "sd15 structure, tiny widths", {**_SD15, **_TINY_UNET}, 128, 2, {"text": (7, 32)}),
@@ -206,6 +316,33 @@ ARCHS: dict[str, ArchSpec] = dict(
             128,
             2,
             {"text": (7, 32)},
+        ),
+        _spec(
+            "flux-dev-tiny",
+            "flux",
+            "flux-dev structure, tiny widths",
+            {**_FLUX_DEV, **_TINY_FLUX},
+            128,
+            1,
+            {"text": (7, 32), "latent_channels": 16, "guidance": 3.5},
+        ),
+        _spec(
+            "sd35-medium-tiny",
+            "sd3",
+            "sd35-medium structure, tiny widths",
+            {**_SD35_MEDIUM, **_TINY_SD35},
+            128,
+            2,
+            {"text": (7, 32)},
+        ),
+        _spec(
+            "wan-1.3b-tiny",
+            "wan",
+            "wan-1.3b structure, tiny widths",
+            {**_WAN_13B, **_TINY_WAN},
+            64,
+            1,
+            {"text": (7, 32), "width": 96, "frames": 5},
         ),
         _spec(
             "vit-tiny",
@@ -253,6 +390,24 @@ def _build_pixart(spec: ArchSpec, resolution: int) -> nn.Module:
     return PixArtTransformer2DModel(**{**spec.config, "sample_size": resolution // 8})
 
 
+def _build_flux(spec: ArchSpec, resolution: int) -> nn.Module:
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(**spec.config)
+
+
+def _build_sd3(spec: ArchSpec, resolution: int) -> nn.Module:
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(**spec.config)
+
+
+def _build_wan(spec: ArchSpec, resolution: int) -> nn.Module:
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(**spec.config)
+
+
 def _build_vit(spec: ArchSpec, resolution: int) -> nn.Module:
     import timm
     from timm.models.vision_transformer import VisionTransformer
@@ -268,6 +423,9 @@ _BUILDERS: dict[str, Callable[[ArchSpec, int], nn.Module]] = {
     "unet": _build_unet,
     "dit": _build_dit,
     "pixart": _build_pixart,
+    "flux": _build_flux,
+    "sd3": _build_sd3,
+    "wan": _build_wan,
     "vit": _build_vit,
 }
 
@@ -309,9 +467,13 @@ def _quiet_diffusers() -> Iterator[None]:
         logger.setLevel(level)
 
 
+#: Resolutions must be a multiple of this (64 where none is listed: the UNets' three downsamplings).
+_RESOLUTION_MULTIPLE = {"vit": 16, "flux": 16, "sd3": 16, "wan": 16}
+
+
 def check_resolution(spec: ArchSpec, resolution: int) -> None:
     """Reject a resolution the architecture cannot take."""
-    multiple = 16 if spec.family == "vit" else 64
+    multiple = _RESOLUTION_MULTIPLE.get(spec.family, 64)
     if not isinstance(resolution, int) or resolution <= 0 or resolution % multiple:
         raise TokenMergeError(
             f"resolution for {spec.name} must be a positive multiple of {multiple}; got {resolution!r}"
@@ -391,7 +553,11 @@ class Workload:
         gen = torch.Generator().manual_seed(seed)
         self.inputs = _INPUTS[spec.family](spec, model, batch, resolution, gen)
         if inputs == "smooth":
-            self.inputs["latents"] = smooth_noise(self.inputs["latents"].shape, gen)
+            pack = _PACKED.get(spec.family)
+            if pack is None:
+                self.inputs["latents"] = smooth_noise(self.inputs["latents"].shape, gen)
+            else:  # smooth in the latent grid, then packed as the family's pipeline packs it
+                self.inputs["latents"] = pack(smooth_noise(_grid_shape(spec, batch, resolution), gen))
         self.inputs = {k: _to(v, device, dtype) for k, v in self.inputs.items()}
         self.timesteps = _timesteps(schedule, device) if spec.diffusion else [torch.zeros((), device=device)]
 
@@ -399,6 +565,30 @@ class Workload:
     def cycle(self) -> int:
         """Length of the timing cycle (the schedule; 1 for a ViT)."""
         return len(self.timesteps)
+
+    def fewer_tokens(self, fraction: float) -> Workload:
+        """The same workload with ``fraction`` of the image-token grid's rows left out.
+
+        Text, timesteps and every other input stay as they are (Flux's image position ids
+        are cut with its tokens). Running the denoiser on it is the zero-overhead ideal of
+        a merge that removes ``fraction`` of the image tokens before the first block and
+        restores them after the last: no matching, no merge, no unmerge. Whole rows of the
+        patch grid are left out (``round(rows * (1 - fraction))`` kept, at least one), so
+        the model's own position embeddings still apply.
+
+        Raises:
+            TokenMergeError: ``fraction`` not in ``[0, 1)``, or a family whose latents are
+                not an image-token grid (UNets, ViTs).
+        """
+        if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 <= fraction < 1:
+            raise TokenMergeError(f"fraction must be a number in [0, 1); got {fraction!r}")
+        family = self.spec.family
+        if family not in _TOKEN_ROWS:
+            raise TokenMergeError(f"fewer_tokens takes a patch transformer ({', '.join(_TOKEN_ROWS)}); got {family!r}")
+        copy = object.__new__(Workload)
+        copy.__dict__.update(self.__dict__)
+        copy.inputs = _TOKEN_ROWS[family](self, dict(self.inputs), fraction)
+        return copy
 
     def step(self, fn: Callable[..., Any], index: int = 0) -> Tensor:
         """Run ``fn`` (the model, or a compiled or patched version of it) at the ``index``-th timestep."""
@@ -433,19 +623,24 @@ def smooth_noise(shape: Sequence[int], gen: torch.Generator, factor: int = 8) ->
     """Gaussian noise that is smooth over space: drawn at ``1/factor`` of the size, upsampled.
 
     Args:
-        shape: ``(B, C, H, W)`` of the result.
+        shape: ``(B, C, H, W)`` of the result, or ``(B, C, T, H, W)`` for video latents
+            (smooth over time too).
         gen: the generator to draw from.
         factor: how much smaller the drawn noise is (at least 1 pixel per side).
 
     Returns:
-        ``(B, C, H, W)`` float32 with zero mean and unit standard deviation per sample and
+        float32 of ``shape`` with zero mean and unit standard deviation per sample and
         channel; neighbouring positions are strongly correlated.
     """
-    batch, channels, height, width = shape
-    coarse = torch.randn(batch, channels, max(height // factor, 1), max(width // factor, 1), generator=gen)
-    field = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)
-    field = field - field.mean(dim=(2, 3), keepdim=True)  # (B, C, H, W)
-    return field / field.std(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+    batch, channels, *size = shape
+    if len(size) not in (2, 3):
+        raise TokenMergeError(f"shape must be (B, C, H, W) or (B, C, T, H, W); got {tuple(shape)}")
+    coarse = torch.randn(batch, channels, *(max(n // factor, 1) for n in size), generator=gen)
+    mode = "bicubic" if len(size) == 2 else "trilinear"
+    field = torch.nn.functional.interpolate(coarse, size=tuple(size), mode=mode, align_corners=False)
+    dims = tuple(range(2, field.dim()))
+    field = field - field.mean(dim=dims, keepdim=True)  # (B, C, *size)
+    return field / field.std(dim=dims, keepdim=True).clamp_min(1e-6)
 
 
 def _to(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
@@ -493,6 +688,67 @@ def _pixart_inputs(spec: ArchSpec, model: nn.Module, batch: int, res: int, gen: 
     return inputs
 
 
+def video_size(spec: ArchSpec, resolution: int) -> tuple[int, int, int]:
+    """``(frames, height, width)`` in pixels of a video architecture at ``resolution`` (its height).
+
+    The width keeps the architecture's aspect ratio, rounded to a multiple of 16.
+    """
+    width = max(16, round(spec.extra["width"] * resolution / spec.resolution / 16) * 16)
+    return spec.extra["frames"], resolution, width
+
+
+def _grid_shape(spec: ArchSpec, batch: int, res: int) -> tuple[int, ...]:
+    """The unpacked latent shape of a ``flux`` or ``wan`` workload: ``(B, C, H, W)`` or ``(B, C, T, H, W)``."""
+    if spec.family == "flux":
+        return (batch, spec.extra["latent_channels"], res // 8, res // 8)
+    frames, height, width = video_size(spec, res)
+    return (batch, spec.config["in_channels"], (frames - 1) // 4 + 1, height // 8, width // 8)
+
+
+def pack_flux_latents(latents: Tensor) -> Tensor:
+    """``(B, C, H, W)`` latents as Flux takes them: 2x2 patches, ``(B, H/2 * W/2, 4C)`` (as `FluxPipeline`)."""
+    batch, channels, height, width = latents.shape
+    patches = latents.view(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(batch, (height // 2) * (width // 2), channels * 4)  # (B, N, 4C)
+
+
+def flux_image_ids(height: int, width: int) -> Tensor:
+    """``(H * W, 3)`` rotary position ids of a Flux image grid: ``(0, row, column)`` (as `FluxPipeline`)."""
+    rows = torch.arange(height).repeat_interleave(width)
+    cols = torch.arange(width).repeat(height)
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=1).float()  # (H*W, 3)
+
+
+_PACKED: dict[str, Callable[[Tensor], Tensor]] = {"flux": pack_flux_latents, "wan": lambda latents: latents}
+
+
+def _flux_inputs(spec: ArchSpec, model: nn.Module, batch: int, res: int, gen: torch.Generator) -> dict[str, Any]:
+    tokens, width = spec.extra["text"]
+    grid = res // 16  # VAE 8x, then 2x2 packing
+    return {
+        "latents": pack_flux_latents(_randn(gen, *_grid_shape(spec, batch, res))),  # (B, grid^2, 64)
+        "text": _randn(gen, batch, tokens, width),
+        "pooled": _randn(gen, batch, model.config.pooled_projection_dim),
+        "img_ids": flux_image_ids(grid, grid),
+        "txt_ids": torch.zeros(tokens, 3),
+        "guidance": torch.full((batch,), float(spec.extra["guidance"])),
+    }
+
+
+def _sd3_inputs(spec: ArchSpec, model: nn.Module, batch: int, res: int, gen: torch.Generator) -> dict[str, Any]:
+    tokens, width = spec.extra["text"]
+    return {
+        "latents": _randn(gen, batch, model.config.in_channels, res // 8, res // 8),
+        "text": _randn(gen, batch, tokens, width),
+        "pooled": _randn(gen, batch, model.config.pooled_projection_dim),
+    }
+
+
+def _wan_inputs(spec: ArchSpec, model: nn.Module, batch: int, res: int, gen: torch.Generator) -> dict[str, Any]:
+    tokens, width = spec.extra["text"]
+    return {"latents": _randn(gen, *_grid_shape(spec, batch, res)), "text": _randn(gen, batch, tokens, width)}
+
+
 def _vit_inputs(spec: ArchSpec, model: nn.Module, batch: int, res: int, gen: torch.Generator) -> dict[str, Any]:
     return {"latents": _randn(gen, batch, 3, res, res)}
 
@@ -501,7 +757,40 @@ _INPUTS: dict[str, Callable[..., dict[str, Any]]] = {
     "unet": _unet_inputs,
     "dit": _dit_inputs,
     "pixart": _pixart_inputs,
+    "flux": _flux_inputs,
+    "sd3": _sd3_inputs,
+    "wan": _wan_inputs,
     "vit": _vit_inputs,
+}
+
+
+def _kept_rows(rows: int, fraction: float, multiple: int = 1) -> int:
+    """Rows of a grid of ``rows`` kept when ``fraction`` of them go, in whole ``multiple``-row patches."""
+    patches = rows // multiple
+    return max(1, round(patches * (1 - fraction))) * multiple
+
+
+def _fewer_latent_rows(work: Workload, inputs: dict[str, Any], fraction: float) -> dict[str, Any]:
+    latents = inputs["latents"]  # (B, C, H, W) or (B, C, T, H, W); patches of 2 latent rows
+    keep = _kept_rows(latents.shape[-2], fraction, multiple=2)
+    inputs["latents"] = latents[..., :keep, :]
+    return inputs
+
+
+def _fewer_flux_rows(work: Workload, inputs: dict[str, Any], fraction: float) -> dict[str, Any]:
+    grid = work.resolution // 16  # square packed grid, row-major
+    keep = _kept_rows(grid, fraction) * grid
+    inputs["latents"] = inputs["latents"][:, :keep]  # (B, N', 64)
+    inputs["img_ids"] = inputs["img_ids"][:keep]  # (N', 3)
+    return inputs
+
+
+_TOKEN_ROWS: dict[str, Callable[[Workload, dict[str, Any], float], dict[str, Any]]] = {
+    "dit": _fewer_latent_rows,
+    "pixart": _fewer_latent_rows,
+    "flux": _fewer_flux_rows,
+    "sd3": _fewer_latent_rows,
+    "wan": _fewer_latent_rows,
 }
 
 
@@ -529,6 +818,34 @@ def _call_pixart(fn: Callable[..., Any], inputs: dict[str, Any], t: Tensor, batc
     )[0]
 
 
+def _call_flux(fn: Callable[..., Any], inputs: dict[str, Any], t: Tensor, batch: int) -> Tensor:
+    return fn(
+        hidden_states=inputs["latents"],
+        encoder_hidden_states=inputs["text"],
+        pooled_projections=inputs["pooled"],
+        timestep=t.expand(batch) / 1000,  # FluxPipeline passes t / 1000; the model scales it back
+        img_ids=inputs["img_ids"],
+        txt_ids=inputs["txt_ids"],
+        guidance=inputs["guidance"],
+        return_dict=False,
+    )[0]
+
+
+def _call_sd3(fn: Callable[..., Any], inputs: dict[str, Any], t: Tensor, batch: int) -> Tensor:
+    return fn(
+        hidden_states=inputs["latents"],
+        encoder_hidden_states=inputs["text"],
+        pooled_projections=inputs["pooled"],
+        timestep=t.expand(batch),
+        return_dict=False,
+    )[0]
+
+
+def _call_wan(fn: Callable[..., Any], inputs: dict[str, Any], t: Tensor, batch: int) -> Tensor:
+    latents, text = inputs["latents"], inputs["text"]
+    return fn(hidden_states=latents, timestep=t.expand(batch), encoder_hidden_states=text, return_dict=False)[0]
+
+
 def _call_vit(fn: Callable[..., Any], inputs: dict[str, Any], t: Tensor, batch: int) -> Tensor:
     return fn(inputs["latents"])
 
@@ -537,5 +854,8 @@ _CALLS: dict[str, Callable[[Callable[..., Any], dict[str, Any], Tensor, int], Te
     "unet": _call_unet,
     "dit": _call_dit,
     "pixart": _call_pixart,
+    "flux": _call_flux,
+    "sd3": _call_sd3,
+    "wan": _call_wan,
     "vit": _call_vit,
 }
