@@ -93,3 +93,45 @@ def test_fixed_ratio_compiles_fullgraph_without_recompiles(case: str) -> None:
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     assert sum(a - b for a, b in handle.state.merged_tokens.values()) > 0  # it did merge
     handle.remove()
+
+
+def test_flux_compiles_per_block_without_recompiles_and_reads_its_ids_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flux's token grid comes from its position ids, read on the host outside the compiled blocks.
+
+    The way diffusers compiles Flux, `compile_repeated_blocks(fullgraph=True)`, compiles each
+    double- and single-stream block with its merge hooks; the grid is read once per ids
+    tensor (the pipeline passes the same one at every step), not once per step.
+    """
+    from tokenmerge.adapters.diffusion_layout import DenoiserLayout
+
+    reads = []
+    original = DenoiserLayout.grid_of_ids
+
+    def counting(self: DenoiserLayout, ids: object) -> Any:
+        reads.append(1)
+        return original(self, ids)
+
+    monkeypatch.setattr(DenoiserLayout, "grid_of_ids", counting)
+    model = tiny.tiny_flux()
+    inputs = tiny.flux_inputs(batch=1, height=8, width=6)
+    handle = tokenmerge.apply(model, tokenmerge.ToMeSD(0.5, merge_mlp=True, seed=0))
+    assert handle.state.traceable
+    timesteps = (0.9, 0.6, 0.3)
+
+    def step(m: torch.nn.Module, t: float) -> torch.Tensor:
+        return m(**{**inputs, "timestep": torch.full((1,), t)})[0]
+
+    with torch.no_grad():
+        expected = [step(model, t) for t in timesteps]
+        assert len(reads) == 1  # three calls, one host read of the same img_ids
+        model.compile_repeated_blocks(backend="aot_eager", fullgraph=True)
+        step(model, timesteps[0])  # compiles each block class once
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            got = [step(model, t) for t in timesteps]
+    for out, ref in zip(got, expected, strict=True):
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert sum(a - b for a, b in handle.state.merged_tokens.values()) > 0  # it did merge
+    fresh = inputs["img_ids"].clone()
+    with torch.no_grad():
+        model(**{**inputs, "img_ids": fresh, "timestep": torch.full((1,), 0.5)})
+    assert len(reads) == 2  # a new ids tensor is read again

@@ -65,6 +65,11 @@ class _TrackerCall:
         self.latent_hw: tuple[int, ...] | None = None
         self.schedule: Tensor | None = None
         self.values: list[float] = []
+        # The position ids whose grid was read last, and that grid: a pipeline passes the
+        # same ids tensor at every step, so the host read happens once per generation.
+        self.ids: weakref.ref[Tensor] | None = None
+        self.ids_version = -1
+        self.ids_grid: tuple[int, ...] | None = None
 
 
 class StepTracker:
@@ -149,7 +154,14 @@ class StepTracker:
 
     @torch.compiler.disable
     def _grid_of_ids(self, ids: Any) -> tuple[int, ...] | None:
-        return self.layout.grid_of_ids(ids)  # one host read of the ids per call
+        if not isinstance(ids, Tensor):
+            return None
+        call = self._call
+        if call.ids is not None and call.ids() is ids and call.ids_version == ids._version:
+            return call.ids_grid  # the same, unchanged ids as the previous call: no host read
+        grid = self.layout.grid_of_ids(ids)  # one host read per new ids tensor (per generation)
+        call.ids, call.ids_version, call.ids_grid = weakref.ref(ids), ids._version, grid
+        return grid
 
     @torch.compiler.disable
     def _track(self, timestep: Any) -> None:
