@@ -555,7 +555,7 @@ def _run_classifier(
     out: Path,
     budget: float | None,
 ) -> None:
-    """Train, save and score one reference classifier (on the CPU: its crops are drawn there)."""
+    """Train, save and score one reference classifier on ``device`` (its crops are drawn on the CPU)."""
     from safetensors.torch import save_file
 
     from . import load
@@ -567,6 +567,7 @@ def _run_classifier(
     photos = [p.cpu() for p in photos]
     write_heldout_strips(photos, out / STRIPS_FILE)
     options = ClassifierOptions(
+        device=str(device),
         steps=args.steps,
         batch_size=args.batch_size or 32,
         lr=args.lr or 5e-4,
@@ -582,7 +583,7 @@ def _run_classifier(
         "training": {
             "command": command,
             "replay_command": _replay_command(argv, name, record["planned_steps"]) if exact else None,
-            "hardware": _hardware(torch.device("cpu")),
+            "hardware": _hardware(device),
             "torch": torch.__version__,
             "timm": __import__("timm").__version__,
             "python": platform.python_version(),

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..common import seeded
+from ..common import seeded, synchronize
 from .classifier import ClassifierSpec, build_classifier, sample_crops
 from .photos import split_columns
 
@@ -38,6 +38,7 @@ LABEL_SMOOTHING = 0.1
 class ClassifierOptions:
     """Options of one classifier training run."""
 
+    device: str = "cpu"
     steps: int | None = None
     batch_size: int = 32
     lr: float = 5e-4
@@ -68,7 +69,7 @@ def train_classifier(
     budget_s: float | None,
     log: Callable[[str], None] = print,
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Train one reference classifier on the CPU (or wherever ``photos`` live).
+    """Train one reference classifier on ``options.device`` (its crops are drawn on the CPU).
 
     Args:
         spec: the classifier spec.
@@ -80,10 +81,11 @@ def train_classifier(
     Returns:
         The fp16 EMA state dict and a JSON-ready record of the run.
     """
-    regions = training_regions(photos)
+    regions = [r.cpu() for r in training_regions(photos)]  # crops are drawn on the CPU: the same on every device
+    device = torch.device(options.device)
     with seeded(options.seed):
         model = build_classifier(spec)
-    model.train()
+    model.to(device).train()
     params = [p for p in model.parameters()]
     decay, no_decay = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW(
@@ -100,13 +102,14 @@ def train_classifier(
 
     def batch() -> tuple[Tensor, Tensor]:
         labels = torch.randint(num_classes, (options.batch_size,), generator=data)  # (B,)
-        return sample_crops(regions, labels, size, data, augment=True), labels  # (B, 3, S, S)
+        images = sample_crops(regions, labels, size, data, augment=True)  # (B, 3, S, S)
+        return images.to(device), labels.to(device)
 
     def step_once(index: int, total: int) -> float:
         images, labels = batch()
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(index, total, options.lr)
-        loss = F.cross_entropy(model(images), labels, label_smoothing=LABEL_SMOOTHING)
+        loss = F.cross_entropy(model(images), labels, label_smoothing=LABEL_SMOOTHING)  # (,)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -124,9 +127,11 @@ def train_classifier(
         backup = ({k: v.clone() for k, v in model.state_dict().items()}, data.get_state())
         times = []
         for _ in range(2):  # the first pass builds buffers
+            synchronize(device)
             began = time.perf_counter()
             images, labels = batch()
             F.cross_entropy(model(images), labels).backward()
+            synchronize(device)
             times.append(time.perf_counter() - began)
         model.zero_grad(set_to_none=True)
         model.load_state_dict(backup[0])
