@@ -1,5 +1,9 @@
 """Train the reference models on crops of scikit-image's photographs.
 
+The diffusion models (``dit-photos``, ``unet-photos``) train here; the ViT classifier
+(``--models vit-photos``) in `tokenmerge.tools.zoo.train_vit`, which also writes
+``heldout_strips.npz`` and records the held-out accuracy in the JSON.
+
 Run ``python examples/train_reference.py --help`` (or ``python -m tokenmerge.tools.zoo.train``).
 Writes, for each model, ``<name>.safetensors`` (fp16 EMA weights), ``<name>.json`` (the
 model spec, the exact command, the loss curve, final loss, steps, hardware and time)
