@@ -523,8 +523,8 @@ def merged_groups_picture(
     """The input beside the token groups ToMe merges at each ``r``, as one ``(H, W', 3)`` uint8 image.
 
     Args:
-        pixels: ``(H, W, 3)`` uint8 at the model's input size; the sample photo shipped
-            with tokenmerge by default.
+        pixels: ``(H, W, 3)`` uint8 of any size (the model sees it resized to its input;
+            the groups are drawn at this size); the sample photo shipped with tokenmerge by default.
         rs: ToMe's r (tokens merged per block) of each panel.
         model: a timm ViT; the trained reference ViT (`tokenmerge.tools.vis.reference_vit`) by default.
         device: where the model runs.
