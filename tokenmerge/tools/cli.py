@@ -201,13 +201,19 @@ def _add_visualize(sub: Any) -> None:
         help="draw the token groups a ViT merges over an image",
         description=(
             "Run a timm Vision Transformer with ToMe over IMAGE, keeping which patches each merged token covers, "
-            "and write a PNG: the image beside its merged groups, each filled with its mean colour. The ViT has "
-            "seeded random weights unless --checkpoint gives a local state dict; nothing is downloaded."
+            "and write a PNG: the image beside its merged groups, each filled with its mean colour. The ViT is the "
+            "trained reference ViT shipped with tokenmerge (vit-photos) unless --arch names a timm architecture "
+            "(seeded random weights, or --checkpoint's local state dict); nothing is downloaded."
         ),
     )
     parser.add_argument("image", type=Path, metavar="IMAGE", help="an image file (PNG, JPEG, ...)")
     parser.add_argument("--r", type=_non_negative_int, default=None, help="tokens merged per block (default: 8 and 12)")
-    parser.add_argument("--arch", default="vit_tiny_patch16_224", help="timm architecture (default: %(default)s)")
+    parser.add_argument(
+        "--arch",
+        default=None,
+        help="timm architecture with seeded random weights or --checkpoint (default: the trained vit-photos; "
+        "vit_tiny_patch16_224 with --checkpoint)",
+    )
     parser.add_argument("--checkpoint", type=Path, default=None, help="local state dict for --arch")
     parser.add_argument("--out", type=Path, default=None, help="output PNG (default: IMAGE-merged.png beside it)")
     parser.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the random weights")

@@ -512,59 +512,34 @@ def format_table(result: DemoResult) -> str:
 PICTURE_RS: tuple[int, ...] = (8, 12)
 
 
-def _picture_vit(seed: int, device: torch.device, arch: str = "vit_tiny_patch16_224") -> torch.nn.Module:
-    import timm
-
-    with seeded(seed):
-        model = timm.create_model(arch, pretrained=False)
-    return model.to(device).eval()
-
-
-def _groups(model: torch.nn.Module, pixels: Any, r: int, device: torch.device) -> Any:
-    """The merged groups of ``pixels`` ``(H, W, 3)`` uint8 drawn by `tokenmerge.tools.vis`."""
-    from ..adapters.vit import merge_record
-    from .vis import visualize
-
-    batch = torch.from_numpy(pixels).permute(2, 0, 1).float()[None].to(device) / 255.0  # (1, 3, H, W)
-    batch = (batch - 0.5) / 0.5  # the normalisation of timm's ViTs
-    with apply(model, ToMe(r=r, trace_source=True)), torch.inference_mode():
-        model(batch)
-        record = merge_record(model)
-    if record is None:  # pragma: no cover - the ViT adapter always records a forward
-        raise TokenMergeError("the ViT adapter kept no merge record")
-    return visualize(pixels, record)
-
-
 def merged_groups_picture(
     pixels: Any = None,
     rs: Sequence[int] = PICTURE_RS,
     *,
     model: torch.nn.Module | None = None,
-    seed: int = 0,
     device: torch.device | str = "cpu",
     scale: int = 2,
 ) -> Any:
     """The input beside the token groups ToMe merges at each ``r``, as one ``(H, W', 3)`` uint8 image.
 
     Args:
-        pixels: ``(H, W, 3)`` uint8 at the model's input size; the sample photo shipped
-            with tokenmerge by default.
+        pixels: ``(H, W, 3)`` uint8 of any size (the model sees it resized to its input;
+            the groups are drawn at this size); the sample photo shipped with tokenmerge by default.
         rs: ToMe's r (tokens merged per block) of each panel.
-        model: a timm ViT; a seeded random-weight ``vit_tiny_patch16_224`` by default.
-        seed: seed of that model's weights.
+        model: a timm ViT; the trained reference ViT (`tokenmerge.tools.vis.reference_vit`) by default.
         device: where the model runs.
         scale: nearest-neighbour enlargement of the result.
     """
     import numpy as np
 
-    from .vis import load_sample_image
+    from .vis import load_sample_image, merged_groups, reference_vit
 
     resolved = resolve_device(device)
     if pixels is None:
         pixels = load_sample_image(224)
     if model is None:
-        model = _picture_vit(seed, resolved)
-    panels = [pixels, *(_groups(model, pixels, r, resolved) for r in rs)]
+        model = reference_vit(resolved)
+    panels = [pixels, *(merged_groups(model, pixels, r, device=resolved) for r in rs)]
     gap = np.full((pixels.shape[0], 6, 3), 255, dtype=np.uint8)
     row = np.concatenate([part for panel in panels for part in (panel, gap)][:-1], axis=1)  # (H, W', 3)
     return row.repeat(scale, axis=0).repeat(scale, axis=1)
@@ -620,7 +595,7 @@ def visualize_image(
     out: Path | str,
     r: int | None = None,
     *,
-    arch: str = "vit_tiny_patch16_224",
+    arch: str | None = None,
     checkpoint: Path | str | None = None,
     seed: int = 0,
     device: str = "auto",
@@ -628,11 +603,14 @@ def visualize_image(
     """Draw the token groups a ViT merges over ``image`` and write them to ``out`` (PNG).
 
     Args:
-        image: an image file Pillow can read; it is resized to the model's input size.
+        image: an image file Pillow can read; the model sees it at its input size, the groups
+            are drawn at that size enlarged to at least 224 px.
         out: the PNG to write (the input beside its groups).
         r: tokens merged per block; by default both of `PICTURE_RS`.
-        arch: timm architecture name.
-        checkpoint: a local state dict for it; seeded random weights when None.
+        arch: a timm architecture name (seeded random weights, or ``checkpoint``); None: the
+            trained reference ViT (`tokenmerge.tools.vis.reference_vit`), or
+            ``vit_tiny_patch16_224`` when a ``checkpoint`` is given.
+        checkpoint: a local state dict for ``arch``; seeded random weights when None.
         seed: seed of the random weights.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
 
@@ -643,20 +621,26 @@ def visualize_image(
     import timm
     from PIL import Image, UnidentifiedImageError
 
-    from .vis import save_png
+    from .vis import reference_vit, save_png
 
     resolved = resolve_device(device)
-    try:
-        with seeded(seed):
-            model = timm.create_model(arch, pretrained=False, checkpoint_path=str(checkpoint) if checkpoint else "")
-    except RuntimeError as error:  # timm's unknown model name, or a state dict of another architecture
-        raise TokenMergeError(f"arch/checkpoint must be a timm ViT and its weights: {error}") from None
-    check(
-        isinstance(getattr(model, "patch_embed", None), torch.nn.Module),
-        f"arch must be a timm Vision Transformer (vit_*, deit_*, ...); got {arch!r}",
-    )
+    if arch is None and checkpoint is None:
+        model = reference_vit(resolved)
+    else:
+        arch = arch or "vit_tiny_patch16_224"
+        try:
+            with seeded(seed):
+                model = timm.create_model(arch, pretrained=False, checkpoint_path=str(checkpoint) if checkpoint else "")
+        except RuntimeError as error:  # timm's unknown model name, or a state dict of another architecture
+            raise TokenMergeError(f"arch/checkpoint must be a timm ViT and its weights: {error}") from None
+        check(
+            isinstance(getattr(model, "patch_embed", None), torch.nn.Module),
+            f"arch must be a timm Vision Transformer (vit_*, deit_*, ...); got {arch!r}",
+        )
     model = model.to(resolved).eval()
     height, width = getattr(model.patch_embed, "img_size", (224, 224))
+    enlarge = max(1, -(-224 // max(height, width)))  # draw small models' groups at 224 px or more
+    height, width = height * enlarge, width * enlarge
     try:
         with Image.open(image) as opened:
             picture = opened.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
@@ -751,12 +735,12 @@ def run_demo(
         )
     if out is not None:
         with progress_bar(1, "drawing merged tokens", progress) as bar:
-            written = save_png(out, merged_groups_picture(seed=seed, device=resolved)).resolve()
+            written = save_png(out, merged_groups_picture(device=resolved)).resolve()
             bar.update()
         rs = " and ".join(str(r) for r in PICTURE_RS)
         print(
-            f"\nwrote {written}: the sample photo beside the token groups ToMe merges in a random-weight "
-            f"ViT-Ti/16 with r={rs} tokens per block (each group filled with its mean colour)",
+            f"\nwrote {written}: the sample photo beside the token groups ToMe merges in the trained reference "
+            f"ViT with r={rs} tokens per block (each group filled with its mean colour)",
             file=stream,
         )
     return results

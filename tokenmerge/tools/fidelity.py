@@ -22,6 +22,11 @@ C1-C3, rescaled to the number of steps), ToDo, block-range merging (DiT), plus t
 ``tomesd`` library and the official CA-ToMe code (``ca-tome``) as reference rows when
 they are installed (UNet only: both patch SD UNets).
 
+For a classifier of the zoo (``--models vit-photos``) the command runs the accuracy mode
+instead (`tokenmerge.tools.fidelity_vit.run_accuracy`): top-1 accuracy on held-out crops,
+agreement with the unmerged model and speed for ToMe at several r, with and without
+proportional attention.
+
 Command line: ``tokenmerge fidelity --help`` or ``python -m tokenmerge.tools.fidelity --help``.
 """
 
@@ -679,7 +684,9 @@ def write_plot(rows: Sequence[FidelityRow], path: str | Path, title: str = "") -
 def add_fidelity_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the fidelity benchmark's options to ``parser`` (for ``tokenmerge fidelity``)."""
     parser.add_argument(
-        "--models", default="unet-photos,dit-photos", help="comma-separated tokenmerge.tools.zoo models"
+        "--models",
+        default="unet-photos,dit-photos",
+        help="comma-separated tokenmerge.tools.zoo models; vit-photos: the accuracy mode",
     )
     parser.add_argument("--seeds", type=int, default=4, help="generations per method (seeds 0..N-1)")
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps per generation")
@@ -700,7 +707,35 @@ def add_fidelity_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--weights-dir", default=None, help="load the models from here instead of the shipped weights")
     parser.add_argument("--json", default=None, help="write the results as JSON here")
     parser.add_argument("--plot", default=None, help="write a speed-vs-PSNR plot (PNG) here")
+    accuracy = parser.add_argument_group("classifier models (--models vit-photos): top-1 accuracy against speed")
+    accuracy.add_argument("--r", default="0,4,8,12,16", help="ToMe's r per block of the merged rows")
+    accuracy.add_argument("--per-class", type=int, default=16, help="held-out crops scored per class (16 classes)")
+    accuracy.add_argument("--batch-size", type=int, default=32, help="images per forward (scoring and timing)")
+    accuracy.add_argument("--repeats", type=int, default=3, help="timed forwards per row (the fastest counts)")
     return parser
+
+
+def _accuracy_main(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dict[str, Any]:
+    """The accuracy mode of `fidelity_main` for a classifier: prints its table, returns its JSON."""
+    from .fidelity_vit import format_accuracy_table, run_accuracy
+
+    try:
+        rs = [int(v) for v in args.r.split(",") if v.strip()]
+    except ValueError:
+        raise TokenMergeError(f"--r must be comma-separated integers; got {args.r!r}") from None
+    result = run_accuracy(
+        name,
+        rs=rs,
+        per_class=args.per_class,
+        batch_size=args.batch_size,
+        repeats=args.repeats,
+        device=args.device,
+        dtype=dtype,
+        weights_dir=args.weights_dir,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    print(format_accuracy_table(result.rows))
+    return result.to_json()
 
 
 def _floats(text: str, name: str) -> list[float]:
@@ -722,8 +757,12 @@ def fidelity_main(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     rows: list[FidelityRow] = []
     metas = []
+    classifiers = []
     for name in models:
         kind = zoo.info(name, args.weights_dir)["spec"]["kind"]
+        if kind == "vit":
+            classifiers.append(_accuracy_main(name, args, dtype))
+            continue
         num_blocks = zoo.info(name, args.weights_dir)["spec"]["denoiser"].get("num_layers", 0)
         methods = default_methods(
             kind,
@@ -751,15 +790,17 @@ def fidelity_main(args: argparse.Namespace) -> int:
         )
         rows += result.rows
         metas.append(result.meta)
-    print(format_table(rows))
+    if rows:
+        print(format_table(rows))
     if args.json:
         payload = {
             "command": "python -m tokenmerge.tools.fidelity " + " ".join(sys.argv[1:]),
             "runs": metas,
             "rows": FidelityResult(rows, {}).to_json()["rows"],
+            "classifiers": classifiers,
         }
         Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
-    if args.plot:
+    if args.plot and rows:
         write_plot(
             rows,
             args.plot,

@@ -8,6 +8,11 @@ or save (PIL is needed only to *read* `load_sample_image`). Typical use with a t
     record = tokenmerge.adapters.vit.merge_record(model)
     picture = tokenmerge.tools.vis.visualize(image, record)   # (H, W, 3) uint8
     tokenmerge.tools.vis.save_png("merged.png", picture)
+
+or in one call, with the trained reference ViT of `tokenmerge.tools.zoo` (``vit-photos``),
+whose groups follow the image's content (a random-weight ViT groups tokens by noise)::
+
+    picture = tokenmerge.tools.vis.merged_groups(reference_vit(), load_sample_image(), r=8)
 """
 
 from __future__ import annotations
@@ -23,7 +28,20 @@ from torch import Tensor
 
 from ..errors import TokenMergeError, check
 
-__all__ = ["draw_groups", "visualize", "save_png", "load_sample_image", "SAMPLE_IMAGE"]
+__all__ = [
+    "draw_groups",
+    "visualize",
+    "save_png",
+    "load_sample_image",
+    "SAMPLE_IMAGE",
+    "REFERENCE_VIT",
+    "reference_vit",
+    "model_input",
+    "merged_groups",
+]
+
+#: The `tokenmerge.tools.zoo` model the pictures use by default: a ViT trained on photographs.
+REFERENCE_VIT = "vit-photos"
 
 #: Name of the demo image shipped in ``tokenmerge/tools/assets`` (224x224 RGB, from scikit-image's ``astronaut``).
 SAMPLE_IMAGE = "sample.png"
@@ -164,3 +182,66 @@ def load_sample_image(size: int | None = None) -> np.ndarray:
             check(isinstance(size, int) and size >= 1, f"size must be None or an int >= 1; got {size!r}")
             picture = picture.resize((size, size), Image.Resampling.BICUBIC)
         return np.asarray(picture).copy()
+
+
+def reference_vit(device: Any = "cpu") -> Any:
+    """The trained reference ViT (`REFERENCE_VIT`, loaded offline from `tokenmerge.tools.zoo`), in eval mode."""
+    from . import zoo
+
+    return zoo.load(REFERENCE_VIT, device=device)
+
+
+def model_input(pixels: Any, model: Any, device: Any = "cpu") -> Tensor:
+    """``pixels`` as a ViT's input: ``(1, 3, h, w)`` at its ``patch_embed.img_size``, normalised.
+
+    The normalisation is the model's timm ``pretrained_cfg`` ``mean``/``std`` (the reference
+    ViT reads [0, 1]: mean 0, std 1), and timm's ViT default of mean 0.5, std 0.5 when it
+    has none.
+
+    Args:
+        pixels: ``(H, W, 3)`` or ``(3, H, W)``, uint8 or floats in [0, 1], any size.
+        model: a timm `VisionTransformer`.
+        device: where the input goes.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    rgb = _as_rgb(pixels)  # (H, W, 3) in [0, 255]
+    batch = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 255.0  # (1, 3, H, W)
+    size = tuple(getattr(getattr(model, "patch_embed", None), "img_size", None) or batch.shape[-2:])
+    if tuple(batch.shape[-2:]) != size:
+        batch = F.interpolate(batch, size=size, mode="bilinear", antialias=True, align_corners=False)
+    config = getattr(model, "pretrained_cfg", None) or {}
+    mean = torch.tensor(config.get("mean", (0.5, 0.5, 0.5)), dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(config.get("std", (0.5, 0.5, 0.5)), dtype=torch.float32).view(1, 3, 1, 1)
+    return ((batch - mean) / std).to(device)  # (1, 3, h, w)
+
+
+def merged_groups(model: Any, pixels: Any, r: int, *, device: Any = "cpu") -> np.ndarray:
+    """The groups ToMe with ``r`` tokens per block merges ``pixels`` into, drawn over ``pixels``.
+
+    The model sees ``pixels`` resized to its input (`model_input`); the groups are drawn
+    at the size of ``pixels``, so a picture can be larger than the model's input.
+
+    Args:
+        model: a timm `VisionTransformer` on ``device`` (`reference_vit` for the trained one).
+        pixels: ``(H, W, 3)`` or ``(3, H, W)``, uint8 or floats in [0, 1].
+        r: tokens merged per block.
+        device: where the model runs.
+
+    Returns:
+        ``(H, W, 3)`` uint8.
+    """
+    import torch
+
+    from ..adapters.vit import merge_record
+    from ..api import apply
+    from ..presets import ToMe
+
+    batch = model_input(pixels, model, device)  # (1, 3, h, w)
+    with apply(model, ToMe(r=r, trace_source=True)), torch.inference_mode():
+        model(batch)
+        record = merge_record(model)
+    if record is None:  # pragma: no cover - the ViT adapter always records a forward
+        raise TokenMergeError("the ViT adapter kept no merge record")
+    return visualize(pixels, record)

@@ -1,22 +1,33 @@
-"""Small trained reference diffusion models that ship with tokenmerge.
+"""Small trained reference models that ship with tokenmerge.
 
-Two class-conditional pixel-space models (64 x 64 RGB) trained by tokenmerge itself on
-crops of the photographs bundled with scikit-image, one class per photograph
-(see `tokenmerge.tools.zoo.specs.CLASS_NAMES`):
+Three models trained by tokenmerge itself on crops of the photographs bundled with
+scikit-image, one class per photograph (see `tokenmerge.tools.zoo.specs.CLASS_NAMES`):
 
-* ``"dit-photos"``: a `DiTTransformer2DModel` with patch 2 (1,024 tokens);
-* ``"unet-photos"``: a `UNet2DConditionModel` in the SD layout (cross-attention blocks
-  at the top resolution: 4,096 tokens), conditioned on learned class tokens.
+* ``"dit-photos"``: a class-conditional pixel-space `DiTTransformer2DModel` (64 x 64 RGB)
+  with patch 2 (1,024 tokens);
+* ``"unet-photos"``: a class-conditional pixel-space `UNet2DConditionModel` in the SD
+  layout (cross-attention blocks at the top resolution: 4,096 tokens), conditioned on
+  learned class tokens;
+* ``"vit-photos"``: a timm `VisionTransformer` classifier (112 x 112 RGB in [0, 1], patch
+  8: 196 patch tokens, 12 blocks) that tells which photograph a crop comes from
+  (`tokenmerge.tools.zoo.classifier`).
 
-They load offline in one call and can be merged like any diffusers pipeline::
+They load offline in one call and can be merged like any diffusers pipeline or timm ViT::
 
     from tokenmerge.tools import zoo
     pipe = zoo.load("unet-photos")
     images = pipe(["grass", "coffee"], num_inference_steps=25, generator=torch.Generator().manual_seed(0)).images
     tokenmerge.apply(pipe, tokenmerge.ToMeSD(ratio=0.5, seed=0))
 
+    from tokenmerge.tools.zoo.classifier import eval_crops
+
+    vit = zoo.load("vit-photos")
+    images, labels = eval_crops(per_class=4)  # held-out crops, (64, 3, 112, 112) in [0, 1]
+    tokenmerge.apply(vit, tokenmerge.ToMe(r=8))
+    accuracy = (vit(images).argmax(-1) == labels).float().mean()
+
 How the shipped weights were trained is in ``tokenmerge/tools/zoo/README.md`` and in each
-model's JSON record (`info`). Importing this module does not import diffusers; `load` does.
+model's JSON record (`info`). Importing this module does not import diffusers or timm; `load` does.
 """
 
 from __future__ import annotations
@@ -37,7 +48,7 @@ __all__ = ["WEIGHTS_DIR", "names", "info", "load", "heldout"]
 #: Where the shipped weights, their JSON records and the held-out crops live.
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
-_MODELS = ("dit-photos", "unet-photos")
+_MODELS = ("dit-photos", "unet-photos", "vit-photos")
 
 
 def names() -> list[str]:
@@ -76,11 +87,11 @@ def load(
     *,
     weights_dir: str | Path | None = None,
 ) -> Any:
-    """Load a reference model as a ready diffusers pipeline (offline; nothing is downloaded).
+    """Load a reference model: a ready diffusers pipeline, or the ViT classifier (offline; nothing is downloaded).
 
     Args:
-        name: ``"dit-photos"`` or ``"unet-photos"``.
-        device: where the pipeline runs (`tokenmerge.tools.common.resolve_device`: ``"auto"``, ``"cpu"``, ...).
+        name: ``"dit-photos"``, ``"unet-photos"`` or ``"vit-photos"``.
+        device: where the model runs (`tokenmerge.tools.common.resolve_device`: ``"auto"``, ``"cpu"``, ...).
         dtype: its floating-point type (the weights are stored in fp16).
         weights_dir: a directory written by the training script; the shipped weights by default.
 
@@ -88,7 +99,10 @@ def load(
         A `PixelDiTPipeline` (``.transformer``) or `PixelUNetPipeline` (``.unet``,
         ``.class_tokens``) in eval mode with gradients off, a DDIM scheduler and
         ``class_names``. Call it as ``pipe(class_labels, num_inference_steps=25,
-        guidance_scale=3.0, generator=...)``.
+        guidance_scale=3.0, generator=...)``. For ``"vit-photos"``: a timm
+        `VisionTransformer` in eval mode with gradients off, taking ``(B, 3, 112, 112)`` RGB
+        in [0, 1] (its ``pretrained_cfg`` says so: mean 0, std 1) and returning ``(B, 16)``
+        class logits.
 
     Raises:
         TokenMergeError: for an unknown name, a device that is not present, a non-floating dtype or
@@ -101,6 +115,9 @@ def load(
     resolved = resolve_device(device)
     record = info(name, weights_dir)
     from safetensors.torch import load_file
+
+    if record["spec"]["kind"] == "vit":
+        return _load_classifier(record, _directory(weights_dir) / f"{name}.safetensors", resolved, dtype)
 
     from .specs import ZooSpec, build_pipeline
 
@@ -126,6 +143,21 @@ def load(
         torch.nn.Module.to(module, device=resolved, dtype=dtype).eval().requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _load_classifier(record: dict[str, Any], path: Path, device: torch.device, dtype: torch.dtype) -> Any:
+    from safetensors.torch import load_file
+
+    from .classifier import ClassifierSpec, build_classifier
+
+    if not path.is_file():
+        raise TokenMergeError(f"weights_dir has no {path.name} (looked in {path.parent})")
+    model = build_classifier(ClassifierSpec.from_json(record["spec"]))
+    model.load_state_dict(load_file(str(path)), strict=True)  # fp16 on disk, upcast into the float32 model
+    # timm's record of the input a model expects: RGB in [0, 1] at the spec's size, no normalisation
+    size = int(record["spec"]["vit"]["img_size"])
+    model.pretrained_cfg = {"input_size": (3, size, size), "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 @lru_cache(maxsize=4)

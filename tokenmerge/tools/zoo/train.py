@@ -1,5 +1,9 @@
 """Train the reference models on crops of scikit-image's photographs.
 
+The diffusion models (``dit-photos``, ``unet-photos``) train here; the ViT classifier
+(``--models vit-photos``) in `tokenmerge.tools.zoo.train_vit`, which also writes
+``heldout_strips.npz`` and records the held-out accuracy in the JSON.
+
 Run ``python examples/train_reference.py --help`` (or ``python -m tokenmerge.tools.zoo.train``).
 Writes, for each model, ``<name>.safetensors`` (fp16 EMA weights), ``<name>.json`` (the
 model spec, the exact command, the loss curve, final loss, steps, hardware and time)
@@ -40,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..common import device_argument, resolve_device, seeded, synchronize
+from .classifier import CLASSIFIER_SPECS
 from .specs import SPECS, ZooSpec, build_pipeline
 
 __all__ = ["TrainOptions", "train_model", "main", "parse_args"]
@@ -390,11 +395,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--device", type=device_argument, default="cpu", help="cpu (default), cuda, cuda:N, mps or auto"
     )
-    parser.add_argument("--models", default="dit-photos,unet-photos", help="comma-separated model names")
+    parser.add_argument(
+        "--models",
+        default="dit-photos,unet-photos",
+        help="comma-separated model names: dit-photos, unet-photos (diffusion), vit-photos (classifier)",
+    )
     parser.add_argument("--steps", type=int, default=None, help="optimiser steps per model")
     parser.add_argument("--minutes", type=float, default=None, help="wall-clock budget for all models together")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 128 on cuda, 8 on cpu")
-    parser.add_argument("--lr", type=float, default=8e-4, help="peak learning rate (AdamW)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 128 on cuda, 8 on cpu; vit-photos 32")
+    parser.add_argument(
+        "--lr", type=float, default=None, help="peak learning rate (AdamW; default 8e-4, vit-photos 5e-4)"
+    )
     parser.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights")
     parser.add_argument(
         "--progressive",
@@ -426,9 +437,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.progressive = _parse_progressive(args.progressive)
     except ValueError as error:
         parser.error(f"--progressive: {error}")
-    unknown = [m for m in args.models.split(",") if m not in SPECS]
+    allowed = [*SPECS, *CLASSIFIER_SPECS]
+    unknown = [m for m in args.models.split(",") if m not in allowed]
     if unknown:
-        parser.error(f"--models: unknown {unknown}; allowed: {', '.join(SPECS)}")
+        parser.error(f"--models: unknown {unknown}; allowed: {', '.join(allowed)}")
     return args
 
 
@@ -457,7 +469,7 @@ def _options(args: argparse.Namespace, device: torch.device) -> TrainOptions:
         steps=args.steps,
         minutes=args.minutes,
         batch_size=args.batch_size or (128 if cuda else 8),
-        lr=args.lr,
+        lr=args.lr or 8e-4,
         ema=args.ema,
         progressive=args.progressive,
         bank_size=args.bank_size or (32768 if cuda else 4096),
@@ -537,6 +549,76 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
+def _run_classifier(
+    name: str,
+    photos: list[Tensor],
+    args: argparse.Namespace,
+    argv: Sequence[str],
+    command: str,
+    device: torch.device,
+    out: Path,
+    budget: float | None,
+) -> None:
+    """Train, save and score one reference classifier on ``device`` (its crops are drawn on the CPU)."""
+    from safetensors.torch import save_file
+
+    from . import load
+    from .classifier import STRIPS_FILE, accuracy, eval_crops, write_heldout_strips
+    from .specs import CLASS_NAMES
+    from .train_vit import CI_PER_CLASS, EVAL_PER_CLASS, ClassifierOptions, train_classifier
+
+    spec = CLASSIFIER_SPECS[name]
+    photos = [p.cpu() for p in photos]
+    write_heldout_strips(photos, out / STRIPS_FILE)
+    options = ClassifierOptions(
+        device=str(device),
+        steps=args.steps,
+        batch_size=args.batch_size or 32,
+        lr=args.lr or 5e-4,
+        ema=args.ema,
+        seed=args.seed,
+        log_every=args.log_every,
+    )
+    state, record = train_classifier(spec, photos, options, budget, _log)
+    save_file(state, str(out / f"{name}.safetensors"))
+    exact = not record["stopped_early"] and not record["replanned"]
+    payload: dict[str, Any] = {
+        "spec": spec.to_json(),
+        "training": {
+            "command": command,
+            "replay_command": _replay_command(argv, name, record["planned_steps"]) if exact else None,
+            "hardware": _hardware(device),
+            "torch": torch.__version__,
+            "timm": __import__("timm").__version__,
+            "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d"),
+            "data": f"fresh random multi-scale crops ({spec.image_size} px, flips, brightness 0.9-1.1) of the left 80% "
+            f"of the columns of {len(CLASS_NAMES)} skimage.data photographs",
+            **record,
+        },
+    }
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    model = load(name, weights_dir=out)  # the saved fp16 weights, upcast: what users get
+    scores = {}
+    for per_class in (EVAL_PER_CLASS, CI_PER_CLASS):
+        images, labels = eval_crops(per_class, spec.image_size, weights_dir=out)
+        scores[per_class] = accuracy(model, images, labels)
+    payload["evaluation"] = {
+        "data": f"held-out crops of the right 20% of the columns ({STRIPS_FILE}), eval_crops(seed=0)",
+        "per_class": EVAL_PER_CLASS,
+        "top1": round(scores[EVAL_PER_CLASS], 6),
+        "ci_per_class": CI_PER_CLASS,
+        "ci_top1": round(scores[CI_PER_CLASS], 6),
+    }
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    size_mb = (out / f"{name}.safetensors").stat().st_size / 1e6
+    _log(
+        f"   wrote {out / name}.safetensors ({size_mb:.2f} MB) and {name}.json; held-out top-1 "
+        f"{scores[EVAL_PER_CLASS]:.4f} ({len(CLASS_NAMES) * EVAL_PER_CLASS} crops), {scores[CI_PER_CLASS]:.4f} "
+        f"({len(CLASS_NAMES) * CI_PER_CLASS} crops)"
+    )
+
+
 def _has_scikit_image() -> bool:
     try:
         import skimage.data  # noqa: F401
@@ -573,25 +655,30 @@ def _run(args: argparse.Namespace, argv: Sequence[str], device: torch.device) ->
 
     _log(f"tokenmerge reference training: {command}")
     _log(f"device {device} ({_hardware(device)}), torch {torch.__version__}, options {options}")
-    photos = load_photos(CLASS_NAMES, device)
-    bank_count = options.bank_size
-    if options.steps is not None:
-        bank_count = min(bank_count, options.steps * options.batch_size)
-    bank, bank_labels = random_crops(photos, bank_count, 64, torch.Generator().manual_seed(options.seed))
-    bank = bank.add(1.0).mul(127.5).round().to(torch.uint8)  # (N, 3, 64, 64)
-    del photos
-    crops, labels = heldout_crops()
-    np.savez_compressed(out / "heldout_crops.npz", images=crops, labels=labels, class_names=np.asarray(CLASS_NAMES))
-    _log(f"crop bank: {bank.shape[0]} crops in {time.perf_counter() - run_start:.1f}s; held-out: {len(crops)} crops")
-
     names = args.models.split(",")
+    photos = load_photos(CLASS_NAMES, device)
+    diffusion = [name for name in names if name in SPECS]
+    if diffusion:
+        bank_count = options.bank_size
+        if options.steps is not None:
+            bank_count = min(bank_count, options.steps * options.batch_size)
+        bank, bank_labels = random_crops(photos, bank_count, 64, torch.Generator().manual_seed(options.seed))
+        bank = bank.add(1.0).mul(127.5).round().to(torch.uint8)  # (N, 3, 64, 64)
+        crops, labels = heldout_crops()
+        np.savez_compressed(out / "heldout_crops.npz", images=crops, labels=labels, class_names=np.asarray(CLASS_NAMES))
+        _log(
+            f"crop bank: {bank.shape[0]} crops in {time.perf_counter() - run_start:.1f}s; held-out: {len(crops)} crops"
+        )
     for index, name in enumerate(names):
-        spec = SPECS[name]
         budget = None
         if deadline is not None:
             remaining_models = len(names) - index
             reserve = 10.0 if options.preview else 2.0  # saving (and the preview) after training
             budget = max(1.0, (deadline - time.perf_counter() - reserve * remaining_models) / remaining_models)
+        if name in CLASSIFIER_SPECS:
+            _run_classifier(name, photos, args, argv, command, device, out, budget)
+            continue
+        spec = SPECS[name]
         state, record = train_model(spec, bank, bank_labels, options, budget)
         save_file(state, str(out / f"{name}.safetensors"))
         exact = not record["stopped_early"] and not record["replanned"]
