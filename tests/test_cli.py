@@ -136,7 +136,9 @@ def test_demo_runs_every_model_and_preset(tmp_path: Path, capsys: pytest.Capture
     assert "nothing merged" not in text  # every preset merged something in every model
     assert f"wrote {out.resolve()}" in text
     with Image.open(out) as picture:
-        assert picture.size == (2 * (3 * 224 + 2 * 6), 2 * 224)  # photo, r=8, r=12 with gaps, scaled 2x
+        # photo, r=8, r=12 with gaps, scaled 2x, under the strip of labels
+        assert picture.size == (2 * (3 * 224 + 2 * 6), 2 * 224 + demo.LABEL_HEIGHT)
+    assert "median over 1 rounds" in text
 
 
 SAMPLE = ROOT / "tokenmerge" / "tools" / "assets" / "sample.png"
@@ -148,8 +150,11 @@ def test_visualize_writes_the_groups(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert capsys.readouterr().out.strip() == f"wrote {out.resolve()}"
     with Image.open(out) as picture:
         pixels = np.asarray(picture.convert("RGB"))
-    assert pixels.shape == (2 * 224, 2 * (2 * 224 + 6), 3)
-    photo, groups = pixels[:, : 2 * 224], pixels[:, 2 * 230 :]
+    label = demo.LABEL_HEIGHT  # the strip naming each panel
+    assert pixels.shape == (2 * 224 + label, 2 * (2 * 224 + 6), 3)
+    photo, groups = pixels[label:, : 2 * 224], pixels[label:, 2 * 230 :]
+    strip = pixels[:label, 2 * 230 :]
+    assert (strip < 128).any()  # the label is written
     assert not np.array_equal(photo, groups)
     assert len(np.unique(groups.reshape(-1, 3), axis=0)) < len(np.unique(photo.reshape(-1, 3), axis=0))
 
@@ -251,3 +256,48 @@ def test_fidelity_measures() -> None:
 def test_run_demo_rejects_unknown_names() -> None:
     with pytest.raises(TokenMergeError, match="models must be among"):
         demo.run_demo(models=["resnet"], progress=False)
+
+
+def test_speed_is_the_median_of_ratios_within_rounds() -> None:
+    # Round 3 was disturbed for both runs alike: the ratio within the round stays 2x.
+    speed = demo.speed_of([1.0, 1.0, 5.0, 1.0, 1.0], [0.5, 0.5, 2.5, 0.5, 0.5])
+    assert speed.speedup == pytest.approx(2.0) and speed.spread == pytest.approx(0.0)
+    assert speed.seconds == pytest.approx(0.5)
+    # One round of five far off is left out of the spread; two are not.
+    assert demo.speed_of([1.0] * 5, [0.5, 0.5, 0.5, 0.5, 2.0]).speedup == pytest.approx(2.0)
+    unstable = demo.speed_of([1.0] * 5, [0.5, 0.5, 0.5, 1.0, 1.0])
+    assert unstable.speedup is None and unstable.spread > demo.STABLE_SPREAD
+
+
+def test_interleaved_times_alternate_runs_within_each_round() -> None:
+    import torch
+
+    calls: list[str] = []
+    runs = [
+        (lambda: calls.append("enter a"), lambda: calls.append("a"), lambda: calls.append("leave a")),
+        (lambda: calls.append("enter b"), lambda: calls.append("b"), lambda: calls.append("leave b")),
+    ]
+    times = demo.interleaved_times(runs, torch.device("cpu"), rounds=2)
+    assert [len(t) for t in times] == [2, 2] and all(s >= 0 for t in times for s in t)
+    assert calls == ["enter a", "a", "leave a", "enter b", "b", "leave b"] * 2
+
+
+def test_unstable_speedup_is_left_out_with_a_reason(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(demo, "STABLE_SPREAD", -1.0)  # nothing counts as stable
+    monkeypatch.setattr(demo, "speed_of", lambda p, t, spread_limit=-1.0: demo.Speed(0.1, None, 0.5))
+    results = demo.run_demo(models=["vit"], device="cpu", repeats=1, progress=False, zoo=False)
+    out = capsys.readouterr().out
+    assert results[0].rows[1].speedup is None
+    assert "not stable*" in out and "* not stable: the rounds' speed-ups spread by more than" in out
+
+
+def test_cpu_threads_follow_the_free_cores(monkeypatch) -> None:
+    import torch
+
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(demo, "busy_cores", lambda window_s=0.3: 1.2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert demo.cpu_threads_for_load(torch.device("cpu")) == (1, 1.2)
+    monkeypatch.setattr(demo, "busy_cores", lambda window_s=0.3: 0.1)
+    assert demo.cpu_threads_for_load(torch.device("cpu")) == (2, 0.1)
+    assert demo.cpu_threads_for_load(torch.device("cuda"))[1] is None

@@ -116,7 +116,8 @@ def _add_demo(sub: Any) -> None:
         "--repeats",
         type=_positive_int,
         default=None,
-        help="timed runs per config after a warm-up; the best is shown (default: 1 on a CPU, 3 on a GPU)",
+        help="timing rounds, each timing the plain model and every preset once; times are medians and a "
+        "speed-up is shown only where the rounds agree within 15%% (default: 5 on a CPU, 10 on a GPU)",
     )
     parser.add_argument("--seed", type=_non_negative_int, default=0, help="seed of weights, inputs and merging")
     parser.add_argument(
