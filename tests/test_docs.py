@@ -218,14 +218,55 @@ def test_home_shows_the_speed_section_only_once_measured(tmp_path: Path) -> None
     assert bench_hook.benchmarks_markdown(path) is not None  # the full file has tables
     path.write_text(targets.replace("| ToMeSD >= 1.25x | *open* |", "| ToMeSD r=0.5, H100 | 1.31x |"), "utf-8")
     speed = bench_hook.benchmarks_markdown(path, "Speed")
-    assert speed is not None and "1.31x" in speed and "#### Speed" in speed and "Fidelity" not in speed
+    assert speed is not None and "1.31x" in speed and "Fidelity" not in speed
+    assert "Speed" not in speed  # the page that includes a section gives it its own heading
 
 
 def test_current_benchmarks_file_renders(site: Path) -> None:
     """Whatever BENCHMARKS.md holds now, the pages that include it were built (strictly) with it."""
     included = bench_hook.benchmarks_markdown(ROOT / "BENCHMARKS.md")
-    page = (site / "explanation" / "performance" / "index.html").read_text(encoding="utf-8")
+    page = (site / "performance" / "index.html").read_text(encoding="utf-8")
     if included is None:
-        assert "are open" in page
+        assert "The measured figures are in" in page
     else:
         assert "From <code>BENCHMARKS.md</code> in the repository" in page
+
+
+def _text(html: str) -> str:
+    return re.sub(r"<[^>]+>", " ", html)
+
+
+def test_home_page_is_for_users(site: Path) -> None:
+    """What tokenmerge does, install (with the CPU-only torch), one example per family, the models
+    table from models.md, a short speed table linking to the performance page; nothing else first."""
+    home = (site / "index.html").read_text(encoding="utf-8")
+    text = _text(home)
+    headings = re.findall(r"<h2[^>]*>(.*?)<", home)
+    assert headings[:5] == ["Install", "In five lines", "Supported models", "Measured speed", "Where to go next"]
+    assert "download.pytorch.org/whl/cpu" in text
+    code = re.sub(r"<[^>]+>", "", home)  # highlighted code without its spans
+    for call in ("ToMeSD(ratio=0.5", "CAToMe(threshold=0.7", "ToMe(r=13)"):
+        assert call in code
+    models = (ROOT / "docs" / "models.md").read_text(encoding="utf-8")
+    first_row = next(line for line in models.splitlines() if line.startswith("| Stable Diffusion"))
+    assert first_row.split("|")[1].strip() in text  # the table is included, not copied
+    assert 'href="performance/"' in home
+    measured = home[home.index('id="measured-speed"') : home.index('id="where-to-go-next"')]
+    assert measured.count("<tr>") <= 12  # one short table, not the benchmark log
+    assert len(text.split()) < 1200
+
+
+PROCESS_WORDS = re.compile(
+    r"\bissue \d|\(issue|\b(?:first|second|third|this|development|GPU) sessions?\b|\bworkplace\b"
+    r"|\bANCHORS\b|next (GPU )?run|the lead\b|device time",
+    re.IGNORECASE,
+)
+
+
+def test_no_process_words_in_user_facing_text(site: Path) -> None:
+    """The docs, the README and benchmarks/README.md speak of the project, not of how it was made."""
+    pages = {str(page.relative_to(site)): _text(page.read_text(encoding="utf-8")) for page in site.rglob("*.html")}
+    for name in ("README.md", "benchmarks/README.md"):
+        pages[name] = (ROOT / name).read_text(encoding="utf-8")
+    found = {name: PROCESS_WORDS.findall(text) for name, text in pages.items() if PROCESS_WORDS.search(text)}
+    assert not found, found
