@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -138,7 +139,7 @@ def test_demo_runs_every_model_and_preset(tmp_path: Path, capsys: pytest.Capture
     with Image.open(out) as picture:
         # photo, r=8, r=12 with gaps, scaled 2x, under the strip of labels
         assert picture.size == (2 * (3 * 224 + 2 * 6), 2 * 224 + demo.LABEL_HEIGHT)
-    assert "median over 1 rounds" in text
+    assert "UNet: 1 rounds of" in text and "ViT: 3 rounds of" in text
 
 
 SAMPLE = ROOT / "tokenmerge" / "tools" / "assets" / "sample.png"
@@ -301,3 +302,61 @@ def test_cpu_threads_follow_the_free_cores(monkeypatch) -> None:
     monkeypatch.setattr(demo, "busy_cores", lambda window_s=0.3: 0.1)
     assert demo.cpu_threads_for_load(torch.device("cpu")) == (2, 0.1)
     assert demo.cpu_threads_for_load(torch.device("cuda"))[1] is None
+
+
+@pytest.mark.parametrize("command", ["bench", "fidelity"])
+def test_bench_and_fidelity_help_show_every_default(command: str, capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--full" in text
+    for dest, value in cli.QUICK_DEFAULTS[command].items():
+        shown = " ".join(map(str, value)) if isinstance(value, list) else str(value)
+        assert f"(default: {shown} on a CPU, " in text, dest
+    assert "%(default)" not in text and "callss)" not in text
+
+
+@pytest.mark.parametrize(
+    ("command", "module", "run", "dest", "quick", "full"),
+    [
+        ("bench", "tokenmerge.tools.bench", "bench_main", "repeats", 5, 20),
+        ("fidelity", "tokenmerge.tools.fidelity", "fidelity_main", "seeds", 1, 4),
+    ],
+)
+def test_cpu_takes_the_quick_defaults_unless_full(command, module, run, dest, quick, full, monkeypatch, capsys):
+    import importlib
+
+    seen: list[argparse.Namespace] = []
+    monkeypatch.setattr(importlib.import_module(module), run, lambda args: seen.append(args) or 0)
+    assert cli.main([command, "--device", "cpu"]) == 0
+    assert getattr(seen[-1], dest) == quick
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"tokenmerge {command}: CPU sizes (") and "--full" in line and len(line.splitlines()) == 1
+    assert cli.main([command, "--device", "cpu", "--full"]) == 0
+    assert getattr(seen[-1], dest) == full and capsys.readouterr().err == ""
+    assert cli.main([command, "--device", "cpu", f"--{dest}", "7"]) == 0
+    assert getattr(seen[-1], dest) == 7  # what the user sets stays
+
+
+def test_bench_reports_a_line_per_row_as_it_goes() -> None:
+    from tokenmerge.tools import bench
+
+    lines: list[str] = []
+    result = bench.run_bench(
+        "sd15-tiny",
+        ["tomesd:0.5"],
+        device="cpu",
+        compile_modes=["eager"],
+        warmup=0,
+        repeats=1,
+        schedule=1,
+        fidelity=False,
+        ideal=False,
+        tomesd=[],
+        progress=False,
+        print_table=False,
+        log=lines.append,
+    )
+    assert len(lines) == len(result.rows) == 2
+    assert lines[0].startswith("sd15-tiny eager plain: ") and " ms" in lines[0]
+    assert lines[1].startswith("sd15-tiny eager ToMeSD(0.5): ")

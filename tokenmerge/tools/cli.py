@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, NoReturn
 from ..errors import TokenMergeError
 from .common import device_argument
 
-__all__ = ["main", "build_parser", "EXIT_USAGE"]
+__all__ = ["main", "build_parser", "EXIT_USAGE", "QUICK_DEFAULTS"]
 
 #: Exit status of a user error (the same as argparse's).
 EXIT_USAGE = 2
@@ -183,6 +184,77 @@ _MODULE_COMMANDS: tuple[tuple[str, str, str, str, str], ...] = (
 )
 
 
+#: Defaults of ``tokenmerge bench`` and ``tokenmerge fidelity`` on a CPU: each finishes in about
+#: three minutes on two cores. On a GPU, or with ``--full``, the modules' own (full) defaults apply.
+QUICK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "bench": {"compile_modes": ["eager"], "warmup": 1, "repeats": 5, "schedule": 10, "sample_steps": 8},
+    "fidelity": {
+        "seeds": 1,
+        "images_per_seed": 2,
+        "steps": 10,
+        "ratios": "0.5",
+        "thresholds": "0.7",
+    },
+}
+
+
+def _shown(value: Any) -> str:
+    return " ".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
+class _QuickOrFull:
+    """Runs a command with `QUICK_DEFAULTS` on a CPU and its module's own defaults on a GPU or with ``--full``.
+
+    Only the options left at their default change; the choice is printed on stderr first.
+    """
+
+    def __init__(self, name: str, run: Callable[[argparse.Namespace], int], full: dict[str, Any]) -> None:
+        self.name, self.run, self.full = name, run, full
+
+    def __call__(self, args: argparse.Namespace) -> int:
+        from .common import resolve_device
+
+        quick = not args.full and resolve_device(getattr(args, "device", "cpu")).type == "cpu"
+        chosen = QUICK_DEFAULTS[self.name] if quick else self.full
+        unset = [dest for dest in chosen if getattr(args, dest) is None]
+        for dest in unset:
+            setattr(args, dest, chosen[dest])
+        if quick and unset:
+            options = " ".join(f"--{dest.replace('_', '-')} {_shown(chosen[dest])}" for dest in unset)
+            print(
+                f"tokenmerge {self.name}: CPU sizes ({options}; about 3 minutes on two cores); --full: full sizes",
+                file=sys.stderr,
+                flush=True,
+            )
+        return self.run(args)
+
+
+def _with_defaults_shown(parser: argparse.ArgumentParser, quick: dict[str, Any]) -> dict[str, Any]:
+    """Write every option's default into its help; options in ``quick`` get both defaults.
+
+    Returns the full defaults of the options in ``quick`` (their parser default becomes None).
+    """
+    full: dict[str, Any] = {}
+    for action in parser._actions:
+        if action.help == argparse.SUPPRESS or action.dest in ("help", "full") or not action.option_strings:
+            continue
+        text = (action.help or "").replace("%(default)s", _shown(action.default))
+        text = re.sub(r"\s*\(default: [^)]*\)|;\s*default: .*$", "", text)
+        if action.dest in quick:
+            full[action.dest] = action.default
+            action.default = None
+            text += f" (default: {_shown(quick[action.dest])} on a CPU, {_shown(full[action.dest])} with --full)"
+        elif (
+            action.default is not None
+            and action.default is not False
+            and action.default != ""
+            and ("default" not in text)
+        ):
+            text += f" (default: {_shown(action.default)})"
+        action.help = text.strip().replace("%", "%%")
+    return full
+
+
 def _add_module_commands(sub: Any) -> None:
     """Register each command of `_MODULE_COMMANDS` whose module is part of this installation."""
     for name, module_name, add, run, help_text in _MODULE_COMMANDS:
@@ -192,7 +264,15 @@ def _add_module_commands(sub: Any) -> None:
         doc = (module.__doc__ or help_text).strip().split("\n\n")[0]
         parser = sub.add_parser(name, help=help_text, description=doc)
         getattr(module, add)(parser)
-        parser.set_defaults(run=getattr(module, run))
+        quick = QUICK_DEFAULTS.get(name, {})
+        parser.add_argument(
+            "--full",
+            action="store_true",
+            help="the full sizes on a CPU too (a GPU always takes them); without it a CPU run takes the smaller "
+            "defaults shown above, about 3 minutes on two cores",
+        )
+        full = _with_defaults_shown(parser, quick)
+        parser.set_defaults(run=_QuickOrFull(name, getattr(module, run), full) if quick else getattr(module, run))
 
 
 # ---------------------------------------------------------------------- visualize

@@ -111,14 +111,14 @@ class DemoModel:
         makes_images: whether ``job`` returns images, ``(B, 3, H, W)`` in [0, 1] (the
             trained models), which go into the demo's grid of generated images.
         image_names: what each image of the batch shows (its class), when it makes images.
-        warmup: a cheaper run through every layer (a one-step generation), the warm-up
-            before timing; None warms up with ``job`` itself.
         timed: the run that is timed, when cheaper than ``job`` (one image of the batch,
             the same steps); None times ``job`` itself.
         timed_what: what one timed run is, for the output (``"one 8-step generation of
             1 image"``).
         short: the model's short name on pictures (``"UNet"``).
         note: what to expect of the model's output, printed under its table.
+        rounds: timing rounds per demo round (`run_demo`'s ``repeats``): more for a model
+            whose timed run is short, so that its figure is as steady as the others'.
     """
 
     key: str
@@ -130,11 +130,11 @@ class DemoModel:
     fidelity: Fidelity = field(default_factory=lambda: COSINE)
     makes_images: bool = False
     image_names: tuple[str, ...] = ()
-    warmup: Callable[[], Tensor] | None = None
     timed: Callable[[], Tensor] | None = None
     timed_what: str = "one run"
     short: str = ""
     note: str = ""
+    rounds: int = 1
 
 
 @dataclass
@@ -264,12 +264,13 @@ def speed_of(plain: Sequence[float], times: Sequence[float], spread_limit: float
     """The speed of runs timed in the same rounds as ``plain`` (see `interleaved_times`).
 
     The speed-up is the median of the rounds' ``plain / time``. With five rounds or more
-    the fastest and slowest round are left out of the spread (one disturbed round does
-    not hide a figure); the speed-up is None when the rest spread by more than
-    ``spread_limit`` of the median.
+    the fastest and slowest fifth of the rounds (at least one each) are left out of the
+    spread (one disturbed round does not hide a figure); the speed-up is None when the
+    rest spread by more than ``spread_limit`` of the median.
     """
     ratios = sorted(p / s for p, s in zip(plain, times))
-    middle = ratios[1:-1] if len(ratios) >= 5 else ratios
+    cut = max(1, len(ratios) // 5) if len(ratios) >= 5 else 0
+    middle = ratios[cut : len(ratios) - cut]
     median = statistics.median(ratios)
     spread = (middle[-1] - middle[0]) / median if median > 0 else math.inf
     return Speed(statistics.median(times), median if spread <= spread_limit else None, spread)
@@ -485,6 +486,7 @@ def _build_vit(device: torch.device, seed: int, steps: int) -> DemoModel:
         timed=_Repeat(lambda: vit(images), VIT_CALLS),
         timed_what=f"{VIT_CALLS} forwards of 4 images",
         short="ViT",
+        rounds=3,
     )
 
 
@@ -581,7 +583,6 @@ def _build_zoo(key: str, name: str, device: torch.device, seed: int, steps: int,
         fidelity=PSNR,
         makes_images=True,
         image_names=tuple(str(label) for label in labels),
-        warmup=lambda: generate(1),
         timed=lambda: generate(min(steps, TIMED_STEPS), labels[:1]),
         timed_what=f"one {min(steps, TIMED_STEPS)}-step generation of 1 image",
         short="UNet" if key == "unet" else "DiT",
@@ -650,16 +651,14 @@ class _Applied:
 def run_model(model: DemoModel, presets: Sequence[str], device: torch.device, rounds: int, bar: Any) -> DemoResult:
     """Run the plain model and each applicable preset once for their outputs, then time them in rounds.
 
-    Outputs (and the tokens, plans and images) come from one `DemoModel.job` per config
-    after a warm-up; the times from ``rounds`` interleaved rounds of `DemoModel.timed`
-    (`interleaved_times`, `speed_of`). One `DemoRow` each, plain first.
+    Outputs (and the tokens, plans and images) come from one `DemoModel.job` per config,
+    which also warms up every layer; the times from ``rounds`` interleaved rounds of
+    `DemoModel.timed` (`interleaved_times`, `speed_of`). One `DemoRow` each, plain first.
     """
     result = DemoResult(model)
     configs = [(name, model.configs[name]) for name in presets if name in model.configs]
-    warmup = model.warmup or model.job
     bar.set_postfix_str(f"{model.key} plain")
     with torch.inference_mode():
-        warmup()
         reference = model.job()
     bar.update()
     outputs: list[tuple[str, str, str, Tensor]] = []
@@ -668,8 +667,6 @@ def run_model(model: DemoModel, presets: Sequence[str], device: torch.device, ro
         handle = apply(model.target, config)
         try:
             with torch.inference_mode():
-                warmup()
-                handle.reset()
                 output = model.job()
             state = handle.state
             outputs.append(
@@ -681,7 +678,7 @@ def run_model(model: DemoModel, presets: Sequence[str], device: torch.device, ro
     bar.set_postfix_str(f"{model.key} timing")
     timed = model.timed or model.job
     runs = [_Applied(model.target, config) for config in [None, *(c for _, c in configs)]]
-    times = interleaved_times([(run.enter, timed, run.leave) for run in runs], device, rounds)
+    times = interleaved_times([(run.enter, timed, run.leave) for run in runs], device, rounds * model.rounds)
     bar.update()
     plain = times[0]
     result.rows.append(
@@ -1066,9 +1063,11 @@ def run_demo(
         for row in r.rows
         if row.speedup is None
     ]
-    timed = "; ".join(f"{r.model.short or r.model.key}: {r.model.timed_what}" for r in results)
+    timed = "; ".join(
+        f"{r.model.short or r.model.key}: {repeats * r.model.rounds} rounds of {r.model.timed_what}" for r in results
+    )
     print(
-        f"\ntime: median over {repeats} rounds; each round times the plain model and every preset once, one "
+        "\ntime: the median of a preset's timed runs; each round times the plain model and every preset once, one "
         f"after the other, and a speed-up is the median of the rounds' plain/preset ratios ({timed}).",
         file=stream,
     )
