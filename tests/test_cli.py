@@ -360,3 +360,10 @@ def test_bench_reports_a_line_per_row_as_it_goes() -> None:
     assert len(lines) == len(result.rows) == 2
     assert lines[0].startswith("sd15-tiny eager plain: ") and " ms" in lines[0]
     assert lines[1].startswith("sd15-tiny eager ToMeSD(0.5): ")
+
+
+def test_visualize_without_a_merge_record_is_a_clear_error() -> None:
+    from tokenmerge.tools import vis
+
+    with pytest.raises(TokenMergeError, match="record must be the merge record of a forward: call"):
+        vis.visualize(np.zeros((32, 32, 3), dtype=np.uint8), None)  # merge_record after the with block

@@ -270,3 +270,13 @@ def test_no_process_words_in_user_facing_text(site: Path) -> None:
         pages[name] = (ROOT / name).read_text(encoding="utf-8")
     found = {name: PROCESS_WORDS.findall(text) for name, text in pages.items() if PROCESS_WORDS.search(text)}
     assert not found, found
+
+
+def test_reference_pages_lead_with_the_verb(site: Path) -> None:
+    page = (site / "reference" / "tokenmerge" / "index.html").read_text(encoding="utf-8")
+    order = re.findall(r'<h2 id="(tokenmerge\.[A-Za-z_]+)"', page)
+    assert order[:6] == [f"tokenmerge.{n}" for n in ("apply", "remove", "ToMe", "ToMeSD", "CAToMe", "ToDo")]
+    assert 'id="tokenmerge.MergeState"' in page and "merged_tokens" in page
+    for html_page in (site / "reference").rglob("*.html"):
+        assert "::</p>" not in html_page.read_text(encoding="utf-8"), html_page  # reST's literal marker
+    assert (site / "assets" / "extra.css").is_file()  # long code lines wrap instead of being cut off

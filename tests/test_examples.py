@@ -21,6 +21,7 @@ import ast
 import importlib.util
 import json
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -39,9 +40,9 @@ EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.py") if not p.name.star
 _TINY_VIT = json.dumps({"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 2})
 #: Tiny paths of the examples that offer no ``--tiny`` and declare no ``TINY_ARGS``.
 TINY_PATHS: dict[str, list[str]] = {
-    "vit_visualize.py": ["--model", "vit_tiny_patch16_224", "--model-kwargs", _TINY_VIT, "--r", "10"],
+    "vit_visualize.py": ["--arch", "vit_tiny_patch16_224", "--model-kwargs", _TINY_VIT, "--r", "10"],
     "vit_eval.py": [
-        *("--model", "vit_tiny_patch16_224", "--model-kwargs", _TINY_VIT, "--data", "{images}", "--r", "8"),
+        *("--arch", "vit_tiny_patch16_224", "--model-kwargs", _TINY_VIT, "--data", "{images}", "--r", "8"),
         *("--batch-size", "4", "--workers", "0", "--warmup", "1", "--device", "cpu"),
     ],
     # Two optimiser steps on 8 px crops of generated photographs (no scikit-image needed), weights to {tmp}.
@@ -177,8 +178,12 @@ def test_example_help(
     assert exited.value.code in (0, None)
     help_text = capsys.readouterr().out
     assert "usage:" in help_text.lower()
-    if "--model" in script.read_text(encoding="utf-8"):
-        assert "--model" in help_text, "an example that loads checkpoints takes --model"
+    model_option = re.compile(r"--model(?![-\w])")
+    if model_option.search(script.read_text(encoding="utf-8")):
+        assert model_option.search(help_text), "an example that loads checkpoints takes --model"
+        assert "hub id" in help_text, "--model is a diffusers pipeline (hub id or folder); timm takes --arch"
+    if "timm.create_model" in script.read_text(encoding="utf-8"):
+        assert "--arch" in help_text and not model_option.search(help_text)
     assert tiny_args(script, help_text) == tiny_args(script, script.read_text(encoding="utf-8"))
 
 
@@ -232,3 +237,29 @@ def test_custom_policy_rejects_what_its_matcher_cannot_do() -> None:
         tokenmerge.MergeConfig(matcher=example.EveryKthDestination(4), threshold=example.DepthRamp(0.9, 0.1))
     with pytest.raises(tokenmerge.TokenMergeError, match="k must be an int >= 2"):
         example.EveryKthDestination(1)
+
+
+@pytest.mark.parametrize(
+    ("script", "argv", "expected"),
+    [
+        ("sd.py", ["--tiny", "--ratio", "2"], "ratio"),
+        ("sd.py", [], "give --model (a hub id, downloaded once, or a local folder) or --tiny"),
+        ("dit.py", ["--model", "/no/such/folder"], "dit.py: error: "),
+        ("vit_eval.py", ["--arch", "vit_tiny_patch16_224", "--data", "/missing"], "--data must be an image folder"),
+        ("vit_visualize.py", ["--arch", "no_such_model"], "--arch/--checkpoint must be a timm architecture"),
+    ],
+)
+def test_example_errors_are_one_line(script: str, argv: list[str], expected: str, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+        timeout=300,
+    )
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert len(lines) == 1 and expected in lines[0], done.stderr[-2000:]

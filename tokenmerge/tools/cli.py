@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 from ..errors import TokenMergeError
 from .common import device_argument
 
-__all__ = ["main", "build_parser", "EXIT_USAGE", "QUICK_DEFAULTS"]
+__all__ = ["main", "build_parser", "run_script", "user_error", "OneLineParser", "EXIT_USAGE", "QUICK_DEFAULTS"]
 
 #: Exit status of a user error (the same as argparse's).
 EXIT_USAGE = 2
@@ -34,11 +34,14 @@ _EXTRAS = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    """An `ArgumentParser` whose errors are one line on stderr, exit status 2."""
+class OneLineParser(argparse.ArgumentParser):
+    """An `ArgumentParser` whose errors are one line on stderr, exit status 2 (the command's and the examples')."""
 
     def error(self, message: str) -> NoReturn:
+        """Print ``PROG: error: MESSAGE (see 'PROG --help')`` and exit with status 2."""
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 
 
 def _int_at_least(minimum: int, wanted: str) -> Callable[[str], int]:
@@ -208,8 +211,10 @@ class _QuickOrFull:
     Only the options left at their default change; the choice is printed on stderr first.
     """
 
-    def __init__(self, name: str, run: Callable[[argparse.Namespace], int], full: dict[str, Any]) -> None:
-        self.name, self.run, self.full = name, run, full
+    def __init__(
+        self, name: str, run: Callable[[argparse.Namespace], int], full: dict[str, Any], options: dict[str, str]
+    ) -> None:
+        self.name, self.run, self.full, self.options = name, run, full, options
 
     def __call__(self, args: argparse.Namespace) -> int:
         from .common import resolve_device
@@ -220,7 +225,7 @@ class _QuickOrFull:
         for dest in unset:
             setattr(args, dest, chosen[dest])
         if quick and unset:
-            options = " ".join(f"--{dest.replace('_', '-')} {_shown(chosen[dest])}" for dest in unset)
+            options = " ".join(f"{self.options[dest]} {_shown(chosen[dest])}" for dest in unset)
             print(
                 f"tokenmerge {self.name}: CPU sizes ({options}; about 3 minutes on two cores); --full: full sizes",
                 file=sys.stderr,
@@ -272,7 +277,9 @@ def _add_module_commands(sub: Any) -> None:
             "defaults shown above, about 3 minutes on two cores",
         )
         full = _with_defaults_shown(parser, quick)
-        parser.set_defaults(run=_QuickOrFull(name, getattr(module, run), full) if quick else getattr(module, run))
+        options = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+        command = getattr(module, run)
+        parser.set_defaults(run=_QuickOrFull(name, command, full, options) if quick else command)
 
 
 # ---------------------------------------------------------------------- visualize
@@ -318,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``tokenmerge`` argument parser with every available sub-command."""
     from .. import __version__
 
-    parser = _Parser(
+    parser = OneLineParser(
         prog="tokenmerge",
         description="Token merging (ToMe, ToMeSD, CA-ToMe, ToDo) for diffusers and timm models.",
         epilog="Start with 'tokenmerge demo'. Each command has --help.",
@@ -337,6 +344,15 @@ def _missing_dependency(error: ModuleNotFoundError) -> str | None:
     return None
 
 
+def user_error(error: BaseException) -> str | None:
+    """The one line a user error prints, or None when ``error`` is not one (a bug: its traceback shows)."""
+    if isinstance(error, TokenMergeError):
+        return str(error)
+    if isinstance(error, ModuleNotFoundError):
+        return _missing_dependency(error)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``tokenmerge`` command; returns the exit status.
 
@@ -346,19 +362,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         0 on success, 2 on a user error (one line on stderr), 130 when interrupted.
     """
-    try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
+
+    def run() -> int:
+        args = build_parser().parse_args(argv)
         return int(args.run(args) or 0)
-    except TokenMergeError as error:
-        print(f"tokenmerge: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except ModuleNotFoundError as error:
-        message = _missing_dependency(error)
+
+    return _run_reporting("tokenmerge", run)
+
+
+def run_script(main: Callable[[], object], prog: str, load_errors: tuple[type[BaseException], ...] = ()) -> NoReturn:
+    """Run an example script's ``main()`` and exit: a user error is one line on stderr, status 2.
+
+    Args:
+        main: the script's entry point.
+        prog: the name in the error line (``sd.py``).
+        load_errors: more exception types that are the user's to fix (a model that
+            cannot be found or read: ``OSError``), printed as one line too.
+    """
+
+    def run() -> int:
+        try:
+            result = main()
+        except load_errors as error:
+            raise TokenMergeError(str(error).strip().splitlines()[0]) from None
+        return result if isinstance(result, int) else 0
+
+    sys.exit(_run_reporting(prog, run))
+
+
+def _run_reporting(prog: str, run: Callable[[], int]) -> int:
+    """``run()``, with user errors as one line on stderr (status 2) and an interrupt as status 130."""
+    try:
+        return run()
+    except (TokenMergeError, ModuleNotFoundError) as error:
+        message = user_error(error)
         if message is None:
             raise
-        print(f"tokenmerge: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("tokenmerge: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -106,15 +106,23 @@ def visualize(
     """Draw the merged groups of one image of a forward from its merge record.
 
     Args:
-        image: that image, as the model saw it (resized, not normalised).
-        record: `tokenmerge.adapters.vit.merge_record` of the forward (apply with
-            ``trace_source=True``).
+        image: that image, as the model saw it (resized to the model's input size, not
+            normalised): a PIL image, a numpy array or a torch tensor, ``(H, W, 3)`` or
+            ``(3, H, W)`` (an alpha channel is dropped, a grey ``(H, W)`` image is
+            repeated), as uint8 in [0, 255] or floats in [0, 1].
+        record: `tokenmerge.adapters.vit.merge_record` of the forward, taken while the
+            config is applied (inside its ``with`` block; apply with ``trace_source=True``).
         index: which image of the batch.
         outline: border colour, or None.
 
     Returns:
         ``(H, W, 3)`` uint8.
     """
+    check(
+        record is not None and hasattr(record, "patch_groups"),
+        "record must be the merge record of a forward: call tokenmerge.adapters.vit.merge_record(model) while "
+        f"the config is applied (inside its with block, ToMe(..., trace_source=True)); got {record!r}",
+    )
     if record.grid is None:
         raise TokenMergeError("record.grid is None: the patch tokens of that forward did not form a grid")
     groups = record.patch_groups(index + 1)[index]  # (h * w,)
