@@ -263,3 +263,56 @@ def test_example_errors_are_one_line(script: str, argv: list[str], expected: str
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2, done.stderr[-2000:]
     assert len(lines) == 1 and expected in lines[0], done.stderr[-2000:]
+
+
+def test_one_custom_composition_runs_on_sd_dit_and_vit() -> None:
+    """The how-to's composition (a sequence matcher) on an SD pipeline, a DiT pipeline and a timm ViT:
+    finite outputs, something merged, and remove() gives the plain outputs back bit for bit."""
+    import timm
+
+    import tokenmerge
+    from tokenmerge.tools.tiny import tiny_dit_pipeline, tiny_prompt_embeds, tiny_sd_pipeline
+
+    example = _load_custom_policy()
+    sd, dit = tiny_sd_pipeline(0), tiny_dit_pipeline(0)
+    for pipe in (sd, dit):
+        pipe.set_progress_bar_config(disable=True)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=3).eval()
+    images = torch.randn(2, 3, 32, 32)  # (B, 3, H, W)
+
+    def run_sd() -> torch.Tensor:
+        embeds = tiny_prompt_embeds(seed=0)
+        generator = torch.Generator().manual_seed(0)
+        out = sd(prompt_embeds=embeds, guidance_scale=1.0, num_inference_steps=3, generator=generator, output_type="pt")
+        return out.images
+
+    def run_dit() -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        return dit(class_labels=[1], num_inference_steps=3, generator=generator, output_type="pt").images
+
+    for target, run in ((sd, run_sd), (dit, run_dit), (vit, lambda: vit(images))):
+        with torch.no_grad():
+            plain = run()
+            with tokenmerge.apply(target, example.make_config(seed=0)) as handle:
+                merged = run()
+                tokens = dict(handle.state.merged_tokens)
+            again = run()
+        assert torch.isfinite(merged).all()
+        assert tokens and any(n_out < n_in for n_in, n_out in tokens.values()), tokens
+        assert torch.equal(again, plain)
+    # The README's grid composition, given a sequence matcher and the ViT's default placement.
+    from tokenmerge.placements import SubLayers
+    from tokenmerge.policies import AlternatingBipartite, EveryK, RandomGrid, SimilarityThreshold
+
+    grid_config = tokenmerge.MergeConfig(
+        matcher=RandomGrid(sx=2, sy=2),
+        threshold=SimilarityThreshold(0.8),
+        cache=EveryK(3),
+        placement=SubLayers(attn=True, cross_attn=True),
+        seed=0,
+    )
+    with pytest.raises(tokenmerge.TokenMergeError):
+        with tokenmerge.apply(vit, grid_config), torch.no_grad():
+            vit(images)
+    with tokenmerge.apply(vit, grid_config.replace(matcher=AlternatingBipartite(), placement=None)), torch.no_grad():
+        assert torch.isfinite(vit(images)).all()
