@@ -272,11 +272,29 @@ def test_no_process_words_in_user_facing_text(site: Path) -> None:
     assert not found, found
 
 
+def _entries_without_text(html: str) -> list[str]:
+    """Ids of reference entries whose contents hold no text (a name listed with nothing said)."""
+    parts = re.split(r'(<h[2-5] id="[^"]+" class="doc doc-heading)', html)
+    empty = []
+    for head, body in zip(parts[1::2], parts[2::2]):
+        own = body.split('class="doc doc-heading')[0]
+        contents = re.search(r'<div class="doc doc-contents[^"]*">(.*)', own, re.S)
+        if not re.sub(r"<[^>]+>", "", contents.group(1) if contents else "").strip():
+            empty.append(re.search(r'id="([^"]+)"', head).group(1))
+    return empty
+
+
 def test_reference_pages_lead_with_the_verb(site: Path) -> None:
     page = (site / "reference" / "tokenmerge" / "index.html").read_text(encoding="utf-8")
     order = re.findall(r'<h2 id="(tokenmerge\.[A-Za-z_]+)"', page)
     assert order[:6] == [f"tokenmerge.{n}" for n in ("apply", "remove", "ToMe", "ToMeSD", "CAToMe", "ToDo")]
     assert 'id="tokenmerge.MergeState"' in page and "merged_tokens" in page
+    # Dataclass fields and attributes are described once, on themselves (docs/_hooks/field_docs.py).
+    assert not _entries_without_text(page), _entries_without_text(page)
+    merged_tokens = page[page.index('id="tokenmerge.MergeState.merged_tokens"') :][:3000]
+    assert "of the last plan of each layer" in merged_tokens
+    policies = (site / "reference" / "policies" / "index.html").read_text(encoding="utf-8")
+    assert len(_entries_without_text(policies)) <= 10
     for html_page in (site / "reference").rglob("*.html"):
         assert "::</p>" not in html_page.read_text(encoding="utf-8"), html_page  # reST's literal marker
     assert (site / "assets" / "extra.css").is_file()  # long code lines wrap instead of being cut off
