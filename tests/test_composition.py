@@ -1,4 +1,4 @@
-"""Merging together with what diffusers users already combine: ControlNet, compile_repeated_blocks.
+"""Merging together with what diffusers users already combine: ControlNet, LoRA, compile_repeated_blocks.
 
 Tiny models built in code, on the CPU: the outputs stay finite, ``remove()`` gives the plain
 outputs back bit for bit, and merging plus the other feature computes fewer FLOPs than the
@@ -96,3 +96,39 @@ def test_merging_with_compile_repeated_blocks() -> None:
     torch.testing.assert_close(compiled_merged, eager_merged, rtol=1e-4, atol=1e-5)
     assert not torch.equal(eager_merged, plain)
     assert torch.equal(again, plain)
+
+
+def test_merging_with_a_lora_adapter() -> None:
+    """A LoRA adapter added in code (peft) on the attention projections, then merging around it."""
+    pytest.importorskip("peft")
+    from diffusers.models.attention_processor import AttnProcessor
+    from peft import LoraConfig
+
+    unet = tiny_sd_unet(0, 32).eval()  # a 32 x 32 latent: 1024 tokens at the top level
+    unet.set_attn_processor(AttnProcessor())  # attention as matrix products, which the FLOP counter sees
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():  # a LoRA that does something: its up-projections start at zero
+        for name, weight in unet.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(std=0.02, generator=torch.Generator().manual_seed(len(name)))
+    x = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(1))  # (B, C, H, W)
+    text = tiny_prompt_embeds(seed=0)  # (B, L, D)
+    t = torch.tensor([500])
+
+    def run() -> torch.Tensor:
+        return unet(x, t, encoder_hidden_states=text).sample
+
+    with torch.no_grad():
+        plain = run()
+        unet.disable_adapters()
+        without_lora = run()
+        unet.enable_adapters()
+        lora_flops = _flops(run)
+        with tokenmerge.apply(unet, tokenmerge.ToMeSD(ratio=0.5, seed=0)):
+            merged = run()
+            merged_flops = _flops(run)
+        again = run()
+    assert not torch.equal(plain, without_lora)  # the adapter is live
+    assert torch.isfinite(merged).all() and not torch.equal(merged, plain)
+    assert torch.equal(again, plain)
+    assert merged_flops < lora_flops
