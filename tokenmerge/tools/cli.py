@@ -42,8 +42,6 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-
-
 def _int_at_least(minimum: int, wanted: str) -> Callable[[str], int]:
     """An argparse ``type``: an integer ``>= minimum``; errors read ``must be {wanted}; got ...``."""
 
