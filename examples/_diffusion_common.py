@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,17 +21,53 @@ import torch
 import tokenmerge
 from tokenmerge.placements import ResidualRange
 from tokenmerge.policies import CA_TOME_C3
-from tokenmerge.tools.common import device_argument, resolve_device, synchronize
+from tokenmerge.tools.common import device_argument, resolve_device
+from tokenmerge.tools.demo import STABLE_SPREAD, interleaved_times, speed_of
 
-__all__ = ["add_arguments", "build_config", "compare", "parse", "pick_device", "pick_dtype", "sampler"]
+
+class _Applied:
+    """Apply ``config`` to ``pipe`` before a timed call and remove it after."""
+
+    def __init__(self, pipe: Any, config: tokenmerge.MergeConfig) -> None:
+        self.pipe, self.config, self.handle = pipe, config, None
+
+    def enter(self) -> None:
+        self.handle = tokenmerge.apply(self.pipe, self.config)
+
+    def leave(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
+def _nothing() -> None:
+    return None
+
+
+__all__ = [
+    "from_pretrained",
+    "add_arguments",
+    "build_config",
+    "compare",
+    "parse",
+    "pick_device",
+    "pick_dtype",
+    "sampler",
+]
 
 METHODS = ("tomesd", "catome", "todo")
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, model: str, steps: int, size: int) -> None:
     """Add the options every example takes (model, merging method, sampling, timing)."""
-    parser.add_argument("--model", default=model, help=f"hub id or local folder of the pipeline (default {model})")
-    parser.add_argument("--tiny", action="store_true", help="a tiny random-weight pipeline built in code (CPU)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help=f"the diffusers pipeline: a Hugging Face hub id (downloaded once), e.g. {model}, or a local folder",
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="a tiny random-weight pipeline built in code instead (CPU, no download)"
+    )
     parser.add_argument("--method", choices=METHODS, default="tomesd", help="merging preset (default tomesd)")
     parser.add_argument("--ratio", type=float, default=0.5, help="tomesd: fraction of tokens merged")
     parser.add_argument("--threshold", type=float, default=0.7, help="catome: similarity threshold")
@@ -52,13 +88,31 @@ def add_arguments(parser: argparse.ArgumentParser, *, model: str, steps: int, si
     parser.add_argument("--steps", type=int, default=steps, help=f"denoising steps (default {steps})")
     parser.add_argument("--size", type=int, default=size, help=f"image side in pixels (default {size})")
     parser.add_argument("--batch", type=int, default=1, help="images per call")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per setting (median reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls per setting first")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timing rounds: plain and merged calls in turn; medians reported (default 3; --tiny: 5)",
+    )
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls per setting first (default 1)")
     parser.add_argument(
         "--device", type=device_argument, default=None, help="cpu, cuda, cuda:N, mps (default: cuda when available)"
     )
     parser.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"), help="model dtype")
     parser.add_argument("--out", default=None, help="folder to save the images (plain_*.png, merged_*.png)")
+
+
+def from_pretrained(pipeline_class: Any, model: str, **kwargs: Any) -> Any:
+    """``pipeline_class.from_pretrained(model, **kwargs)``; a model that cannot be found or read is one error line."""
+    try:
+        with warnings.catch_warnings():  # newer diffusers call torch_dtype dtype; older ones know only torch_dtype
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+            return pipeline_class.from_pretrained(model, **kwargs)
+    except (OSError, ValueError) as error:  # not a folder, not a hub id, no network, or not this kind of pipeline
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise tokenmerge.TokenMergeError(
+            f"--model must be a {pipeline_class.__name__} hub id or local folder; got {model!r}: {first}"
+        ) from None
 
 
 def pick_device(args: argparse.Namespace) -> torch.device:
@@ -127,19 +181,6 @@ def sampler(pipe: Any, args: argparse.Namespace, **inputs: Any) -> Callable[[], 
     return generate
 
 
-def _timed(generate: Callable[[], torch.Tensor], device: torch.device, warmup: int, repeats: int) -> tuple[Any, float]:
-    for _ in range(warmup):
-        generate()
-    times, images = [], None
-    for _ in range(max(repeats, 1)):
-        synchronize(device)
-        start = time.perf_counter()
-        images = generate()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return images, statistics.median(times)
-
-
 def _save(images: torch.Tensor, folder: Path, prefix: str) -> None:
     from PIL import Image
 
@@ -165,9 +206,14 @@ def compare(
         (``plain``, ``merged``) and ``merging`` (the state's step/plan counters and the
         tokens of each merged layer, from the last call).
     """
-    plain, plain_s = _timed(generate, device, args.warmup, args.repeats)
+    for _ in range(args.warmup):
+        generate()
+    plain = generate()
     with tokenmerge.apply(pipe, config) as handle:
-        merged, merged_s = _timed(generate, device, args.warmup, args.repeats)
+        for _ in range(args.warmup):
+            generate()
+        handle.reset()
+        merged = generate()
         state = handle.state
         merging = {
             "generation": state.generation,
@@ -176,7 +222,14 @@ def compare(
             "plans_reused": state.plans_reused,
             "tokens": dict(state.merged_tokens),
         }
-    speedup = plain_s / merged_s if merged_s > 0 else float("nan")
+    # Plain and merged calls in turn, so a change in the machine's load hits both alike.
+    merging_on = _Applied(pipe, config)
+    plain_times, merged_times = interleaved_times(
+        [(_nothing, generate, _nothing), (merging_on.enter, generate, merging_on.leave)], device, max(args.repeats, 1)
+    )
+    speed = speed_of(plain_times, merged_times)
+    plain_s, merged_s = statistics.median(plain_times), speed.seconds
+    speedup = speed.speedup if speed.speedup is not None else float("nan")
     batch = plain.shape[0]
     print_fn(f"{name}: {args.steps} steps, {args.size} px, batch {batch}, {device} {str(pipe.dtype)[6:]}")
     print_fn(f"config: {config!r}")
@@ -184,7 +237,14 @@ def compare(
     print_fn(f"merged layers: {len(merging['tokens'])} (tokens {layers or 'none'})")
     print_fn(f"plain:  {plain_s:.4f} s/call ({plain_s / batch:.4f} s/image)")
     print_fn(f"merged: {merged_s:.4f} s/call ({merged_s / batch:.4f} s/image)")
-    print_fn(f"speedup: {speedup:.2f}x (median of {max(args.repeats, 1)} calls after {args.warmup} warm-up)")
+    rounds = f"median of {max(args.repeats, 1)} rounds of a plain and a merged call after {args.warmup} warm-up"
+    if speed.speedup is None:
+        print_fn(
+            f"speedup: not stable ({rounds}: the rounds' ratios spread by {speed.spread:.0%}, more than "
+            f"{STABLE_SPREAD:.0%}; the machine's other work moved the times; try more --repeats)"
+        )
+    else:
+        print_fn(f"speedup: {speedup:.2f}x ({rounds})")
     if args.out:
         _save(plain, Path(args.out), "plain")
         _save(merged, Path(args.out), "merged")
@@ -202,13 +262,16 @@ def compare(
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None, tiny_size: int) -> argparse.Namespace:
     """Parse ``argv`` (default ``sys.argv[1:]``).
 
-    With ``--tiny``, options not given on the command line default to a quick check:
-    ``--size tiny_size --steps 4 --repeats 1 --warmup 0``.
+    Neither ``--model`` nor ``--tiny`` is a one-line error. With ``--tiny``, options not
+    given on the command line default to a quick check: ``--size tiny_size --steps 4
+    --repeats 5 --warmup 1``.
     """
     given = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(given)
+    if not args.tiny and not args.model:
+        parser.error("give --model (a hub id, downloaded once, or a local folder) or --tiny (no download)")
     if args.tiny:
-        quick = {"size": tiny_size, "steps": 4, "repeats": 1, "warmup": 0}
+        quick = {"size": tiny_size, "steps": 4, "repeats": 5, "warmup": 1}
         for name, value in quick.items():
             option = f"--{name}"
             if not any(arg == option or arg.startswith(option + "=") for arg in given):

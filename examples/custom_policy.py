@@ -21,7 +21,6 @@ or on a real one (a hub id or a local folder), writing the image:
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
@@ -29,6 +28,7 @@ from torch import Tensor
 
 import tokenmerge
 from tokenmerge.policies import CacheEntry, Matcher, Matching, MergeContext, PairCache, ThresholdPolicy
+from tokenmerge.tools.cli import OneLineParser, run_script
 
 # The `--8<--` comments mark the parts that docs/how-to/custom-policy.md shows.
 
@@ -157,7 +157,7 @@ def run(pipe: object, call_kwargs: dict[str, object], steps: int, seed: int, dev
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--tiny", action="store_true", help="a tiny random-weight pipeline built in code")
     source.add_argument("--model", help="a Stable Diffusion 1.x/2.x pipeline: hub id or local folder")
@@ -205,4 +205,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main, "custom_policy.py", load_errors=(OSError,))

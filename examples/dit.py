@@ -17,7 +17,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from _diffusion_common import add_arguments, build_config, compare, parse, pick_device, pick_dtype, sampler
+from _diffusion_common import (
+    add_arguments,
+    build_config,
+    compare,
+    from_pretrained,
+    parse,
+    pick_device,
+    pick_dtype,
+    sampler,
+)
+
+from tokenmerge.tools.cli import OneLineParser, run_script
 
 
 def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Any:
@@ -29,14 +40,14 @@ def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> 
     else:
         from diffusers import DiTPipeline
 
-        pipe = DiTPipeline.from_pretrained(args.model, torch_dtype=dtype)
+        pipe = from_pretrained(DiTPipeline, args.model, torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if pipe.dtype == dtype else pipe.to(device=device, dtype=dtype)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the comparison; returns what `compare` returns."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, model="facebook/DiT-XL-2-256", steps=50, size=256)
     parser.add_argument("--classes", default="207,360,387,974", help="comma-separated ImageNet class ids")
     parser.add_argument("--guidance", type=float, default=4.0)
@@ -58,4 +69,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "dit.py", load_errors=(OSError,))

@@ -14,7 +14,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from _diffusion_common import add_arguments, build_config, compare, parse, pick_device, pick_dtype, sampler
+from _diffusion_common import (
+    add_arguments,
+    build_config,
+    compare,
+    from_pretrained,
+    parse,
+    pick_device,
+    pick_dtype,
+    sampler,
+)
+
+from tokenmerge.tools.cli import OneLineParser, run_script
 
 PROMPT = "a photograph of an astronaut riding a horse"
 
@@ -28,14 +39,14 @@ def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> 
     else:
         from diffusers import StableDiffusionPipeline
 
-        pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, safety_checker=None)
+        pipe = from_pretrained(StableDiffusionPipeline, args.model, torch_dtype=dtype, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if pipe.dtype == dtype else pipe.to(device=device, dtype=dtype)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the comparison; returns what `compare` returns."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, model="stable-diffusion-v1-5/stable-diffusion-v1-5", steps=50, size=512)
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--guidance", type=float, default=7.5)
@@ -58,4 +69,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "sd.py", load_errors=(OSError,))

@@ -16,7 +16,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from _diffusion_common import add_arguments, build_config, compare, parse, pick_device, pick_dtype, sampler
+from _diffusion_common import (
+    add_arguments,
+    build_config,
+    compare,
+    from_pretrained,
+    parse,
+    pick_device,
+    pick_dtype,
+    sampler,
+)
+
+from tokenmerge.tools.cli import OneLineParser, run_script
 
 PROMPT = "a photograph of an astronaut riding a horse"
 
@@ -30,7 +41,7 @@ def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> 
     else:
         from diffusers import StableDiffusionXLPipeline
 
-        pipe = StableDiffusionXLPipeline.from_pretrained(args.model, torch_dtype=dtype)
+        pipe = from_pretrained(StableDiffusionXLPipeline, args.model, torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if pipe.dtype == dtype else pipe.to(device=device, dtype=dtype)
 
@@ -51,7 +62,7 @@ def tiny_prompt(batch: int, seed: int, device: torch.device, dtype: torch.dtype)
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the comparison; returns what `compare` returns."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, model="stabilityai/stable-diffusion-xl-base-1.0", steps=50, size=1024)
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--guidance", type=float, default=5.0)
@@ -67,4 +78,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "sdxl.py", load_errors=(OSError,))

@@ -7,11 +7,11 @@ forwards are timed (after warm-up, synchronised on CUDA); data loading is not.
 Examples::
 
     # a pretrained timm model (downloads its weights once)
-    python examples/vit_eval.py --model vit_base_patch16_224.augreg2_in21k_ft_in1k --pretrained \\
+    python examples/vit_eval.py --arch vit_base_patch16_224.augreg2_in21k_ft_in1k --pretrained \\
         --data /data/imagenet/val --r 13 --batch-size 256 --device cuda --dtype float16
 
     # a local checkpoint of a known architecture
-    python examples/vit_eval.py --model deit_small_patch16_224 --checkpoint deit_small.pth --data val/ --r 13
+    python examples/vit_eval.py --arch deit_small_patch16_224 --checkpoint deit_small.pth --data val/ --r 13
 
 Prints a table and, with ``--json``, writes the figures to a file.
 """
@@ -33,6 +33,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import tokenmerge
+from tokenmerge.errors import TokenMergeError
+from tokenmerge.tools.cli import OneLineParser, run_script
 from tokenmerge.tools.common import device_argument, resolve_device, synchronize
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -47,8 +49,8 @@ def data_config(model: nn.Module) -> dict[str, Any]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line arguments."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="timm model name (the architecture)")
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", required=True, help="timm architecture name, e.g. vit_base_patch16_224")
     parser.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights")
     parser.add_argument("--checkpoint", default="", help="local checkpoint (state dict) to load instead")
     parser.add_argument("--model-kwargs", default="{}", help="JSON dict of extra timm.create_model arguments")
@@ -82,7 +84,10 @@ def build_model(args: argparse.Namespace) -> nn.Module:
     kwargs: dict[str, Any] = json.loads(args.model_kwargs)
     if args.checkpoint:
         kwargs["checkpoint_path"] = args.checkpoint
-    model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
+    try:
+        model = timm.create_model(args.arch, pretrained=args.pretrained, **kwargs)
+    except RuntimeError as error:  # timm's unknown architecture, or a checkpoint of another one
+        raise TokenMergeError(f"--arch/--checkpoint must be a timm architecture and its weights: {error}") from None
     return model.eval().to(args.device)
 
 
@@ -125,6 +130,10 @@ def evaluate(model: nn.Module, loader: DataLoader, args: argparse.Namespace) -> 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Evaluate without and with merging; print and return the figures."""
     args = parse_args(argv)
+    if not args.data.is_dir():
+        raise TokenMergeError(
+            f"--data must be an image folder, one sub-folder per class; got '{args.data}' (no such folder)"
+        )
     model = build_model(args)
     loader = build_loader(model, args)
     r = parse_r(args.r)
@@ -133,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         merged = evaluate(model, loader, args)
     device = torch.cuda.get_device_name(args.device) if str(args.device).startswith("cuda") else "cpu"
     results = {
-        "model": args.model,
+        "model": args.arch,
         "r": r,
         "device": device,
         "dtype": args.dtype,
@@ -144,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "tome": merged,
         "speedup": merged["images_per_s"] / plain["images_per_s"],
     }
-    print(f"{args.model} on {device} ({args.dtype}, batch {args.batch_size}, {plain['images']} images)")
+    print(f"{args.arch} on {device} ({args.dtype}, batch {args.batch_size}, {plain['images']} images)")
     print(f"{'':10} {'top-1 %':>8} {'images/s':>10}")
     print(f"{'plain':10} {plain['top1']:8.2f} {plain['images_per_s']:10.1f}")
     print(f"{'ToMe r=' + str(args.r):10} {merged['top1']:8.2f} {merged['images_per_s']:10.1f}")
@@ -155,4 +164,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "vit_eval.py", load_errors=(OSError,))

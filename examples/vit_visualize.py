@@ -3,10 +3,10 @@
 Examples::
 
     # the photo shipped with tokenmerge, a pretrained DeiT (downloads its weights once)
-    python examples/vit_visualize.py --model deit_small_patch16_224 --pretrained --r 16 --out merged.png
+    python examples/vit_visualize.py --arch deit_small_patch16_224 --pretrained --r 16 --out merged.png
 
     # your own image
-    python examples/vit_visualize.py --model vit_base_patch16_224 --pretrained --image cat.jpg --r 8
+    python examples/vit_visualize.py --arch vit_base_patch16_224 --pretrained --image cat.jpg --r 8
 
 The output shows the input (resized to the model's input size) beside the merged groups.
 """
@@ -28,7 +28,9 @@ from torch import nn
 
 import tokenmerge
 from tokenmerge.adapters.vit import merge_record
+from tokenmerge.errors import TokenMergeError
 from tokenmerge.tools import vis
+from tokenmerge.tools.cli import OneLineParser, run_script
 
 
 def data_config(model: nn.Module) -> dict[str, Any]:
@@ -40,8 +42,8 @@ def data_config(model: nn.Module) -> dict[str, Any]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line arguments."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="timm model name (the architecture)")
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", required=True, help="timm architecture name, e.g. vit_base_patch16_224")
     parser.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights")
     parser.add_argument("--checkpoint", default="", help="local checkpoint (state dict) to load instead")
     parser.add_argument("--model-kwargs", default="{}", help="JSON dict of extra timm.create_model arguments")
@@ -57,7 +59,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     kwargs: dict[str, Any] = json.loads(args.model_kwargs)
     if args.checkpoint:
         kwargs["checkpoint_path"] = args.checkpoint
-    model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs).eval()
+    try:
+        model = timm.create_model(args.arch, pretrained=args.pretrained, **kwargs).eval()
+    except RuntimeError as error:  # timm's unknown architecture, or a checkpoint of another one
+        raise TokenMergeError(f"--arch/--checkpoint must be a timm architecture and its weights: {error}") from None
     config = data_config(model)
     _, height, width = config["input_size"]
     picture = Image.open(args.image).convert("RGB") if args.image else Image.fromarray(vis.load_sample_image())
@@ -74,11 +79,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     gap = np.full((height, 8, 3), 255, dtype=np.uint8)
     out = vis.save_png(args.out, np.concatenate([pixels, gap, groups], axis=1))
     print(
-        f"{args.model}: {record.num_input - record.num_prefix} patches merged into "
+        f"{args.arch}: {record.num_input - record.num_prefix} patches merged into "
         f"{record.num_tokens - record.num_prefix} tokens (r={args.r}); top class {int(logits.argmax())}; wrote {out}"
     )
     return out
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "vit_visualize.py", load_errors=(OSError,))

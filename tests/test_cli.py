@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -136,7 +137,9 @@ def test_demo_runs_every_model_and_preset(tmp_path: Path, capsys: pytest.Capture
     assert "nothing merged" not in text  # every preset merged something in every model
     assert f"wrote {out.resolve()}" in text
     with Image.open(out) as picture:
-        assert picture.size == (2 * (3 * 224 + 2 * 6), 2 * 224)  # photo, r=8, r=12 with gaps, scaled 2x
+        # photo, r=8, r=12 with gaps, scaled 2x, under the strip of labels
+        assert picture.size == (2 * (3 * 224 + 2 * 6), 2 * 224 + demo.LABEL_HEIGHT)
+    assert "UNet: 1 rounds of" in text and "ViT: 3 rounds of" in text
 
 
 SAMPLE = ROOT / "tokenmerge" / "tools" / "assets" / "sample.png"
@@ -148,8 +151,11 @@ def test_visualize_writes_the_groups(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert capsys.readouterr().out.strip() == f"wrote {out.resolve()}"
     with Image.open(out) as picture:
         pixels = np.asarray(picture.convert("RGB"))
-    assert pixels.shape == (2 * 224, 2 * (2 * 224 + 6), 3)
-    photo, groups = pixels[:, : 2 * 224], pixels[:, 2 * 230 :]
+    label = demo.LABEL_HEIGHT  # the strip naming each panel
+    assert pixels.shape == (2 * 224 + label, 2 * (2 * 224 + 6), 3)
+    photo, groups = pixels[label:, : 2 * 224], pixels[label:, 2 * 230 :]
+    strip = pixels[:label, 2 * 230 :]
+    assert (strip < 128).any()  # the label is written
     assert not np.array_equal(photo, groups)
     assert len(np.unique(groups.reshape(-1, 3), axis=0)) < len(np.unique(photo.reshape(-1, 3), axis=0))
 
@@ -251,3 +257,113 @@ def test_fidelity_measures() -> None:
 def test_run_demo_rejects_unknown_names() -> None:
     with pytest.raises(TokenMergeError, match="models must be among"):
         demo.run_demo(models=["resnet"], progress=False)
+
+
+def test_speed_is_the_median_of_ratios_within_rounds() -> None:
+    # Round 3 was disturbed for both runs alike: the ratio within the round stays 2x.
+    speed = demo.speed_of([1.0, 1.0, 5.0, 1.0, 1.0], [0.5, 0.5, 2.5, 0.5, 0.5])
+    assert speed.speedup == pytest.approx(2.0) and speed.spread == pytest.approx(0.0)
+    assert speed.seconds == pytest.approx(0.5)
+    # One round of five far off is left out of the spread; two are not.
+    assert demo.speed_of([1.0] * 5, [0.5, 0.5, 0.5, 0.5, 2.0]).speedup == pytest.approx(2.0)
+    unstable = demo.speed_of([1.0] * 5, [0.5, 0.5, 0.5, 1.0, 1.0])
+    assert unstable.speedup is None and unstable.spread > demo.STABLE_SPREAD
+
+
+def test_interleaved_times_alternate_runs_within_each_round() -> None:
+    import torch
+
+    calls: list[str] = []
+    runs = [
+        (lambda: calls.append("enter a"), lambda: calls.append("a"), lambda: calls.append("leave a")),
+        (lambda: calls.append("enter b"), lambda: calls.append("b"), lambda: calls.append("leave b")),
+    ]
+    times = demo.interleaved_times(runs, torch.device("cpu"), rounds=2)
+    assert [len(t) for t in times] == [2, 2] and all(s >= 0 for t in times for s in t)
+    assert calls == ["enter a", "a", "leave a", "enter b", "b", "leave b"] * 2
+
+
+def test_unstable_speedup_is_left_out_with_a_reason(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(demo, "STABLE_SPREAD", -1.0)  # nothing counts as stable
+    monkeypatch.setattr(demo, "speed_of", lambda p, t, spread_limit=-1.0: demo.Speed(0.1, None, 0.5))
+    results = demo.run_demo(models=["vit"], device="cpu", repeats=1, progress=False, zoo=False)
+    out = capsys.readouterr().out
+    assert results[0].rows[1].speedup is None
+    assert "not stable*" in out and "* not stable: the rounds' speed-ups spread by more than" in out
+
+
+def test_cpu_threads_follow_the_free_cores(monkeypatch) -> None:
+    import torch
+
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(demo, "busy_cores", lambda window_s=0.3: 1.2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert demo.cpu_threads_for_load(torch.device("cpu")) == (1, 1.2)
+    monkeypatch.setattr(demo, "busy_cores", lambda window_s=0.3: 0.1)
+    assert demo.cpu_threads_for_load(torch.device("cpu")) == (2, 0.1)
+    assert demo.cpu_threads_for_load(torch.device("cuda"))[1] is None
+
+
+@pytest.mark.parametrize("command", ["bench", "fidelity"])
+def test_bench_and_fidelity_help_show_every_default(command: str, capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--full" in text
+    for dest, value in cli.QUICK_DEFAULTS[command].items():
+        shown = " ".join(map(str, value)) if isinstance(value, list) else str(value)
+        assert f"(default: {shown} on a CPU, " in text, dest
+    assert "%(default)" not in text and "callss)" not in text
+
+
+@pytest.mark.parametrize(
+    ("command", "module", "run", "dest", "quick", "full"),
+    [
+        ("bench", "tokenmerge.tools.bench", "bench_main", "repeats", 5, 20),
+        ("fidelity", "tokenmerge.tools.fidelity", "fidelity_main", "seeds", 1, 4),
+    ],
+)
+def test_cpu_takes_the_quick_defaults_unless_full(command, module, run, dest, quick, full, monkeypatch, capsys):
+    import importlib
+
+    seen: list[argparse.Namespace] = []
+    monkeypatch.setattr(importlib.import_module(module), run, lambda args: seen.append(args) or 0)
+    assert cli.main([command, "--device", "cpu"]) == 0
+    assert getattr(seen[-1], dest) == quick
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"tokenmerge {command}: CPU sizes (") and "--full" in line and len(line.splitlines()) == 1
+    assert cli.main([command, "--device", "cpu", "--full"]) == 0
+    assert getattr(seen[-1], dest) == full and capsys.readouterr().err == ""
+    assert cli.main([command, "--device", "cpu", f"--{dest}", "7"]) == 0
+    assert getattr(seen[-1], dest) == 7  # what the user sets stays
+
+
+def test_bench_reports_a_line_per_row_as_it_goes() -> None:
+    from tokenmerge.tools import bench
+
+    lines: list[str] = []
+    result = bench.run_bench(
+        "sd15-tiny",
+        ["tomesd:0.5"],
+        device="cpu",
+        compile_modes=["eager"],
+        warmup=0,
+        repeats=1,
+        schedule=1,
+        fidelity=False,
+        ideal=False,
+        tomesd=[],
+        progress=False,
+        print_table=False,
+        log=lines.append,
+    )
+    assert len(lines) == len(result.rows) == 2
+    assert lines[0].startswith("sd15-tiny eager plain: ") and " ms" in lines[0]
+    assert lines[1].startswith("sd15-tiny eager ToMeSD(0.5): ")
+
+
+def test_visualize_without_a_merge_record_is_a_clear_error() -> None:
+    from tokenmerge.tools import vis
+
+    with pytest.raises(TokenMergeError, match="record must be the merge record of a forward: call"):
+        vis.visualize(np.zeros((32, 32, 3), dtype=np.uint8), None)  # merge_record after the with block

@@ -21,6 +21,7 @@ import ast
 import importlib.util
 import json
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -39,9 +40,9 @@ EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.py") if not p.name.star
 _TINY_VIT = json.dumps({"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 2})
 #: Tiny paths of the examples that offer no ``--tiny`` and declare no ``TINY_ARGS``.
 TINY_PATHS: dict[str, list[str]] = {
-    "vit_visualize.py": ["--model", "vit_tiny_patch16_224", "--model-kwargs", _TINY_VIT, "--r", "10"],
+    "vit_visualize.py": ["--arch", "vit_tiny_patch16_224", "--model-kwargs", _TINY_VIT, "--r", "10"],
     "vit_eval.py": [
-        *("--model", "vit_tiny_patch16_224", "--model-kwargs", _TINY_VIT, "--data", "{images}", "--r", "8"),
+        *("--arch", "vit_tiny_patch16_224", "--model-kwargs", _TINY_VIT, "--data", "{images}", "--r", "8"),
         *("--batch-size", "4", "--workers", "0", "--warmup", "1", "--device", "cpu"),
     ],
     # Two optimiser steps on 8 px crops of generated photographs (no scikit-image needed), weights to {tmp}.
@@ -177,8 +178,12 @@ def test_example_help(
     assert exited.value.code in (0, None)
     help_text = capsys.readouterr().out
     assert "usage:" in help_text.lower()
-    if "--model" in script.read_text(encoding="utf-8"):
-        assert "--model" in help_text, "an example that loads checkpoints takes --model"
+    model_option = re.compile(r"--model(?![-\w])")
+    if model_option.search(script.read_text(encoding="utf-8")):
+        assert model_option.search(help_text), "an example that loads checkpoints takes --model"
+        assert "hub id" in help_text, "--model is a diffusers pipeline (hub id or folder); timm takes --arch"
+    if "timm.create_model" in script.read_text(encoding="utf-8"):
+        assert "--arch" in help_text and not model_option.search(help_text)
     assert tiny_args(script, help_text) == tiny_args(script, script.read_text(encoding="utf-8"))
 
 
@@ -232,3 +237,82 @@ def test_custom_policy_rejects_what_its_matcher_cannot_do() -> None:
         tokenmerge.MergeConfig(matcher=example.EveryKthDestination(4), threshold=example.DepthRamp(0.9, 0.1))
     with pytest.raises(tokenmerge.TokenMergeError, match="k must be an int >= 2"):
         example.EveryKthDestination(1)
+
+
+@pytest.mark.parametrize(
+    ("script", "argv", "expected"),
+    [
+        ("sd.py", ["--tiny", "--ratio", "2"], "ratio"),
+        ("sd.py", [], "give --model (a hub id, downloaded once, or a local folder) or --tiny"),
+        ("dit.py", ["--model", "/no/such/folder"], "dit.py: error: "),
+        ("vit_eval.py", ["--arch", "vit_tiny_patch16_224", "--data", "/missing"], "--data must be an image folder"),
+        ("vit_visualize.py", ["--arch", "no_such_model"], "--arch/--checkpoint must be a timm architecture"),
+    ],
+)
+def test_example_errors_are_one_line(script: str, argv: list[str], expected: str, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+        timeout=300,
+    )
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert len(lines) == 1 and expected in lines[0], done.stderr[-2000:]
+
+
+def test_one_custom_composition_runs_on_sd_dit_and_vit() -> None:
+    """The how-to's composition (a sequence matcher) on an SD pipeline, a DiT pipeline and a timm ViT:
+    finite outputs, something merged, and remove() gives the plain outputs back bit for bit."""
+    import timm
+
+    import tokenmerge
+    from tokenmerge.tools.tiny import tiny_dit_pipeline, tiny_prompt_embeds, tiny_sd_pipeline
+
+    example = _load_custom_policy()
+    sd, dit = tiny_sd_pipeline(0), tiny_dit_pipeline(0)
+    for pipe in (sd, dit):
+        pipe.set_progress_bar_config(disable=True)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=3).eval()
+    images = torch.randn(2, 3, 32, 32)  # (B, 3, H, W)
+
+    def run_sd() -> torch.Tensor:
+        embeds = tiny_prompt_embeds(seed=0)
+        generator = torch.Generator().manual_seed(0)
+        out = sd(prompt_embeds=embeds, guidance_scale=1.0, num_inference_steps=3, generator=generator, output_type="pt")
+        return out.images
+
+    def run_dit() -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        return dit(class_labels=[1], num_inference_steps=3, generator=generator, output_type="pt").images
+
+    for target, run in ((sd, run_sd), (dit, run_dit), (vit, lambda: vit(images))):
+        with torch.no_grad():
+            plain = run()
+            with tokenmerge.apply(target, example.make_config(seed=0)) as handle:
+                merged = run()
+                tokens = dict(handle.state.merged_tokens)
+            again = run()
+        assert torch.isfinite(merged).all()
+        assert tokens and any(n_out < n_in for n_in, n_out in tokens.values()), tokens
+        assert torch.equal(again, plain)
+    # The README's grid composition, given a sequence matcher and the ViT's default placement.
+    from tokenmerge.placements import SubLayers
+    from tokenmerge.policies import AlternatingBipartite, EveryK, RandomGrid, SimilarityThreshold
+
+    grid_config = tokenmerge.MergeConfig(
+        matcher=RandomGrid(sx=2, sy=2),
+        threshold=SimilarityThreshold(0.8),
+        cache=EveryK(3),
+        placement=SubLayers(attn=True, cross_attn=True),
+        seed=0,
+    )
+    with pytest.raises(tokenmerge.TokenMergeError):
+        with tokenmerge.apply(vit, grid_config), torch.no_grad():
+            vit(images)
+    with tokenmerge.apply(vit, grid_config.replace(matcher=AlternatingBipartite(), placement=None)), torch.no_grad():
+        assert torch.isfinite(vit(images)).all()

@@ -32,7 +32,7 @@ def test_vit_eval_reports_top1_and_throughput_with_and_without_merging(timm_imag
         model.head.bias.copy_(torch.tensor([0.0, 1.0]))  # always class_b: 3 of the 6 images
     checkpoint = tmp_path / "tiny.pth"
     torch.save(model.state_dict(), checkpoint)
-    args = ["--model", "vit_tiny_patch16_224", "--checkpoint", str(checkpoint), "--model-kwargs", json.dumps(TINY)]
+    args = ["--arch", "vit_tiny_patch16_224", "--checkpoint", str(checkpoint), "--model-kwargs", json.dumps(TINY)]
     args += ["--data", str(timm_image_folder), "--r", "8,0.5", "--batch-size", "4", "--workers", "0"]
     args += ["--warmup", "1", "--device", "cpu", "--json", str(tmp_path / "out.json")]
     results = load_example("vit_eval").main(args)
@@ -49,7 +49,7 @@ def test_vit_eval_parses_every_form_of_r() -> None:
 
 def test_vit_visualize_writes_the_input_beside_the_groups(tmp_path: Path) -> None:
     out = tmp_path / "merged.png"
-    args = ["--model", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY), "--r", "10", "--out", str(out)]
+    args = ["--arch", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY), "--r", "10", "--out", str(out)]
     assert load_example("vit_visualize").main(args) == out
     with Image.open(out) as picture:
         pixels = np.asarray(picture)

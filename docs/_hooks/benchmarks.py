@@ -4,8 +4,9 @@ Pages mark a block holding the text shown until then:
 
 * ``<!-- benchmarks -->`` ... ``<!-- /benchmarks -->``: replaced by the whole body of
   ``BENCHMARKS.md`` once it holds a table;
-* ``<!-- benchmarks:Speed -->`` ... ``<!-- /benchmarks -->``: replaced by its
-  ``## Speed`` section only once that section holds a *measured* figure: a table row
+* ``<!-- benchmarks:Summary -->`` ... ``<!-- /benchmarks -->``: replaced by the body of
+  its ``## Summary`` section (any ``## `` section by name; the heading itself is left
+  to the page) only once that section holds a *measured* figure: a table row
   with a time, a speed-up or a throughput (``12.3 ms``, ``1.31x``, ``511 images/s``)
   that is neither a target (``>=``) nor marked *open*.
 
@@ -58,7 +59,7 @@ def benchmarks_markdown(path: Path, section: str | None = None) -> str | None:
         chosen = _section(lines, section)
         if chosen is None or not has_measured_figure(chosen):
             return None
-        lines = chosen
+        lines = chosen[1:]  # the page gives the section its own heading
     elif not any(line.lstrip().startswith("|") for line in lines):
         return None
     body = []

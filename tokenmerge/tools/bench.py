@@ -83,6 +83,7 @@ __all__ = [
     "add_bench_arguments",
     "bench_main",
     "DEFAULT_METHODS",
+    "row_line",
 ]
 
 #: Methods benchmarked when none are named, per model family.
@@ -279,6 +280,19 @@ def _watchdog(seconds: float | None) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+def row_line(row: BenchRow) -> str:
+    """One line saying what a finished row measured (``sd15-tiny default ToMeSD(0.5): 41.2 ms, compiled in 30.1 s``)."""
+    head = f"{row.arch} {row.mode} {row.method}"
+    if not row.ok:
+        return f"{head}: {row.status}"
+    parts = [f"{row.time_ms:.1f} ms" if row.time_ms is not None else "no time"]
+    if row.merged is not None:
+        parts.append(f"merged {row.merged:.0%}")
+    if row.compile_s is not None:
+        parts.append(f"compiled in {row.compile_s:.1f} s")
+    return f"{head}: {', '.join(parts)}"
+
+
 class _Runner:
     """State of one `run_bench` call: the model, its inputs and the rows so far."""
 
@@ -321,6 +335,9 @@ class _Runner:
     def _finish(self, row: BenchRow) -> BenchRow:
         self.result.rows.append(row)
         self.bar.update(1)
+        log = self.opt.get("log")
+        if log is not None:
+            log(row_line(row))
         return row
 
     # ------------------------------------------------------------------ eager
@@ -503,6 +520,7 @@ class BenchSession:
         row_timeout_s: float | None = None,
         progress: bool = False,
         argv: Sequence[str] | None = None,
+        log: Callable[[str], None] | None = None,
     ) -> None:
         spec = get_arch(arch)
         if inputs not in INPUT_KINDS:  # before the model is built
@@ -534,6 +552,7 @@ class BenchSession:
             "tomesd_compile": tomesd_compile,
             "row_timeout_s": row_timeout_s,
             "budget": _Budget(time_budget_s, compile_estimate_s),
+            "log": log,
         }
         self.bar = progress_bar(len(self.methods), enabled=progress)
         model = build_model(spec, res, weights, seed, dev, dt)
@@ -627,6 +646,7 @@ def run_bench(
     print_table: bool = True,
     stream: IO[str] | None = None,
     argv: Sequence[str] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> BenchResult:
     """Benchmark merging on one architecture; see the module docstring for the figures.
 
@@ -667,6 +687,7 @@ def run_bench(
         print_table: print the table to ``stream`` at the end.
         stream: where the table goes (stdout by default).
         argv: the command line to record (default: ``sys.argv``).
+        log: called with one line (`row_line`) as each row finishes; None: silent.
 
     Returns:
         A `BenchResult` with one `BenchRow` per method and mode.
@@ -698,6 +719,7 @@ def run_bench(
         row_timeout_s=row_timeout_s,
         progress=progress,
         argv=argv,
+        log=log,
     )
     try:
         order = session.run_eager()
@@ -956,9 +978,14 @@ def bench_main(args: argparse.Namespace) -> int:
         time_budget_s=args.time_budget,
         json_path=args.json,
         plot_path=args.plot,
-        progress=not args.no_progress,
+        progress=not args.no_progress and sys.stderr.isatty(),
+        log=None if args.no_progress or sys.stderr.isatty() else _stderr_line,
     )
     return 1 if result.errors else 0
+
+
+def _stderr_line(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, NoReturn
 from ..errors import TokenMergeError
 from .common import device_argument
 
-__all__ = ["main", "build_parser", "EXIT_USAGE"]
+__all__ = ["main", "build_parser", "run_script", "user_error", "OneLineParser", "EXIT_USAGE", "QUICK_DEFAULTS"]
 
 #: Exit status of a user error (the same as argparse's).
 EXIT_USAGE = 2
@@ -33,10 +34,11 @@ _EXTRAS = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    """An `ArgumentParser` whose errors are one line on stderr, exit status 2."""
+class OneLineParser(argparse.ArgumentParser):
+    """An `ArgumentParser` whose errors are one line on stderr, exit status 2 (the command's and the examples')."""
 
     def error(self, message: str) -> NoReturn:
+        """Print ``PROG: error: MESSAGE (see 'PROG --help')`` and exit with status 2."""
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
@@ -116,7 +118,8 @@ def _add_demo(sub: Any) -> None:
         "--repeats",
         type=_positive_int,
         default=None,
-        help="timed runs per config after a warm-up; the best is shown (default: 1 on a CPU, 3 on a GPU)",
+        help="timing rounds, each timing the plain model and every preset once; times are medians and a "
+        "speed-up is shown only where the rounds agree within 15%% (default: 5 on a CPU, 10 on a GPU)",
     )
     parser.add_argument("--seed", type=_non_negative_int, default=0, help="seed of weights, inputs and merging")
     parser.add_argument(
@@ -182,6 +185,79 @@ _MODULE_COMMANDS: tuple[tuple[str, str, str, str, str], ...] = (
 )
 
 
+#: Defaults of ``tokenmerge bench`` and ``tokenmerge fidelity`` on a CPU: each finishes in about
+#: three minutes on two cores. On a GPU, or with ``--full``, the modules' own (full) defaults apply.
+QUICK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "bench": {"compile_modes": ["eager"], "warmup": 1, "repeats": 5, "schedule": 10, "sample_steps": 8},
+    "fidelity": {
+        "seeds": 1,
+        "images_per_seed": 2,
+        "steps": 10,
+        "ratios": "0.5",
+        "thresholds": "0.7",
+    },
+}
+
+
+def _shown(value: Any) -> str:
+    return " ".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
+class _QuickOrFull:
+    """Runs a command with `QUICK_DEFAULTS` on a CPU and its module's own defaults on a GPU or with ``--full``.
+
+    Only the options left at their default change; the choice is printed on stderr first.
+    """
+
+    def __init__(
+        self, name: str, run: Callable[[argparse.Namespace], int], full: dict[str, Any], options: dict[str, str]
+    ) -> None:
+        self.name, self.run, self.full, self.options = name, run, full, options
+
+    def __call__(self, args: argparse.Namespace) -> int:
+        from .common import resolve_device
+
+        quick = not args.full and resolve_device(getattr(args, "device", "cpu")).type == "cpu"
+        chosen = QUICK_DEFAULTS[self.name] if quick else self.full
+        unset = [dest for dest in chosen if getattr(args, dest) is None]
+        for dest in unset:
+            setattr(args, dest, chosen[dest])
+        if quick and unset:
+            options = " ".join(f"{self.options[dest]} {_shown(chosen[dest])}" for dest in unset)
+            print(
+                f"tokenmerge {self.name}: CPU sizes ({options}; about 3 minutes on two cores); --full: full sizes",
+                file=sys.stderr,
+                flush=True,
+            )
+        return self.run(args)
+
+
+def _with_defaults_shown(parser: argparse.ArgumentParser, quick: dict[str, Any]) -> dict[str, Any]:
+    """Write every option's default into its help; options in ``quick`` get both defaults.
+
+    Returns the full defaults of the options in ``quick`` (their parser default becomes None).
+    """
+    full: dict[str, Any] = {}
+    for action in parser._actions:
+        if action.help == argparse.SUPPRESS or action.dest in ("help", "full") or not action.option_strings:
+            continue
+        text = (action.help or "").replace("%(default)s", _shown(action.default))
+        text = re.sub(r"\s*\(default: [^)]*\)|;\s*default: .*$", "", text)
+        if action.dest in quick:
+            full[action.dest] = action.default
+            action.default = None
+            text += f" (default: {_shown(quick[action.dest])} on a CPU, {_shown(full[action.dest])} with --full)"
+        elif (
+            action.default is not None
+            and action.default is not False
+            and action.default != ""
+            and ("default" not in text)
+        ):
+            text += f" (default: {_shown(action.default)})"
+        action.help = text.strip().replace("%", "%%")
+    return full
+
+
 def _add_module_commands(sub: Any) -> None:
     """Register each command of `_MODULE_COMMANDS` whose module is part of this installation."""
     for name, module_name, add, run, help_text in _MODULE_COMMANDS:
@@ -191,7 +267,17 @@ def _add_module_commands(sub: Any) -> None:
         doc = (module.__doc__ or help_text).strip().split("\n\n")[0]
         parser = sub.add_parser(name, help=help_text, description=doc)
         getattr(module, add)(parser)
-        parser.set_defaults(run=getattr(module, run))
+        quick = QUICK_DEFAULTS.get(name, {})
+        parser.add_argument(
+            "--full",
+            action="store_true",
+            help="the full sizes on a CPU too (a GPU always takes them); without it a CPU run takes the smaller "
+            "defaults shown above, about 3 minutes on two cores",
+        )
+        full = _with_defaults_shown(parser, quick)
+        options = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+        command = getattr(module, run)
+        parser.set_defaults(run=_QuickOrFull(name, command, full, options) if quick else command)
 
 
 # ---------------------------------------------------------------------- visualize
@@ -243,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``tokenmerge`` argument parser with every available sub-command."""
     from .. import __version__
 
-    parser = _Parser(
+    parser = OneLineParser(
         prog="tokenmerge",
         description="Token merging (ToMe, ToMeSD, CA-ToMe, ToDo) for diffusers and timm models.",
         epilog="Start with 'tokenmerge demo'. Each command has --help.",
@@ -262,6 +348,15 @@ def _missing_dependency(error: ModuleNotFoundError) -> str | None:
     return None
 
 
+def user_error(error: BaseException) -> str | None:
+    """The one line a user error prints, or None when ``error`` is not one (a bug: its traceback shows)."""
+    if isinstance(error, TokenMergeError):
+        return str(error)
+    if isinstance(error, ModuleNotFoundError):
+        return _missing_dependency(error)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``tokenmerge`` command; returns the exit status.
 
@@ -271,19 +366,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         0 on success, 2 on a user error (one line on stderr), 130 when interrupted.
     """
-    try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
+
+    def run() -> int:
+        args = build_parser().parse_args(argv)
         return int(args.run(args) or 0)
-    except TokenMergeError as error:
-        print(f"tokenmerge: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except ModuleNotFoundError as error:
-        message = _missing_dependency(error)
+
+    return _run_reporting("tokenmerge", run)
+
+
+def run_script(main: Callable[[], object], prog: str, load_errors: tuple[type[BaseException], ...] = ()) -> NoReturn:
+    """Run an example script's ``main()`` and exit: a user error is one line on stderr, status 2.
+
+    Args:
+        main: the script's entry point.
+        prog: the name in the error line (``sd.py``).
+        load_errors: more exception types that are the user's to fix (a model that
+            cannot be found or read: ``OSError``), printed as one line too.
+    """
+
+    def run() -> int:
+        try:
+            result = main()
+        except load_errors as error:
+            raise TokenMergeError(str(error).strip().splitlines()[0]) from None
+        return result if isinstance(result, int) else 0
+
+    sys.exit(_run_reporting(prog, run))
+
+
+def _run_reporting(prog: str, run: Callable[[], int]) -> int:
+    """``run()``, with user errors as one line on stderr (status 2) and an interrupt as status 130."""
+    try:
+        return run()
+    except (TokenMergeError, ModuleNotFoundError) as error:
+        message = user_error(error)
         if message is None:
             raise
-        print(f"tokenmerge: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("tokenmerge: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -13,6 +13,9 @@ quality. `generated_images_grid` puts the trained models' images side by side, a
 
 from __future__ import annotations
 
+import math
+import os
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -27,6 +30,7 @@ from ..api import apply
 from ..config import MergeConfig
 from ..errors import TokenMergeError, check
 from ..presets import CAToMe, ToDo, ToMe, ToMeSD
+from .bench_timing import time_calls
 from .common import progress as progress_bar
 from .common import psnr, resolve_device, seeded, synchronize
 
@@ -53,6 +57,16 @@ __all__ = [
     "ZOO_CLASSES",
     "DEFAULT_STEPS",
     "DEFAULT_REPEATS",
+    "STABLE_SPREAD",
+    "Speed",
+    "interleaved_times",
+    "speed_of",
+    "cpu_threads_for_load",
+    "busy_cores",
+    "LABEL_HEIGHT",
+    "ZOO_NOTE",
+    "VIT_CALLS",
+    "TIMED_STEPS",
 ]
 
 #: Models the demo can build, in the order it runs them.
@@ -97,8 +111,14 @@ class DemoModel:
         makes_images: whether ``job`` returns images, ``(B, 3, H, W)`` in [0, 1] (the
             trained models), which go into the demo's grid of generated images.
         image_names: what each image of the batch shows (its class), when it makes images.
-        warmup: a cheaper run through every layer (a one-step generation), the warm-up
-            before timing; None warms up with ``job`` itself.
+        timed: the run that is timed, when cheaper than ``job`` (one image of the batch,
+            the same steps); None times ``job`` itself.
+        timed_what: what one timed run is, for the output (``"one 8-step generation of
+            1 image"``).
+        short: the model's short name on pictures (``"UNet"``).
+        note: what to expect of the model's output, printed under its table.
+        rounds: timing rounds per demo round (`run_demo`'s ``repeats``): more for a model
+            whose timed run is short, so that its figure is as steady as the others'.
     """
 
     key: str
@@ -110,7 +130,11 @@ class DemoModel:
     fidelity: Fidelity = field(default_factory=lambda: COSINE)
     makes_images: bool = False
     image_names: tuple[str, ...] = ()
-    warmup: Callable[[], Tensor] | None = None
+    timed: Callable[[], Tensor] | None = None
+    timed_what: str = "one run"
+    short: str = ""
+    note: str = ""
+    rounds: int = 1
 
 
 @dataclass
@@ -120,23 +144,28 @@ class DemoRow:
     Attributes:
         preset: the preset's name, or ``"plain"``.
         tokens: tokens per merged layer, ``"in→out"`` (see `summarize_tokens`).
-        seconds: best (shortest) time of one job over the timed runs.
-        speedup: plain time / this time (1.0 for the plain row).
+        seconds: median time of one timed run (`DemoModel.timed`) over the rounds.
+        speedup: median over the rounds of plain time / this time, both timed in the same
+            round (1.0 for the plain row); None when the rounds disagree by more than
+            `STABLE_SPREAD` (the figure would not repeat on this machine).
         fidelity: the model's fidelity measure (`DemoModel.fidelity`) of the output against
             the plain output: a cosine similarity (1.0 is identical) for random-weight
             models, a PSNR in dB (inf is identical) for trained ones.
         plans: ``"computed/reused"`` merge plans in the last job (reset before each job).
         images: the last job's images when the model makes images (`DemoModel.makes_images`),
             ``(B, 3, H, W)`` in [0, 1] on the CPU; else None.
+        spread: how far the rounds' speed-ups spread, ``(high - low) / median`` of the
+            middle rounds (0 for the plain row).
     """
 
     preset: str
     tokens: str
     seconds: float
-    speedup: float
+    speedup: float | None
     fidelity: float
     plans: str = ""
     images: Tensor | None = field(default=None, repr=False)
+    spread: float = 0.0
 
 
 @dataclass
@@ -173,6 +202,122 @@ def measure(
             synchronize(device)
             times.append(time.perf_counter() - start)
     return min(times), output  # the best run: the least disturbed by whatever else the machine does
+
+
+#: Largest spread of the rounds' speed-ups, ``(high - low) / median`` of the middle rounds,
+#: for a speed-up to be printed: a wider spread means the figure would not repeat.
+STABLE_SPREAD = 0.15
+
+
+@dataclass(frozen=True)
+class Speed:
+    """A preset's speed against the plain model, from interleaved rounds (`speed_of`).
+
+    Attributes:
+        seconds: median time of one of its runs.
+        speedup: median over the rounds of plain / preset time, or None when not stable.
+        spread: ``(high - low) / median`` of the middle rounds' speed-ups.
+    """
+
+    seconds: float
+    speedup: float | None
+    spread: float
+
+
+def interleaved_times(
+    runs: Sequence[tuple[Callable[[], object], Callable[[], object], Callable[[], object]]],
+    device: torch.device,
+    rounds: int,
+) -> list[list[float]]:
+    """Seconds of each run in each round: ``times[run][round]``.
+
+    Each of ``runs`` is ``(enter, call, leave)``: ``enter`` and ``leave`` run untimed
+    around the timed ``call`` (applying and removing a merge config). Every round runs
+    each call once, one after the other, so whatever else the machine does at that
+    moment slows plain and merged runs alike; ratios are taken within a round. Times
+    come from `tokenmerge.tools.bench_timing.time_calls` (CUDA events on a GPU).
+    """
+    times: list[list[float]] = [[] for _ in runs]
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for index, (enter, call, leave) in enumerate(runs):
+                enter()
+                try:
+                    timing = time_calls(_Indexed(call), [0], device)
+                finally:
+                    leave()
+                times[index].append(timing.times_ms[0] / 1000.0)
+    return times
+
+
+class _Indexed:
+    """``call`` as `time_calls` calls it, with the (unused) index of the call."""
+
+    def __init__(self, call: Callable[[], object]) -> None:
+        self.call = call
+
+    def __call__(self, _index: int) -> object:
+        return self.call()
+
+
+def speed_of(plain: Sequence[float], times: Sequence[float], spread_limit: float = STABLE_SPREAD) -> Speed:
+    """The speed of runs timed in the same rounds as ``plain`` (see `interleaved_times`).
+
+    The speed-up is the median of the rounds' ``plain / time``. With five rounds or more
+    the fastest and slowest fifth of the rounds (at least one each) are left out of the
+    spread (one disturbed round does not hide a figure); the speed-up is None when the
+    rest spread by more than ``spread_limit`` of the median.
+    """
+    ratios = sorted(p / s for p, s in zip(plain, times))
+    cut = max(1, len(ratios) // 5) if len(ratios) >= 5 else 0
+    middle = ratios[cut : len(ratios) - cut]
+    median = statistics.median(ratios)
+    spread = (middle[-1] - middle[0]) / median if median > 0 else math.inf
+    return Speed(statistics.median(times), median if spread <= spread_limit else None, spread)
+
+
+def _cpu_ticks() -> tuple[int, int] | None:
+    """``(idle, total)`` CPU ticks of the whole machine from ``/proc/stat``, or None."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields)) if len(fields) >= 4 else None
+
+
+def busy_cores(window_s: float = 0.3) -> float | None:
+    """How many cores other processes keep busy now, sampled over ``window_s`` while this one sleeps.
+
+    Read from ``/proc/stat`` (Linux); the 1-minute load average elsewhere; None where neither exists.
+    """
+    first = _cpu_ticks()
+    if first is not None:
+        time.sleep(window_s)
+        second = _cpu_ticks()
+        if second is not None and second[1] > first[1]:
+            idle = (second[0] - first[0]) / (second[1] - first[1])
+            return (1.0 - idle) * (os.cpu_count() or 1)
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def cpu_threads_for_load(device: torch.device) -> tuple[int, float | None]:
+    """Threads to time with on a CPU: the cores that other processes leave free.
+
+    When other processes keep cores busy, threads that wait for each other at every
+    operator run many times slower than fewer threads. Returns ``(threads, busy)``:
+    torch's thread count lowered to the free cores (at least 1), and the cores found
+    busy (`busy_cores`; None on a GPU or where the system does not say).
+    """
+    current = torch.get_num_threads()
+    if device.type != "cpu":
+        return current, None
+    busy = busy_cores()
+    if busy is None:
+        return current, None
+    cores = os.cpu_count() or current
+    free = max(1, int(cores - busy + 0.5))
+    return min(current, free), busy
 
 
 def cosine_to_reference(output: Tensor, reference: Tensor) -> float:
@@ -286,6 +431,8 @@ def _build_unet(device: torch.device, seed: int, steps: int) -> DemoModel:
         target=unet,
         job=job,
         configs=_diffusion_configs(seed),
+        timed_what=f"one {steps}-step generation",
+        short="UNet",
     )
 
 
@@ -311,6 +458,8 @@ def _build_dit(device: torch.device, seed: int, steps: int) -> DemoModel:
         target=dit,
         job=job,
         configs=_diffusion_configs(seed),
+        timed_what=f"one {steps}-step generation",
+        short="DiT",
     )
 
 
@@ -334,7 +483,27 @@ def _build_vit(device: torch.device, seed: int, steps: int) -> DemoModel:
         target=vit,
         job=lambda: vit(images),
         configs={"ToMe": ToMe(r=8, seed=seed)},
+        timed=_Repeat(lambda: vit(images), VIT_CALLS),
+        timed_what=f"{VIT_CALLS} forwards of 4 images",
+        short="ViT",
+        rounds=3,
     )
+
+
+#: Forwards of the ViT in one timed run: one forward is too short to time on its own.
+VIT_CALLS = 8
+
+
+class _Repeat:
+    """Call ``call`` ``times`` times; return the last result."""
+
+    def __init__(self, call: Callable[[], Tensor], times: int) -> None:
+        self.call, self.times = call, times
+
+    def __call__(self) -> Tensor:
+        for _ in range(self.times - 1):
+            self.call()
+        return self.call()
 
 
 #: The demo model each trained `tokenmerge.tools.zoo` model stands in for, and the devices it runs on in the demo.
@@ -346,9 +515,17 @@ ZOO_MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
 ZOO_CLASSES: tuple[str, ...] = ("astronaut", "coffee", "grass", "rocket")
 #: Denoising steps of one demo generation: random-weight models, trained models.
 DEFAULT_STEPS: dict[bool, int] = {False: 4, True: 8}
-#: Timed runs per config, after a warm-up: on a CPU (the demo stays under a minute on two
-#: cores), on a GPU.
-DEFAULT_REPEATS: dict[bool, int] = {False: 1, True: 3}
+#: Timing rounds (each times the plain model and every preset once), on a CPU (the demo
+#: stays under a minute on two cores), on a GPU.
+DEFAULT_REPEATS: dict[bool, int] = {False: 5, True: 10}
+#: Denoising steps of the trained models' timed run (one image): the timing rounds stay short.
+TIMED_STEPS = 4
+#: What to expect of the trained models' images, printed with them.
+ZOO_NOTE = (
+    "the trained models are small (2-3 M parameters, 64x64 px, trained briefly on crops of a few photographs): "
+    "their images show a class's colours and textures, not a recognisable object; compare each row with the "
+    "plain row above it, not with the label"
+)
 
 
 def zoo_weights_ready(name: str, weights_dir: Path | str | None = None) -> bool:
@@ -383,9 +560,11 @@ def _build_zoo(key: str, name: str, device: torch.device, seed: int, steps: int,
     patch = int(spec["denoiser"].get("patch_size") or 1)
     labels = [c for c in ZOO_CLASSES if c in pipe.class_names] or [0]
 
-    def generate(num_steps: int) -> Tensor:
+    def generate(num_steps: int, batch: Sequence[Any] = labels) -> Tensor:
         generator = torch.Generator(device).manual_seed(seed)
-        images = pipe(labels, num_inference_steps=num_steps, guidance_scale=1.0, generator=generator, output_type="pt")
+        images = pipe(
+            list(batch), num_inference_steps=num_steps, guidance_scale=1.0, generator=generator, output_type="pt"
+        )
         return images.images  # (B, 3, H, W) in [0, 1]
 
     tokens = (size // patch) ** 2
@@ -404,7 +583,10 @@ def _build_zoo(key: str, name: str, device: torch.device, seed: int, steps: int,
         fidelity=PSNR,
         makes_images=True,
         image_names=tuple(str(label) for label in labels),
-        warmup=lambda: generate(1),
+        timed=lambda: generate(min(steps, TIMED_STEPS), labels[:1]),
+        timed_what=f"one {min(steps, TIMED_STEPS)}-step generation of 1 image",
+        short="UNet" if key == "unet" else "DiT",
+        note=ZOO_NOTE,
     )
 
 
@@ -448,33 +630,82 @@ def build_model(
 
 
 # ---------------------------------------------------------------------- running
-def run_model(model: DemoModel, presets: Sequence[str], device: torch.device, repeats: int, bar: Any) -> DemoResult:
-    """Time the plain model and each applicable preset; one `DemoRow` each."""
+class _Applied:
+    """``enter``/``leave`` of one timed run: apply ``config`` to ``target``, then remove it."""
+
+    def __init__(self, target: Any, config: MergeConfig | None) -> None:
+        self.target, self.config, self.handle = target, config, None
+
+    def enter(self) -> None:
+        """Apply the config (nothing for the plain model)."""
+        if self.config is not None:
+            self.handle = apply(self.target, self.config)
+
+    def leave(self) -> None:
+        """Remove it again."""
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
+def run_model(model: DemoModel, presets: Sequence[str], device: torch.device, rounds: int, bar: Any) -> DemoResult:
+    """Run the plain model and each applicable preset once for their outputs, then time them in rounds.
+
+    Outputs (and the tokens, plans and images) come from one `DemoModel.job` per config,
+    which also warms up every layer; the times from ``rounds`` interleaved rounds of
+    `DemoModel.timed` (`interleaved_times`, `speed_of`). One `DemoRow` each, plain first.
+    """
     result = DemoResult(model)
+    configs = [(name, model.configs[name]) for name in presets if name in model.configs]
     bar.set_postfix_str(f"{model.key} plain")
-    base_time, reference = measure(model.job, device, repeats, warmup=model.warmup)
+    with torch.inference_mode():
+        reference = model.job()
     bar.update()
-    pictures = _images_of(model, reference)
-    result.rows.append(
-        DemoRow("plain", "-", base_time, 1.0, model.fidelity.measure(reference, reference), "", pictures)
-    )
-    for name in presets:
-        config = model.configs.get(name)
-        if config is None:
-            continue
+    outputs: list[tuple[str, str, str, Tensor]] = []
+    for name, config in configs:
         bar.set_postfix_str(f"{model.key} {name}")
         handle = apply(model.target, config)
         try:
-            seconds, output = measure(model.job, device, repeats, before=handle.reset, warmup=model.warmup)
+            with torch.inference_mode():
+                output = model.job()
             state = handle.state
-            tokens = summarize_tokens(state.merged_tokens)
-            plans = f"{state.plans_computed}/{state.plans_reused}"
+            outputs.append(
+                (name, summarize_tokens(state.merged_tokens), f"{state.plans_computed}/{state.plans_reused}", output)
+            )
         finally:
             handle.remove()
         bar.update()
+    bar.set_postfix_str(f"{model.key} timing")
+    timed = model.timed or model.job
+    runs = [_Applied(model.target, config) for config in [None, *(c for _, c in configs)]]
+    times = interleaved_times([(run.enter, timed, run.leave) for run in runs], device, rounds * model.rounds)
+    bar.update()
+    plain = times[0]
+    result.rows.append(
+        DemoRow(
+            "plain",
+            "-",
+            statistics.median(plain),
+            1.0,
+            model.fidelity.measure(reference, reference),
+            "",
+            _images_of(model, reference),
+        )
+    )
+    for (name, tokens, plans, output), preset_times in zip(outputs, times[1:]):
+        speed = speed_of(plain, preset_times)
         fidelity = model.fidelity.measure(output, reference)
         result.rows.append(
-            DemoRow(name, tokens, seconds, base_time / seconds, fidelity, plans, _images_of(model, output))
+            DemoRow(
+                name,
+                tokens,
+                speed.seconds,
+                speed.speedup,
+                fidelity,
+                plans,
+                spread=speed.spread,
+                images=_images_of(model, output),
+            )
         )
     return result
 
@@ -483,8 +714,12 @@ def _images_of(model: DemoModel, output: Tensor) -> Tensor | None:
     return output.detach().float().clamp(0, 1).cpu() if model.makes_images else None  # (B, 3, H, W)
 
 
+def _speedup_text(row: DemoRow) -> str:
+    return "not stable*" if row.speedup is None else f"{row.speedup:.2f}x"
+
+
 def format_table(result: DemoResult) -> str:
-    """The table of one model as aligned text."""
+    """The table of one model as aligned text; a speed-up that is not stable reads ``not stable*``."""
     fidelity = result.model.fidelity
     header = ("preset", "tokens per merged layer", "time", "vs plain", fidelity.heading, "plans new/reused")
     lines = [
@@ -492,7 +727,7 @@ def format_table(result: DemoResult) -> str:
             row.preset,
             row.tokens,
             f"{row.seconds * 1000:.0f} ms",
-            f"{row.speedup:.2f}x",
+            _speedup_text(row),
             fidelity.format(row.fidelity),
             row.plans or "-",
         )
@@ -512,6 +747,10 @@ def format_table(result: DemoResult) -> str:
 PICTURE_RS: tuple[int, ...] = (8, 12)
 
 
+#: Height in pixels of the label strip above the merge picture's panels.
+LABEL_HEIGHT = 28
+
+
 def merged_groups_picture(
     pixels: Any = None,
     rs: Sequence[int] = PICTURE_RS,
@@ -519,8 +758,9 @@ def merged_groups_picture(
     model: torch.nn.Module | None = None,
     device: torch.device | str = "cpu",
     scale: int = 2,
+    labels: bool = True,
 ) -> Any:
-    """The input beside the token groups ToMe merges at each ``r``, as one ``(H, W', 3)`` uint8 image.
+    """The input beside the token groups ToMe merges at each ``r``, labelled, as one ``(H', W', 3)`` uint8 image.
 
     Args:
         pixels: ``(H, W, 3)`` uint8 of any size (the model sees it resized to its input;
@@ -529,28 +769,59 @@ def merged_groups_picture(
         model: a timm ViT; the trained reference ViT (`tokenmerge.tools.vis.reference_vit`) by default.
         device: where the model runs.
         scale: nearest-neighbour enlargement of the result.
+        labels: a strip of `LABEL_HEIGHT` pixels on top naming each panel: the input's
+            size and patch count, then the model, r and the patch tokens entering the
+            first block and leaving the last (``196 -> 100 tokens``).
     """
     import numpy as np
 
-    from .vis import load_sample_image, merged_groups, reference_vit
+    from .vis import load_sample_image, merged_groups_with_record, reference_vit
 
     resolved = resolve_device(device)
     if pixels is None:
         pixels = load_sample_image(224)
     if model is None:
         model = reference_vit(resolved)
-    panels = [pixels, *(merged_groups(model, pixels, r, device=resolved) for r in rs)]
+    drawn = []  # (picture, patch tokens entering the first block, leaving the last) per r
+    for r in rs:
+        picture, record = merged_groups_with_record(model, pixels, r, device=resolved)
+        drawn.append((picture, record.num_input - record.num_prefix, record.num_tokens - record.num_prefix))
+    panels = [pixels, *(picture for picture, _, _ in drawn)]
     gap = np.full((pixels.shape[0], 6, 3), 255, dtype=np.uint8)
     row = np.concatenate([part for panel in panels for part in (panel, gap)][:-1], axis=1)  # (H, W', 3)
-    return row.repeat(scale, axis=0).repeat(scale, axis=1)
+    row = row.repeat(scale, axis=0).repeat(scale, axis=1)
+    if not labels:
+        return row
+    from PIL import Image, ImageDraw
+
+    height, width = pixels.shape[:2]
+    patches = drawn[0][1] if drawn else None
+    name = _model_name(model)
+    texts = [f"input, {width}x{height} px" + (f": {patches} patches" if patches else "")]
+    texts += [f"{name} ToMe r={r}: {n_in} -> {n_out} tokens" for r, (_, n_in, n_out) in zip(rs, drawn)]
+    canvas = Image.new("RGB", (row.shape[1], row.shape[0] + LABEL_HEIGHT), (255, 255, 255))
+    canvas.paste(Image.fromarray(row), (0, LABEL_HEIGHT))
+    draw = ImageDraw.Draw(canvas)
+    for index, text in enumerate(texts):
+        draw.text((index * (width + 6) * scale + 2, LABEL_HEIGHT // 2 - 6), text, fill=(0, 0, 0))
+    return np.asarray(canvas).copy()
+
+
+def _model_name(model: torch.nn.Module) -> str:
+    """A timm model's architecture name (``vit_tiny_patch16_224``), or its class name."""
+    config = getattr(model, "pretrained_cfg", None) or {}
+    return str(config.get("architecture") or type(model).__name__)
 
 
 def generated_images_grid(results: Sequence[DemoResult], scale: int = 2) -> Any:
     """The images each preset generated beside the plain model's, as one ``(H, W, 3)`` uint8 image.
 
-    One block per model that makes images (the trained ones): a row per preset (plain
-    first), one column per class, the row's time against plain and PSNR on its left.
-    Same seed, same initial noise in every row, so the rows differ only by merging.
+    One block per model that makes images (the trained ones): its title and what to
+    expect of such small models on top, a row per preset (plain first), one column per
+    class label. On the left of each row: model, preset, speed-up against plain (when
+    stable) and PSNR; under each image: model, preset and that image's PSNR against the
+    plain image above it. Same seed, same initial noise in every row, so the rows differ
+    only by merging.
 
     Args:
         results: `run_demo`'s results; models without images are left out.
@@ -565,29 +836,56 @@ def generated_images_grid(results: Sequence[DemoResult], scale: int = 2) -> Any:
     import numpy as np
     from PIL import Image, ImageDraw
 
-    label_width, line, gap = 190, 14, 4
+    label_width, line, gap = 190, 12, 4
     side = max(int(r.rows[0].images.shape[-1]) for r in blocks) * scale  # type: ignore[union-attr]
     columns = max(int(r.rows[0].images.shape[0]) for r in blocks)  # type: ignore[union-attr]
-    heights = [2 * line + len(r.rows) * (side + gap) + 2 * gap for r in blocks]
-    canvas = Image.new("RGB", (label_width + columns * (side + gap) + gap, sum(heights)), (255, 255, 255))
+    width = label_width + columns * (side + gap) + gap
+    heights = [4 * line + len(r.rows) * (side + line + gap) + 2 * gap for r in blocks]
+    canvas = Image.new("RGB", (width, sum(heights)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     top = 0
     for result, height in zip(blocks, heights):
-        draw.text((gap, top + 2), result.model.title, fill=(0, 0, 0))
-        for column, name in enumerate(result.model.image_names):
-            draw.text((label_width + column * (side + gap), top + line + 2), name, fill=(90, 90, 90))
+        model = result.model
+        short = model.short or model.key
+        draw.text((gap, top + 2), model.title, fill=(0, 0, 0))
+        draw.text((gap, top + line + 2), _wrap(model.note or "", width // 6)[0], fill=(90, 90, 90))
+        draw.text((gap, top + 2 * line + 2), "".join(_wrap(model.note or "", width // 6)[1:2]), fill=(90, 90, 90))
+        for column, name in enumerate(model.image_names):
+            draw.text((label_width + column * (side + gap), top + 3 * line + 2), f"label: {name}", fill=(90, 90, 90))
+        plain = result.rows[0].images
         for index, row in enumerate(result.rows):
-            y = top + 2 * line + gap + index * (side + gap)
-            fidelity = result.model.fidelity.format(row.fidelity)
-            text = "plain" if row.preset == "plain" else f"{row.preset}\n{row.speedup:.2f}x, {fidelity}"
+            y = top + 4 * line + gap + index * (side + line + gap)
+            fidelity = model.fidelity.format(row.fidelity)
+            if row.preset == "plain":
+                text = f"{short}, plain\n(no merging: the reference)"
+            else:
+                speed = "speed-up not stable" if row.speedup is None else f"{row.speedup:.2f}x vs plain"
+                text = f"{short}, {row.preset}\n{speed}\nPSNR {fidelity} vs plain"
             draw.multiline_text((gap, y + side // 2 - line), text, fill=(0, 0, 0))
-            assert row.images is not None
+            assert row.images is not None and plain is not None
             pixels = (row.images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # (B, h, w, 3)
             for column, picture in enumerate(pixels):
+                x = label_width + column * (side + gap)
                 tile = Image.fromarray(picture).resize((side, side), Image.Resampling.NEAREST)
-                canvas.paste(tile, (label_width + column * (side + gap), y))
+                canvas.paste(tile, (x, y))
+                own = model.fidelity.format(
+                    model.fidelity.measure(row.images[column : column + 1], plain[column : column + 1])
+                )
+                caption = f"{short} plain" if row.preset == "plain" else f"{short} {row.preset} {own}"
+                draw.text((x, y + side + 1), caption, fill=(60, 60, 60))
         top += height
     return np.asarray(canvas).copy()
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """``text`` in lines of at most ``width`` characters, broken at spaces."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines or [""]
 
 
 def visualize_image(
@@ -651,6 +949,43 @@ def visualize_image(
     return save_png(out, merged_groups_picture(pixels, rs, model=model, device=resolved))
 
 
+def _run_models(
+    models: Sequence[str],
+    presets: Sequence[str],
+    device: torch.device,
+    steps: int | None,
+    repeats: int,
+    seed: int,
+    progress: bool,
+    stream: TextIO,
+    zoo: bool,
+    weights_dir: Path | str | None,
+) -> list[DemoResult]:
+    """Build each model, run and time it (`run_model`), and print its table as soon as it is done."""
+    results, built = [], []
+    with progress_bar(len(models), "building models", progress, unit="model") as bar:
+        for name in models:
+            bar.set_postfix_str(name)
+            built.append(build_model(name, device, seed, steps, zoo=zoo, weights_dir=weights_dir))
+            bar.update()
+    total = sum(2 + sum(p in m.configs for p in presets) for m in built)
+    print(f"tokenmerge demo on {_device_name(device)} (torch {torch.__version__})", file=stream, flush=True)
+    with progress_bar(total, "running", progress, unit="step") as bar:
+        for model in built:
+            result = run_model(model, presets, device, repeats, bar)
+            results.append(result)
+            bar.clear()  # the table goes where the bar was; the bar is drawn again below it
+            note = f"\n{model.note}" if model.note else ""
+            print(
+                f"\n{model.title}\n{model.setup}\ntimed: {model.timed_what}\nfidelity: {model.fidelity.meaning}"
+                f"\n{format_table(result)}{note}",
+                file=stream,
+                flush=True,
+            )
+            bar.refresh()
+    return results
+
+
 def run_demo(
     models: Sequence[str] = MODEL_NAMES,
     presets: Sequence[str] = PRESET_NAMES,
@@ -673,8 +1008,10 @@ def run_demo(
         device: ``"auto"`` (GPU when present), ``"cpu"``, ``"cuda"``, ...
         steps: denoising steps per generation (`DEFAULT_STEPS` when None: 8 for the
             trained models, 4 for random-weight ones).
-        repeats: timed runs per config (the best is shown), after one warm-up run;
-            `DEFAULT_REPEATS` of the device when None (1 on a CPU, 3 on a GPU).
+        repeats: timing rounds, each timing the plain model and every preset once
+            (`interleaved_times`); `DEFAULT_REPEATS` of the device when None (5 on a CPU,
+            10 on a GPU). Times are medians; a speed-up is printed only when the rounds
+            agree (`speed_of`, `STABLE_SPREAD`).
         seed: seed of weights, inputs and merging.
         out: where to write the picture of merged tokens; None writes none.
         progress: show a progress bar on stderr.
@@ -698,29 +1035,42 @@ def run_demo(
     )
     resolved = resolve_device(device)
     repeats = repeats or DEFAULT_REPEATS[resolved.type == "cuda"]
-    results = []
-    built = []
-    with progress_bar(len(models), "building models", progress, unit="model") as bar:
-        for name in models:
-            bar.set_postfix_str(name)
-            built.append(build_model(name, resolved, seed, steps, zoo=zoo, weights_dir=weights_dir))
-            bar.update()
-    total = sum(1 + sum(p in m.configs for p in presets) for m in built)
-    print(f"tokenmerge demo on {_device_name(resolved)} (torch {torch.__version__})", file=stream)
-    with progress_bar(total, "timing", progress, unit="run") as bar:
-        for model in built:
-            result = run_model(model, presets, resolved, repeats, bar)
-            results.append(result)
-            bar.clear()  # the table goes where the bar was; the bar is drawn again below it
-            print(
-                f"\n{model.title}\n{model.setup}\nfidelity: {model.fidelity.meaning}\n{format_table(result)}",
-                file=stream,
-                flush=True,
-            )
-            bar.refresh()
+    threads_before = torch.get_num_threads()
+    threads, busy = cpu_threads_for_load(resolved)
+    torch.set_num_threads(threads)
+    try:
+        results = _run_models(models, presets, resolved, steps, repeats, seed, progress, stream, zoo, weights_dir)
+    finally:
+        torch.set_num_threads(threads_before)
+    unstable = [
+        f"{r.model.short or r.model.key} {row.preset} ({row.spread:.0%})"
+        for r in results
+        for row in r.rows
+        if row.speedup is None
+    ]
+    timed = "; ".join(
+        f"{r.model.short or r.model.key}: {repeats * r.model.rounds} rounds of {r.model.timed_what}" for r in results
+    )
     print(
-        f"\ntime: {f'best of {repeats} runs' if repeats > 1 else 'one run'} after a warm-up. Small models on a CPU "
-        "are not where merging pays off: see the docs' explanation of where it does.",
+        "\ntime: the median of a preset's timed runs; each round times the plain model and every preset once, one "
+        f"after the other, and a speed-up is the median of the rounds' plain/preset ratios ({timed}).",
+        file=stream,
+    )
+    if busy is not None and threads < threads_before:
+        print(
+            f"other processes kept {busy:.1f} of {os.cpu_count()} cores busy when the demo started: it timed with "
+            f"{threads} thread{'s' if threads != 1 else ''} instead of {threads_before}.",
+            file=stream,
+        )
+    if unstable:
+        print(
+            f"* not stable: the rounds' speed-ups spread by more than {STABLE_SPREAD:.0%} ({', '.join(unstable)}): "
+            "other work on this machine moved the times, so the figure is left out rather than printed wrong. "
+            "Run the demo again on an idle machine, or with more --repeats.",
+            file=stream,
+        )
+    print(
+        "Small models on a CPU are not where merging pays off: see 'Where merging pays off' in the docs.",
         file=stream,
     )
     from .vis import save_png
@@ -740,7 +1090,8 @@ def run_demo(
         rs = " and ".join(str(r) for r in PICTURE_RS)
         print(
             f"\nwrote {written}: the sample photo beside the token groups ToMe merges in the trained reference "
-            f"ViT with r={rs} tokens per block (each group filled with its mean colour)",
+            f"ViT with r={rs} tokens per block (each group filled with its mean colour; each panel names r and "
+            "the patch tokens entering the first block and leaving the last)",
             file=stream,
         )
     return results

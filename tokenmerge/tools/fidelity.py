@@ -546,6 +546,9 @@ def run_fidelity(
         methods = [FidelityMethod("plain", "plain", "unmerged"), *[m for m in methods if m.family != "plain"]]
     labels = {seed: _labels(seed, images_per_seed, pipe.num_classes) for seed in seeds}
     emit = log or (lambda _line: None)
+    emit(
+        f"{model}: {len(methods)} methods x {len(seeds)} seeds, {num_steps} steps, {len(labels[seeds[0]])} images each"
+    )
     _generate(pipe, labels[seeds[0]], seeds[0], 1, guidance_scale, None)  # warm-up
     network = RandomFeatures(0) if distance else None
     heldout = zoo.heldout(weights_dir)[0] if (distance or fid_weights) else None
@@ -575,6 +578,7 @@ def run_fidelity(
             images[index].append(batch)
             times[index].append(seconds)
             snapshots[index] += snaps
+            emit(f"{model}: seed {seed}: {row.method}: {seconds:.1f} s ({index + 1}/{len(methods)})")
         emit(f"{model}: seed {seed} done")
     reference = torch.cat(images[0])
     for index, row in enumerate(rows):

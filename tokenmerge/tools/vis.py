@@ -38,6 +38,7 @@ __all__ = [
     "reference_vit",
     "model_input",
     "merged_groups",
+    "merged_groups_with_record",
 ]
 
 #: The `tokenmerge.tools.zoo` model the pictures use by default: a ViT trained on photographs.
@@ -124,15 +125,23 @@ def visualize(
     """Draw the merged groups of one image of a forward from its merge record.
 
     Args:
-        image: that image, as the model saw it (resized, not normalised).
-        record: `tokenmerge.adapters.vit.merge_record` of the forward (apply with
-            ``trace_source=True``).
+        image: that image, as the model saw it (resized to the model's input size, not
+            normalised): a PIL image, a numpy array or a torch tensor, ``(H, W, 3)`` or
+            ``(3, H, W)`` (an alpha channel is dropped, a grey ``(H, W)`` image is
+            repeated), as uint8 in [0, 255] or floats in [0, 1].
+        record: `tokenmerge.adapters.vit.merge_record` of the forward, taken while the
+            config is applied (inside its ``with`` block; apply with ``trace_source=True``).
         index: which image of the batch.
         outline: border colour, or None.
 
     Returns:
         ``(H, W, 3)`` uint8.
     """
+    check(
+        record is not None and hasattr(record, "patch_groups"),
+        "record must be the merge record of a forward: call tokenmerge.adapters.vit.merge_record(model) while "
+        f"the config is applied (inside its with block, ToMe(..., trace_source=True)); got {record!r}",
+    )
     if record.grid is None:
         raise TokenMergeError("record.grid is None: the patch tokens of that forward did not form a grid")
     groups = record.patch_groups(index + 1)[index]  # (h * w,)
@@ -232,6 +241,15 @@ def merged_groups(model: Any, pixels: Any, r: int, *, device: Any = "cpu") -> np
     Returns:
         ``(H, W, 3)`` uint8.
     """
+    return merged_groups_with_record(model, pixels, r, device=device)[0]
+
+
+def merged_groups_with_record(model: Any, pixels: Any, r: int, *, device: Any = "cpu") -> tuple[np.ndarray, Any]:
+    """`merged_groups`'s picture and the `~tokenmerge.adapters.vit.ViTMergeRecord` it was drawn from.
+
+    The record tells how many tokens entered the first block and left the last
+    (``num_input``, ``num_tokens``, ``num_prefix``), e.g. for a label under the picture.
+    """
     import torch
 
     from ..adapters.vit import merge_record
@@ -244,4 +262,4 @@ def merged_groups(model: Any, pixels: Any, r: int, *, device: Any = "cpu") -> np
         record = merge_record(model)
     if record is None:  # pragma: no cover - the ViT adapter always records a forward
         raise TokenMergeError("the ViT adapter kept no merge record")
-    return visualize(pixels, record)
+    return visualize(pixels, record), record
