@@ -89,6 +89,7 @@ from __future__ import annotations
 from typing import Any
 
 from timm.layers import Attention
+from timm.models.eva import Eva
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
@@ -98,6 +99,8 @@ from ..hooks import HookSet
 from ..placements import TokenStream
 from ..state import MergeState
 from .base import Adapter
+from .eva_stream import SUPPORTED_FAMILIES as EVA_FAMILIES
+from .eva_stream import eva_stream_spec, eva_unsupported
 from .specs import Argument
 from .stream import (
     StreamBlock,
@@ -128,6 +131,7 @@ OPTIONS: tuple[str, ...] = ("dense",)
 
 #: The family's name in error messages.
 _FAMILY = "a ViT (timm VisionTransformer)"
+_EVA_FAMILY = "a ViT (timm Eva)"
 
 #: ``global_pool`` values that read only the class token, so merged tokens need no unmerge.
 _TOKEN_POOLS: tuple[str, ...] = ("token",)
@@ -191,6 +195,8 @@ def dense_placement(placement: TokenStream, default: bool) -> TokenStream:
 # ---------------------------------------------------------------------------- adapter
 def _unsupported(target: Any) -> str | None:
     """Why ``target`` cannot be merged, or None when it can."""
+    if isinstance(target, Eva):
+        return eva_unsupported(target)
     if not isinstance(target, VisionTransformer):
         return f"got {type(target).__module__}.{type(target).__qualname__}"
     for index, block in enumerate(target.blocks):
@@ -202,7 +208,10 @@ def _unsupported(target: Any) -> str | None:
 
 
 class TimmViTAdapter(Adapter):
-    """ToMe merging for timm Vision Transformers (`VisionTransformer` and its distilled variant).
+    """ToMe merging for timm Vision Transformers (`VisionTransformer`, its distilled variant, and ``Eva``).
+
+    ``Eva`` models (EVA-02, DINOv3, Perception Encoder, ``vit_*rope*``) are described by
+    `tokenmerge.adapters.eva_stream` (rotary tables follow the merged tokens).
 
     The one placement it takes is `TokenStream` (the default): every block in
     ``TokenStream.blocks`` (all blocks by default) merges its residual stream between
@@ -220,7 +229,7 @@ class TimmViTAdapter(Adapter):
     """
 
     name = "timm-vit"
-    supported = SUPPORTED_FAMILIES
+    supported = SUPPORTED_FAMILIES + EVA_FAMILIES
     placements = (TokenStream,)
 
     def accepts(self, target: Any) -> bool:
@@ -232,19 +241,20 @@ class TimmViTAdapter(Adapter):
         reason = _unsupported(target)
         if reason is not None:
             raise TokenMergeError(
-                f"target must be one of: {'; '.join(SUPPORTED_FAMILIES)}; {reason}. Not supported: EVA (rotary "
-                "embeddings), BEiT (relative position bias), Swin (windowed attention) and other timm models"
+                f"target must be one of: {'; '.join(SUPPORTED_FAMILIES + EVA_FAMILIES)}; {reason}. Not supported: "
+                "BEiT (relative position bias), Swin (windowed attention) and other timm models"
             )
         placement = self.placement(target, config)
         assert isinstance(placement, TokenStream)
         check_stream(config, placement, len(target.blocks))
 
     def family(self, target: Any) -> str:
-        """``"a ViT (timm VisionTransformer)"``, for error messages."""
-        return _FAMILY
+        """``"a ViT (timm VisionTransformer)"`` (or ``Eva``), for error messages."""
+        return _EVA_FAMILY if isinstance(target, Eva) else _FAMILY
 
     def attach(self, target: Any, config: MergeConfig, state: MergeState, hooks: HookSet) -> None:
         """Hook the patch embedding, every block and the final norm of ``target``."""
         placement = self.placement(target, config)
         assert isinstance(placement, TokenStream)
-        attach_stream(target, vit_stream_spec(target), config, dense_placement(placement, True), state, hooks)
+        spec = eva_stream_spec(target) if isinstance(target, Eva) else vit_stream_spec(target)
+        attach_stream(target, spec, config, dense_placement(placement, True), state, hooks)
