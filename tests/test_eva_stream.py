@@ -253,3 +253,27 @@ def test_custom_composition_on_eva() -> None:
         assert record.num_tokens == record.num_prefix + 8  # every source merged at each block: 64 -> 32 -> 16 -> 8
     with torch.no_grad():
         assert torch.equal(model(images), plain)
+
+
+@pytest.mark.parametrize("mode", ["weighted", "mean"])
+@pytest.mark.parametrize("with_sizes", [True, False])
+def test_stream_merge_equals_the_plan_merge(mode: str, with_sizes: bool) -> None:
+    """The stream's merge (copy, then move each destination towards its sources) is `MergePlan.merge_with_size`."""
+    from tokenmerge.adapters.stream import merge_stream
+    from tokenmerge.plan import MergePlan
+    from tokenmerge.policies import Matching
+
+    gen = torch.Generator().manual_seed(5)
+    batch, num, channels = 3, 21, 8
+    metric = torch.randn(batch, num - 1, 4, dtype=torch.float64, generator=gen)
+    unit = metric / metric.norm(dim=-1, keepdim=True)
+    src, dst = torch.arange(0, num - 1, 2), torch.arange(1, num - 1, 2)
+    plan = MergePlan.from_matching(Matching.by_features(unit[:, 0::2], unit[:, 1::2], src, dst), 6, protected=1)
+    x = torch.randn(batch, num, channels, dtype=torch.float64, generator=gen)
+    sizes = torch.randint(1, 5, (batch, num), generator=gen).float() if with_sizes else None
+    ours, our_sizes = merge_stream(plan, x, mode, sizes)
+    theirs, their_sizes = plan.merge_with_size(x, mode, sizes)
+    torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=1e-12)
+    assert torch.equal(our_sizes, their_sizes)
+    kept = plan.keep_idx[:, : 1 + 10 - 6]  # prefix and unmerged sources: exact copies
+    assert torch.equal(ours[:, : kept.shape[1]], x.gather(1, kept[..., None].expand(-1, -1, channels)))

@@ -104,6 +104,7 @@ __all__ = [
     "unmerge_to_patches",
     "carry_mask",
     "select_rope",
+    "merge_stream",
 ]
 
 
@@ -356,6 +357,49 @@ def select_rope(rope: Tensor, seeds: Tensor) -> Tensor:
     table = table.expand(batch, *table.shape[1:])  # (B, h, P, d)
     index = seeds[:, None, :, None].expand(batch, table.shape[1], count, table.shape[-1])  # (B, h, P', d)
     return table.gather(2, index)  # (B, h, P', d)
+
+
+def merge_stream(plan: MergePlan, x: Tensor, mode: MergeMode, sizes: Tensor | None) -> tuple[Tensor, Tensor]:
+    """ToMe's merge of the residual stream: `MergePlan.merge_with_size`, weighing only the merged sources.
+
+    The kept tokens are copied once (prefix and unmerged sources stay exact copies);
+    then every destination ``d`` moves towards its merged sources ``j``:
+    ``x_d + sum_j w_j (x_j - x_d) / W_d``, which is the group's weighted mean (weights
+    ``w``: the sizes for ``"weighted"``, ones for ``"mean"``; ``W_d`` their sum over the
+    group). Only ``r`` rows are read and written besides the copy, where the generic
+    merge weighs and divides every token. Plans of other classes (the benchmarks'
+    ideal) merge their own way.
+
+    Args:
+        plan: the block's plan.
+        x: ``(B, N, C)`` the residual stream.
+        mode: ``"weighted"`` or ``"mean"``.
+        sizes: ``(B, N)`` token sizes, None for ones.
+
+    Returns:
+        ``(B, N - r, C)`` merged tokens and ``(B, N - r)`` their sizes.
+    """
+    if type(plan) is not MergePlan or x.dim() != 3 or x.shape[0] != plan.batch:
+        return plan.merge_with_size(x, mode, sizes)
+    merged_sizes = plan.merge_size(sizes)  # (B, N - r)
+    slot = plan.merged_slot  # (B, r) output position of every merged source
+    if mode == "weighted" and sizes is not None:
+        weight, group = sizes.gather(1, plan.merged_idx), merged_sizes  # (B, r), (B, N - r)
+    else:
+        weight, group = None, plan.group_count()  # "mean", or weighted by unit sizes: counts
+    channels = x.shape[-1]
+    kept = x.gather(1, plan.keep_idx[..., None].expand(-1, -1, channels))  # (B, N - r, C)
+    sources = x.gather(1, plan.merged_idx[..., None].expand(-1, -1, channels))  # (B, r, C)
+    index = slot[..., None].expand(-1, -1, channels)  # (B, r, C)
+    destinations = kept.gather(1, index)  # (B, r, C) before any update
+    exact = x.dtype if x.dtype == torch.float64 else torch.float32  # sizes are float32
+    coeff = group.gather(1, slot).to(exact).reciprocal()  # (B, r): 1 / W_d
+    if weight is not None:
+        coeff = coeff * weight.to(exact)
+    delta = (sources - destinations) * coeff.to(x.dtype)[..., None]  # (B, r, C)
+    if kept.requires_grad:  # autograd keeps kept for the gather above: no in-place update
+        return kept.scatter_add(1, index, delta), merged_sizes
+    return kept.scatter_add_(1, index, delta), merged_sizes  # (B, N - r, C)
 
 
 # ---------------------------------------------------------------------------- runtime
@@ -639,7 +683,7 @@ class _BlockHooks:
         if run.call.is_causal:
             raise TokenMergeError("is_causal must be False while tokens merge: merged tokens have no causal order")
         call.plan = plan
-        call.residual, call.sizes = plan.merge_with_size(x, run.mode, run.call.sizes)  # (B, N - r, C), (B, N - r)
+        call.residual, call.sizes = merge_stream(plan, x, run.mode, run.call.sizes)  # (B, N - r, C), (B, N - r)
         return (call.residual, *args[1:]), kwargs
 
     def branch_post(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> Any:
