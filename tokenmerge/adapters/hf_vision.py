@@ -205,8 +205,8 @@ class HFVisionAdapter(Adapter):
     placements = (TokenStream,)
 
     def accepts(self, target: Any) -> bool:
-        """True for any ``transformers`` model: `check` names the supported families for the others."""
-        return isinstance(target, PreTrainedModel)
+        """True for the supported vision models; other ``transformers`` models go on to the generic adapter."""
+        return isinstance(target, PreTrainedModel) and _encoder_of(target) is not None
 
     def family(self, target: Any) -> str:
         """``"a transformers vision encoder (<class>)"``, for error messages."""
