@@ -39,10 +39,10 @@ def tokens() -> Tensor:
     return torch.randn(2, 64, 16, generator=torch.Generator().manual_seed(1))
 
 
-def test_import_does_not_import_diffusers_or_timm() -> None:
+def test_import_does_not_import_diffusers_timm_or_transformers() -> None:
     code = (
-        "import sys, tokenmerge, tokenmerge.policies, tokenmerge.adapters; "
-        "print(sorted(m for m in ('diffusers', 'timm') if m in sys.modules))"
+        "import sys, tokenmerge, tokenmerge.policies, tokenmerge.adapters, tokenmerge.adapters.stream; "
+        "print(sorted(m for m in ('diffusers', 'timm', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -490,12 +490,15 @@ def test_timm_vit_average_pooling_reads_every_token_weighted_by_size(timm_tiny_v
 @pytest.mark.parametrize(
     ("arch", "kwargs"),
     [
-        ("eva02_tiny_patch14_224", dict(img_size=28, patch_size=14, embed_dim=32, depth=1, num_heads=2)),
+        (
+            "eva02_tiny_patch14_224",
+            dict(img_size=28, patch_size=14, embed_dim=32, depth=1, num_heads=2, use_post_norm=True),
+        ),
         ("beit_base_patch16_224", dict(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2)),
         ("swin_tiny_patch4_window7_224", dict(img_size=56, embed_dim=16, depths=(1, 1), num_heads=(1, 2))),
         ("vit_small_patch16_18x2_224", dict(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2)),
     ],
-    ids=["eva_rope", "beit_relative_position", "swin", "vit_parallel_blocks"],
+    ids=["eva_post_norm", "beit_relative_position", "swin", "vit_parallel_blocks"],
 )
 def test_timm_vit_rejects_unsupported_models(arch: str, kwargs: dict[str, Any]) -> None:
     import timm
@@ -504,7 +507,7 @@ def test_timm_vit_rejects_unsupported_models(arch: str, kwargs: dict[str, Any]) 
     before = snapshot(model)
     with pytest.raises(TokenMergeError, match="VisionTransformerDistilled") as error:
         tokenmerge.apply(model, tokenmerge.ToMe(r=2))
-    assert "EVA" in str(error.value) and "Swin" in str(error.value)
+    assert "timm Eva" in str(error.value) and "Swin" in str(error.value)
     assert_same_snapshot(before, snapshot(model))
     assert tokenmerge.get_handle(model) is None
 

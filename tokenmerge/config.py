@@ -94,8 +94,8 @@ def _legacy_of(placement: Placement | None, given: dict[str, Any]) -> dict[str, 
         values.update(blocks=placement.blocks, prop_attn=placement.prop_attn)
     elif isinstance(placement, TokenStream):
         values.update(blocks=placement.blocks, prop_attn=placement.prop_attn, trace_source=placement.trace_source)
-        if not placement.dense:
-            values["options"]["dense"] = False
+        if placement.dense is not None:
+            values["options"]["dense"] = placement.dense
     return values
 
 
@@ -268,8 +268,8 @@ class MergeConfig:
         if issubclass(default, TokenStream):
             check(not old["merge_crossattn"], f"merge_crossattn must be False: {family} has no cross-attention")
             check(not old["kv_only"], f"kv_only is not supported on {family}: tokens merge in the residual stream")
-            dense = options.get("dense", True)
-            check(isinstance(dense, bool), f"options['dense'] must be a bool; got {dense!r}")
+            dense = options.get("dense")
+            check(dense is None or isinstance(dense, bool), f"options['dense'] must be a bool; got {dense!r}")
             return TokenStream(
                 blocks=old["blocks"],
                 prop_attn=bool(old["prop_attn"]),

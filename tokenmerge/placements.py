@@ -195,19 +195,23 @@ class TokenStream(Placement):
         prop_attn: proportional attention (``log(size)`` added to the attention logits)
             once tokens have merged.
         trace_source: keep which input tokens every token covers (for `tokenmerge.tools.vis`).
-        dense: ``forward_features`` returns every input token, unmerged (True), or the
-            merged tokens (False, for models whose head reads the class token only).
+        dense: the final features (timm's ``forward_features``, a Hugging Face encoder's
+            ``last_hidden_state``) hold every input token, unmerged, one row per patch
+            (True), or the merged tokens (False). None (the default): the family's
+            default, True for timm models, False for Hugging Face ``transformers`` encoders.
     """
 
     form: ClassVar[str] = "residual-stream merging in every block"
     blocks: tuple[int, int] | None = None
     prop_attn: bool = True
     trace_source: bool = False
-    dense: bool = True
+    dense: bool | None = None
 
     def validate(self) -> None:
         """Check the field types and the block range."""
         if self.blocks is not None:
             _check_range("TokenStream", "blocks", self.blocks)
-        for name in ("prop_attn", "trace_source", "dense"):
+        for name in ("prop_attn", "trace_source"):
             _check_bool("TokenStream", name, getattr(self, name))
+        if self.dense is not None:
+            _check_bool("TokenStream", "dense", self.dense)

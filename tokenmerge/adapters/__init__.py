@@ -1,8 +1,8 @@
 """Adapters apply a merging policy to a model family, found by `tokenmerge.apply`.
 
 Adapters are imported lazily: the diffusers adapter only once a diffusers object is
-applied to, the timm adapter only for a timm model. `import tokenmerge` imports
-neither library.
+applied to, the timm adapter only for a timm model, the ``transformers`` adapter only
+for a ``transformers`` model. `import tokenmerge` imports none of these libraries.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ __all__ = ["Adapter", "register_adapter", "find_adapter", "supported_targets"]
 _LAZY: list[tuple[str, str]] = [
     ("diffusers", "tokenmerge.adapters.diffusion:DiffusersAdapter"),
     ("timm", "tokenmerge.adapters.vit:TimmViTAdapter"),
+    ("transformers", "tokenmerge.adapters.hf_vision:HFVisionAdapter"),
 ]
 _LOADED: dict[str, Adapter] = {}
 _USER: list[Adapter] = []
@@ -84,6 +85,11 @@ def supported_targets() -> list[str]:
         "diffusers HunyuanVideoTransformer3DModel (HunyuanVideo, double- and single-stream blocks)",
         "timm VisionTransformer (vit_*, deit_*, deit3_*)",
         "timm VisionTransformerDistilled",
+        "timm Eva (eva02_*, vit_*_dinov3*, vit_pe_*, vit_*rope*)",
+        "transformers ViTModel / ViTForImageClassification",
+        "transformers CLIPVisionModel / CLIPVisionModelWithProjection",
+        "transformers SiglipVisionModel",
+        "transformers Dinov2Model / Dinov2ForImageClassification (and the WithRegisters variants)",
         "a stack of transformer blocks with .attn and .mlp (nn.ModuleList/Sequential, or a module with .blocks)",
     ]
     return names
