@@ -253,7 +253,8 @@ def test_home_page_is_for_users(site: Path) -> None:
     assert 'href="performance/"' in home
     measured = home[home.index('id="measured-speed"') : home.index('id="where-to-go-next"')]
     assert measured.count("<tr>") <= 12  # one short table, not the benchmark log
-    assert len(text.split()) < 1200
+    table = _text(home[home.index('id="supported-models"') : home.index('id="measured-speed"')])
+    assert len(text.split()) - len(table.split()) < 1200  # the prose; the models table grows with the families
 
 
 PROCESS_WORDS = re.compile(
