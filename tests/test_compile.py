@@ -320,3 +320,47 @@ def test_triton_kernel_matches_reference_in_the_interpreter() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------- CA-ToMe compiled
+@pytest.mark.parametrize("automatic_dynamic", [True, False], ids=["dynamic-shapes", "static-shapes"])
+def test_catome_compiles_once_and_cache_hits_skip_the_matching(
+    monkeypatch: pytest.MonkeyPatch, automatic_dynamic: bool
+) -> None:
+    """CA-ToMe (threshold 0.7, counts in 4 buckets) on a UNet: planning stays out of the graph, merge
+    and unmerge inside it; the first generation compiles every graph, a second one compiles nothing
+    (``error_on_recompile``); a step that reuses the cached plans never calls the matcher; the
+    results are the eager run's of the same config. Both with dynamo's automatic dynamic shapes and
+    without (every token count its own graph, as CUDA graphs record one per shape): the bucketed
+    counts take at most ``buckets + 1`` values per layer."""
+    work = _tiny("sd15-tiny", 64)
+    buckets = 4
+    handle = tokenmerge.apply(work.model, tokenmerge.CAToMe(0.7, recompute_at=[0, 2, 3], buckets=buckets, seed=0))
+    matches: list[int] = []
+    original = RandomGrid.match
+
+    def counting_match(self: RandomGrid, metric: torch.Tensor, ctx: MergeContext) -> Any:
+        matches.append(ctx.step)
+        return original(self, metric, ctx)
+
+    monkeypatch.setattr(RandomGrid, "match", counting_match)
+    steps = range(4)
+    with torch.no_grad(), torch._dynamo.config.patch(automatic_dynamic_shapes=automatic_dynamic):
+        expected = [work.step(work.model, i).clone() for i in steps]
+        layers = len(handle.state.merged_tokens)
+        assert layers == 3 and sorted(set(matches)) == [0, 2, 3]  # eager: matched at the recompute steps only
+        backend = CountingBackend()
+        compiled = torch.compile(work.model, backend=backend)
+        first = [work.step(compiled, i).clone() for i in steps]
+        graphs = backend.graphs
+        matches.clear()
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            second = [work.step(compiled, i).clone() for i in steps]
+    assert backend.graphs == graphs  # nothing new compiled in the second generation
+    assert matches == [0] * layers + [2] * layers + [3] * layers  # the hit at step 1 matched nothing
+    assert handle.state.plans_reused == layers
+    counts = {n_out for _, n_out in handle.state.merged_tokens.values()}
+    assert all((64 - n) % (48 // buckets) == 0 for n in counts)  # multiples of max_merge / buckets (48 sources)
+    for out, ref in zip(first + second, expected + expected):
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    handle.remove()

@@ -24,12 +24,13 @@ def _flag(name: str, value: Any) -> bool:
     return check_bool(name, value)
 
 
-def _sub_layers(attn: Any, cross_attn: Any, mlp: Any, max_downsample: int) -> SubLayers:
+def _sub_layers(attn: Any, cross_attn: Any, mlp: Any, max_downsample: int, min_tokens: int | None) -> SubLayers:
     return SubLayers(
         attn=_flag("merge_attn", attn),
         cross_attn=_flag("merge_crossattn", cross_attn),
         mlp=_flag("merge_mlp", mlp),
         max_downsample=max_downsample,
+        min_tokens=min_tokens,
     )
 
 
@@ -76,6 +77,7 @@ def ToMeSD(
     merge_mlp: bool = False,
     *,
     st: int = 1,
+    min_tokens: int | None = None,
     seed: int | None = None,
 ) -> MergeConfig:
     """ToMeSD (Bolya & Hoffman, 2023) with exactly tomesd's arguments.
@@ -90,6 +92,9 @@ def ToMeSD(
         st: cell depth in frames on a video model's ``(t, h, w)`` token grid (1: cells
             within a frame; 2: a cell spans two consecutive frames, at most
             ``1 - 1/(sx*sy*st)`` merged).
+        min_tokens: merge a block only when it has at least this many mergeable tokens;
+            None takes the device's default (`tokenmerge.placements.DEFAULT_MIN_TOKENS`:
+            16384 on CUDA, 0 elsewhere); 0 merges every block.
         seed: seed of the partition RNG.
     """
     return MergeConfig(
@@ -98,7 +103,7 @@ def ToMeSD(
         cache=NoCache(),
         mode="mean",
         seed=seed,
-        placement=_sub_layers(merge_attn, merge_crossattn, merge_mlp, max_downsample),
+        placement=_sub_layers(merge_attn, merge_crossattn, merge_mlp, max_downsample, min_tokens),
     )
 
 
@@ -115,6 +120,7 @@ def CAToMe(
     *,
     buckets: int | None = None,
     st: int = 1,
+    min_tokens: int | None = None,
     seed: int | None = None,
 ) -> MergeConfig:
     """CA-ToMe (arXiv 2501.00946): adaptive threshold plus a cache of matched pairs.
@@ -132,6 +138,9 @@ def CAToMe(
             (compile-friendly; see `SimilarityThreshold`).
         st: cell depth in frames on a video grid, as in `ToMeSD` (the threshold sees the
             same cells).
+        min_tokens: merge a block only when it has at least this many mergeable tokens;
+            None takes the device's default (`tokenmerge.placements.DEFAULT_MIN_TOKENS`:
+            16384 on CUDA, 0 elsewhere); 0 merges every block.
         seed: seed of the partition RNG.
     """
     return MergeConfig(
@@ -140,7 +149,7 @@ def CAToMe(
         cache=RecomputeAt(recompute_at),
         mode="mean",
         seed=seed,
-        placement=_sub_layers(merge_attn, merge_crossattn, merge_mlp, max_downsample),
+        placement=_sub_layers(merge_attn, merge_crossattn, merge_mlp, max_downsample, min_tokens),
     )
 
 
@@ -150,6 +159,7 @@ def ToDo(
     *,
     ratio: float | None = None,
     st: int = 1,
+    min_tokens: int | None = None,
     seed: int | None = None,
 ) -> MergeConfig:
     """ToDo (Smith et al., 2024): token downsampling of keys and values.
@@ -176,5 +186,5 @@ def ToDo(
         threshold=FixedRatio(full if ratio is None else ratio),
         mode="mean",
         seed=seed,
-        placement=KeyValues(max_downsample=max_downsample),
+        placement=KeyValues(max_downsample=max_downsample, min_tokens=min_tokens),
     )

@@ -34,7 +34,7 @@ from ..config import MergeConfig
 from ..errors import TokenMergeError
 from ..hooks import HookSet, PerThread, PlanSlot, merge_around
 from ..layout import TokenLayout
-from ..placements import KeyValues, SubLayers
+from ..placements import KeyValues, SubLayers, min_tokens_for
 from ..plan import MergePlan, proportional_attention_bias
 from ..policies.matchers import RandomGrid
 from ..state import MergeState
@@ -120,7 +120,9 @@ class SubLayerMerge:
         # Joint attention (MM-DiT) or a self-attention with rotary embeddings (Wan): tokenmerge's attention hooks.
         self.joint = JointAttention(site) if site.spec.attention_hooks else None
         self.second: JointAttention | None = None  # SD3.5's image-only attn2 under KeyValues
-        self.keys_values = isinstance(config.placement_for(SubLayers), KeyValues)
+        placement = config.placement_for(SubLayers)
+        self.keys_values = isinstance(placement, KeyValues)
+        self.min_tokens: int | None = getattr(placement, "min_tokens", None)
         self._text = PerThread(_Text)  # text tokens of the running call (joint blocks)
 
     def attach(self, hooks: HookSet) -> None:
@@ -228,8 +230,8 @@ class SubLayerMerge:
                 text = self._text.value.count = context.shape[1]
                 x = join_text(context, x, self.site.spec.text_order != "after", dim=1)  # (B, T + N, C)
         layout = self.layout.token_layout(self.tracker.latent_hw, self.site, x.shape[1], text)  # image or video
-        if layout is None:
-            return
+        if layout is None or layout.num_mergeable < min_tokens_for(self.min_tokens, x.device.type):
+            return  # too few tokens for merging to pay (the placement's min_tokens): the block runs unmerged
         check_cell_fits(self.config.matcher, layout, self.layout, self.site)
         plan = self.state.plan(
             self.site.name, x, layout=layout, layer_index=self.layer_index, num_layers=self.num_layers
