@@ -70,12 +70,13 @@ def test_keys_values_follow_the_minimum(unet: torch.nn.Module) -> None:
 
 
 def test_none_takes_the_device_default(unet: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert min_tokens_for(None, "cuda") == DEFAULT_MIN_TOKENS["cuda"] == 16384
-    assert min_tokens_for(None, "cpu") == 0 and min_tokens_for(5, "cuda") == 5
+    assert min_tokens_for(None, "cuda", "unet") == DEFAULT_MIN_TOKENS[("cuda", "unet")] == 16384
+    assert min_tokens_for(None, "cuda", "flux") == min_tokens_for(None, "cuda", "dit") == 0  # not measured slower
+    assert min_tokens_for(None, "cpu", "unet") == 0 and min_tokens_for(5, "cuda", "unet") == 5
     everywhere, _ = _run(unet, tokenmerge.ToMeSD(0.5, max_downsample=2, seed=0, min_tokens=0))
     default, merged = _run(unet, tokenmerge.ToMeSD(0.5, max_downsample=2, seed=0))
     assert torch.equal(default, everywhere) and {n for n, _ in merged.values()} == {TOP, SECOND}  # CPU: as before
-    monkeypatch.setitem(placements_module.DEFAULT_MIN_TOKENS, "cpu", TOP)
+    monkeypatch.setitem(placements_module.DEFAULT_MIN_TOKENS, ("cpu", "unet"), TOP)
     _, merged = _run(unet, tokenmerge.ToMeSD(0.5, max_downsample=2, seed=0))
     assert {n for n, _ in merged.values()} == {TOP}
 

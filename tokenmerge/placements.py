@@ -37,31 +37,34 @@ __all__ = [
 #: The values ``max_downsample`` may take: levels downsampled at most this much merge.
 DOWNSAMPLES: tuple[int, ...] = (1, 2, 4, 8)
 
-#: ``min_tokens=None`` per device type: a layer merges only when its mergeable tokens are
-#: at least this many. CUDA: on an H100, SD 1.5's top level merged at 4096 tokens (512 px)
-#: made the eager step slower (ToMeSD 0.5: 0.85x, launch-bound, attention 9 % of kernel
-#: time) and at 16384 tokens (1024 px) faster (1.16x eager, 1.34x with CUDA graphs), so
-#: layers below 16384 tokens stay unmerged there. Other devices (the CPU, where merging
-#: pays at every measured size): every layer merges, as before.
-DEFAULT_MIN_TOKENS: dict[str, int] = {"cuda": 16384}
+#: ``min_tokens=None`` per ``(device type, model family)``: a layer merges only when its
+#: mergeable tokens are at least this many. CUDA UNets: on an H100, SD 1.5's top level
+#: merged at 4096 tokens (512 px) made the eager step slower (ToMeSD 0.5: 0.85x,
+#: launch-bound, attention 9 % of kernel time) and at 16384 tokens (1024 px) faster (1.16x
+#: eager, 1.34x with CUDA graphs), so UNet layers below 16384 tokens stay unmerged there.
+#: Every other pair (the CPU, where merging pays at every measured size; the transformer
+#: families, whose wide blocks are compute-bound at 4096 tokens and were not measured
+#: slower): every layer merges, as before.
+DEFAULT_MIN_TOKENS: dict[tuple[str, str], int] = {("cuda", "unet"): 16384}
 
 
-def min_tokens_for(min_tokens: int | None, device_type: str) -> int:
-    """The token count from which a layer merges: ``min_tokens``, or the device's default when None.
+def min_tokens_for(min_tokens: int | None, device_type: str, family: str = "") -> int:
+    """The token count from which a layer merges: ``min_tokens``, or the default of the device and family when None.
 
     Args:
         min_tokens: a placement's ``min_tokens`` (an int >= 0, or None for the default).
         device_type: ``tensor.device.type`` of the layer's tokens (``"cuda"``, ``"cpu"``, ...).
+        family: the model family's kind (``DenoiserSpec.kind``: ``"unet"``, ``"dit"``, ``"flux"``, ...).
     """
     if min_tokens is not None:
         return min_tokens
-    return DEFAULT_MIN_TOKENS.get(device_type, 0)
+    return DEFAULT_MIN_TOKENS.get((device_type, family), 0)
 
 
 def _check_min_tokens(owner: str, value: Any) -> None:
     check(
         value is None or (_is_int(value) and 0 <= value <= MAX_TOKENS),
-        f"{owner}.min_tokens must be None (the device's default) or an int in [0, {MAX_TOKENS}]; got {value!r}",
+        f"{owner}.min_tokens must be None (the default of the device and family) or an int in [0, {MAX_TOKENS}]; got {value!r}",
     )
 
 
@@ -122,8 +125,9 @@ class SubLayers(Placement):
             (1, 2, 4 or 8; UNets; patch transformers have one level).
         min_tokens: merge a block only when its mergeable tokens are at least this many
             (diffusion models; below it the block runs unmerged, bit for bit). None: the
-            device's default from `DEFAULT_MIN_TOKENS` (16384 on CUDA, so SD 1.5 merges
-            at 1024 px and not at 512 px; 0 elsewhere: every block merges). 0 always merges.
+            default of the device and family from `DEFAULT_MIN_TOKENS` (16384 for UNets on
+            CUDA, so SD 1.5 merges at 1024 px and not at 512 px; 0 elsewhere: every block
+            merges). 0 always merges.
         protected: leading tokens never merged (class or register tokens); generic
             block stacks only, diffusion models have none. It must leave tokens to
             merge: a count at least the block's token count is refused at the first
@@ -180,7 +184,7 @@ class KeyValues(Placement):
 
     Args:
         max_downsample: as in `SubLayers` (1, 2, 4 or 8).
-        min_tokens: as in `SubLayers` (None: the device's default).
+        min_tokens: as in `SubLayers` (None: the default of the device and family).
     """
 
     form: ClassVar[str] = "merging of self-attention keys and values"

@@ -93,8 +93,8 @@ def ToMeSD(
             within a frame; 2: a cell spans two consecutive frames, at most
             ``1 - 1/(sx*sy*st)`` merged).
         min_tokens: merge a block only when it has at least this many mergeable tokens;
-            None takes the device's default (`tokenmerge.placements.DEFAULT_MIN_TOKENS`:
-            16384 on CUDA, 0 elsewhere); 0 merges every block.
+            None takes the default of the device and family (`tokenmerge.placements.DEFAULT_MIN_TOKENS`:
+            16384 for UNets on CUDA, 0 elsewhere); 0 merges every block.
         seed: seed of the partition RNG.
     """
     return MergeConfig(
@@ -139,8 +139,8 @@ def CAToMe(
         st: cell depth in frames on a video grid, as in `ToMeSD` (the threshold sees the
             same cells).
         min_tokens: merge a block only when it has at least this many mergeable tokens;
-            None takes the device's default (`tokenmerge.placements.DEFAULT_MIN_TOKENS`:
-            16384 on CUDA, 0 elsewhere); 0 merges every block.
+            None takes the default of the device and family (`tokenmerge.placements.DEFAULT_MIN_TOKENS`:
+            16384 for UNets on CUDA, 0 elsewhere); 0 merges every block.
         seed: seed of the partition RNG.
     """
     return MergeConfig(

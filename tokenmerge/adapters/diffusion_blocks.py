@@ -230,7 +230,7 @@ class SubLayerMerge:
                 text = self._text.value.count = context.shape[1]
                 x = join_text(context, x, self.site.spec.text_order != "after", dim=1)  # (B, T + N, C)
         layout = self.layout.token_layout(self.tracker.latent_hw, self.site, x.shape[1], text)  # image or video
-        if layout is None or layout.num_mergeable < min_tokens_for(self.min_tokens, x.device.type):
+        if layout is None or layout.num_mergeable < min_tokens_for(self.min_tokens, x.device.type, self.layout.kind):
             return  # too few tokens for merging to pay (the placement's min_tokens): the block runs unmerged
         check_cell_fits(self.config.matcher, layout, self.layout, self.site)
         plan = self.state.plan(
