@@ -64,7 +64,8 @@ def min_tokens_for(min_tokens: int | None, device_type: str, family: str = "") -
 def _check_min_tokens(owner: str, value: Any) -> None:
     check(
         value is None or (_is_int(value) and 0 <= value <= MAX_TOKENS),
-        f"{owner}.min_tokens must be None (the default of the device and family) or an int in [0, {MAX_TOKENS}]; got {value!r}",
+        f"{owner}.min_tokens must be None (the default of the device and family) or an int in "
+        f"[0, {MAX_TOKENS}]; got {value!r}",
     )
 
 
