@@ -252,3 +252,14 @@ def test_merge_forms_script_times_both_forms(capsys: pytest.CaptureFixture[str])
     assert merge_forms.main(["--shapes", "2x17x8x3", "--repeats", "2"]) == 0
     line = capsys.readouterr().out.splitlines()[-1]
     assert line.startswith("B=2 N=17 C=8 r=3: index ") and "matrix/index" in line
+
+
+@pytest.mark.parametrize(("arch", "resolution"), [("hf-vit-b16", 64), ("eva02-b14", 112)])
+def test_vit_b_sized_encoders_of_other_families_bench_with_their_ideal(arch: str, resolution: int) -> None:
+    """transformers' ViTModel and timm's EVA-02 (rotary) at ViT-B size: ToMe against plain and its ideal."""
+    result = run_bench(arch, ["tome:1"], resolution=resolution, batch=1, compile_modes=["eager"], **QUICK)
+    rows = _rows(result, "eager")
+    assert set(rows) == {"plain", "ToMe(1)", "ideal@ToMe(1)"}
+    assert all(row.ok for row in rows.values()), [(row.method, row.status) for row in rows.values()]
+    assert rows["ToMe(1)"].merged is not None and rows["ToMe(1)"].merged > 0
+    assert rows["ideal@ToMe(1)"].merged == pytest.approx(rows["ToMe(1)"].merged)

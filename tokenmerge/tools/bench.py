@@ -95,6 +95,7 @@ DEFAULT_METHODS: dict[str, tuple[str, ...]] = {
     "sd3": ("tomesd:0.5", "block:0.5"),
     "wan": ("tomesd:0.5", "block:0.5"),
     "vit": ("tome:13",),
+    "hf-vit": ("tome:13",),
 }
 
 

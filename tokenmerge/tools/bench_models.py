@@ -27,6 +27,7 @@ from .common import seeded
 
 __all__ = [
     "ArchSpec",
+    "VISION_FAMILIES",
     "ARCHS",
     "INPUT_KINDS",
     "arch_names",
@@ -47,8 +48,9 @@ class ArchSpec:
 
     Attributes:
         name: the name on the command line (``sd15``, ``dit-xl-2-tiny``, ...).
-        family: ``"unet"``, ``"dit"``, ``"pixart"``, ``"flux"``, ``"sd3"``, ``"wan"`` or ``"vit"``;
-            picks the builder and the inputs.
+        family: ``"unet"``, ``"dit"``, ``"pixart"``, ``"flux"``, ``"sd3"``, ``"wan"``, ``"vit"``
+            (timm: ViT, EVA) or ``"hf-vit"`` (transformers' ``ViTModel``); picks the builder and
+            the inputs.
         source: where the config comes from (shown in reports).
         config: keyword arguments of the model class (diffusers) or of ``timm.create_model``.
         resolution: default image size in pixels (the height for ``wan``; its ``extra`` holds
@@ -68,7 +70,11 @@ class ArchSpec:
     @property
     def diffusion(self) -> bool:
         """True for denoisers (timed per denoising step; fidelity includes a sampling loop)."""
-        return self.family != "vit"
+        return self.family not in VISION_FAMILIES
+
+
+#: The families that are image encoders, not denoisers: one call per input, no sampling loop.
+VISION_FAMILIES: tuple[str, ...] = ("vit", "hf-vit")
 
 
 _SD_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
@@ -288,6 +294,8 @@ ARCHS: dict[str, ArchSpec] = dict(
         ),
         _spec("vit-b16", "vit", "timm vit_base_patch16_224", {"model_name": "vit_base_patch16_224"}, 224, 256),
         _spec("vit-l16", "vit", "timm vit_large_patch16_224", {"model_name": "vit_large_patch16_224"}, 224, 256),
+        _spec("eva02-b14", "vit", "timm eva02_base_patch14_224", {"model_name": "eva02_base_patch14_224"}, 224, 256),
+        _spec("hf-vit-b16", "hf-vit", "transformers ViTConfig() (google/vit-base-patch16-224 sizes)", {}, 224, 256),
         _spec("sd15-tiny", "unet", "sd15 structure, tiny widths", {**_SD15, **_TINY_UNET}, 128, 2, {"text": (7, 32)}),
         _spec(
             "sdxl-tiny",
@@ -419,6 +427,14 @@ def _build_vit(spec: ArchSpec, resolution: int) -> nn.Module:
     return timm.create_model(name, pretrained=False, img_size=resolution, **config)
 
 
+def _build_hf_vit(spec: ArchSpec, resolution: int) -> nn.Module:
+    import transformers
+
+    config = transformers.ViTConfig(**{**spec.config, "image_size": resolution})
+    config._attn_implementation = spec.extra.get("attention", "sdpa")  # the default of from_pretrained
+    return transformers.ViTModel(config)
+
+
 _BUILDERS: dict[str, Callable[[ArchSpec, int], nn.Module]] = {
     "unet": _build_unet,
     "dit": _build_dit,
@@ -427,6 +443,7 @@ _BUILDERS: dict[str, Callable[[ArchSpec, int], nn.Module]] = {
     "sd3": _build_sd3,
     "wan": _build_wan,
     "vit": _build_vit,
+    "hf-vit": _build_hf_vit,
 }
 
 
@@ -468,7 +485,7 @@ def _quiet_diffusers() -> Iterator[None]:
 
 
 #: Resolutions must be a multiple of this (64 where none is listed: the UNets' three downsamplings).
-_RESOLUTION_MULTIPLE = {"vit": 16, "flux": 16, "sd3": 16, "wan": 16}
+_RESOLUTION_MULTIPLE = {"vit": 16, "hf-vit": 16, "flux": 16, "sd3": 16, "wan": 16}
 
 
 def check_resolution(spec: ArchSpec, resolution: int) -> None:
@@ -761,6 +778,7 @@ _INPUTS: dict[str, Callable[..., dict[str, Any]]] = {
     "sd3": _sd3_inputs,
     "wan": _wan_inputs,
     "vit": _vit_inputs,
+    "hf-vit": _vit_inputs,
 }
 
 
@@ -850,6 +868,10 @@ def _call_vit(fn: Callable[..., Any], inputs: dict[str, Any], t: Tensor, batch: 
     return fn(inputs["latents"])
 
 
+def _call_hf_vit(fn: Callable[..., Any], inputs: dict[str, Any], t: Tensor, batch: int) -> Tensor:
+    return fn(pixel_values=inputs["latents"]).pooler_output  # (B, C): the class token's, never merged
+
+
 _CALLS: dict[str, Callable[[Callable[..., Any], dict[str, Any], Tensor, int], Tensor]] = {
     "unet": _call_unet,
     "dit": _call_dit,
@@ -858,4 +880,5 @@ _CALLS: dict[str, Callable[[Callable[..., Any], dict[str, Any], Tensor, int], Te
     "sd3": _call_sd3,
     "wan": _call_wan,
     "vit": _call_vit,
+    "hf-vit": _call_hf_vit,
 }
