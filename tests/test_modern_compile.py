@@ -135,3 +135,15 @@ def test_flux_compiles_per_block_without_recompiles_and_reads_its_ids_once(monke
     with torch.no_grad():
         model(**{**inputs, "img_ids": fresh, "timestep": torch.full((1,), 0.5)})
     assert len(reads) == 2  # a new ids tensor is read again
+
+
+def test_flux_ids_made_under_inference_mode_are_read() -> None:
+    """Inference tensors have no version counter: the grid is still read, and read once per ids tensor."""
+    model = tiny.tiny_flux()
+    with torch.inference_mode():
+        inputs = tiny.flux_inputs(batch=1, height=8, width=6)
+        plain = model(**inputs)[0]
+        with tokenmerge.apply(model, tokenmerge.ToMeSD(0.5, seed=0)) as handle:
+            merged = [model(**inputs)[0] for _ in range(2)]
+            assert sum(a - b for a, b in handle.state.merged_tokens.values()) > 0
+    assert torch.equal(merged[0], merged[1]) and not torch.equal(merged[0], plain)

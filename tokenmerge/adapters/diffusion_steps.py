@@ -68,7 +68,7 @@ class _TrackerCall:
         # The position ids whose grid was read last, and that grid: a pipeline passes the
         # same ids tensor at every step, so the host read happens once per generation.
         self.ids: weakref.ref[Tensor] | None = None
-        self.ids_version = -1
+        self.ids_version: int | None = -1
         self.ids_grid: tuple[int, ...] | None = None
 
 
@@ -157,10 +157,12 @@ class StepTracker:
         if not isinstance(ids, Tensor):
             return None
         call = self._call
-        if call.ids is not None and call.ids() is ids and call.ids_version == ids._version:
+        # Inference tensors keep no version counter (and pipelines never edit their ids in place).
+        version = None if ids.is_inference() else ids._version
+        if call.ids is not None and call.ids() is ids and call.ids_version == version:
             return call.ids_grid  # the same, unchanged ids as the previous call: no host read
         grid = self.layout.grid_of_ids(ids)  # one host read per new ids tensor (per generation)
-        call.ids, call.ids_version, call.ids_grid = weakref.ref(ids), ids._version, grid
+        call.ids, call.ids_version, call.ids_grid = weakref.ref(ids), version, grid
         return grid
 
     @torch.compiler.disable
