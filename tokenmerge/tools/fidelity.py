@@ -57,6 +57,7 @@ from ..policies.matchers import RandomGrid
 from ..policies.thresholds import FixedRatio
 from ..presets import CAToMe, ToDo, ToMeSD
 from .common import device_argument, psnr, resolve_device, seeded, synchronize
+from .distributed import Processes
 
 __all__ = [
     "CA_TOME_CONFIGS",
@@ -67,6 +68,10 @@ __all__ = [
     "scale_schedule",
     "default_methods",
     "run_fidelity",
+    "read_prompts",
+    "load_pipeline",
+    "pipeline_kind",
+    "run_prompts",
     "ssim",
     "frechet_distance",
     "feature_distance",
@@ -431,12 +436,22 @@ def _labels(seed: int, count: int, num_classes: int) -> list[int]:
     return [(seed * count + i) % num_classes for i in range(count)]
 
 
+@dataclass
+class _Item:
+    """One generation: its place in the run, its noise seed and the pipeline's inputs."""
+
+    index: int
+    seed: int
+    label: str
+    inputs: dict[str, Any]
+
+
 def _generate(
-    pipe: Any, labels: list[int], seed: int, num_steps: int, guidance: float, step_hook: StepHook | None
+    pipe: Any, inputs: dict[str, Any], seed: int, num_steps: int, guidance: float, step_hook: StepHook | None
 ) -> tuple[Tensor, float]:
     """One generation: ``(B, 3, H, W)`` images in [0, 1] on the CPU and its wall time."""
     device = pipe._execution_device
-    generator = torch.Generator().manual_seed(seed)  # CPU noise: the same images on every device
+    generator = torch.Generator().manual_seed(seed)  # CPU noise: the same images on every device and process
     callback = None
     if step_hook is not None:
         step_hook(0)
@@ -448,7 +463,7 @@ def _generate(
     synchronize(device)
     start = time.perf_counter()
     out = pipe(
-        labels,
+        **inputs,
         num_inference_steps=num_steps,
         guidance_scale=guidance,
         generator=generator,
@@ -466,7 +481,7 @@ def _merged_fraction(snapshots: list[dict[str, tuple[int, int]]]) -> float | Non
 
 
 def _run_once(
-    method: FidelityMethod, pipe: Any, seed: int, labels: list[int], num_steps: int, guidance: float
+    method: FidelityMethod, pipe: Any, item: _Item, num_steps: int, guidance: float
 ) -> tuple[Tensor, float, list[dict[str, tuple[int, int]]]]:
     """One generation with ``method`` attached (and detached after): images, seconds, per-step token counts."""
     snapshots: list[dict[str, tuple[int, int]]] = []
@@ -487,13 +502,118 @@ def _run_once(
 
     hook = step_hook if (handle is not None or library_hook is not None) else None
     # Library rows draw their random grids from the global RNG: seed it, and restore it afterwards.
-    context = seeded(seed, pipe._execution_device) if method.library else contextlib.nullcontext()
+    context = seeded(item.seed, pipe._execution_device) if method.library else contextlib.nullcontext()
     try:
         with context:
-            images, seconds = _generate(pipe, labels, seed, num_steps, guidance, hook)
+            images, seconds = _generate(pipe, item.inputs, item.seed, num_steps, guidance, hook)
     finally:
         detach()
     return images, seconds, snapshots
+
+
+@dataclass
+class _Measured:
+    """Every method's generations over all items, in item order (on the main process)."""
+
+    images: list[list[Tensor]]
+    times: list[list[float]]
+    snapshots: list[list[dict[str, tuple[int, int]]]]
+    notes: list[str]
+
+
+def _measure(
+    pipe: Any,
+    methods: Sequence[FidelityMethod],
+    items: Sequence[_Item],
+    num_steps: int,
+    guidance: float,
+    name: str,
+    emit: Callable[[str], None],
+    processes: Processes,
+) -> _Measured | None:
+    """Generate this process's share of ``items`` with every method; gathered on the main process.
+
+    Returns the items' results in item order on the main process, None on the others. A row
+    whose reference library is missing or failed on any process is left out (its note says why).
+    """
+    mine = processes.share(items)
+    notes = [(_library_available(m.library) or "") if m.library is not None else "" for m in methods]
+    records: list[tuple[int, int, Tensor, float, list[dict[str, tuple[int, int]]]]] = []
+    if mine:
+        _generate(pipe, mine[0].inputs, mine[0].seed, 1, guidance, None)  # warm-up
+    # Item-major order: every method runs right after the others on the same item, so a change
+    # in machine load between items hits all rows alike.
+    for item in mine:
+        for index, method in enumerate(methods):
+            if notes[index]:  # a reference library that is missing or failed
+                continue
+            try:
+                batch, seconds, snaps = _run_once(method, pipe, item, num_steps, guidance)
+            except TokenMergeError:
+                raise
+            except Exception as error:  # a reference library that does not work with this diffusers
+                if method.library is None:
+                    raise
+                notes[index] = f"failed: {type(error).__name__}: {str(error)[:120]}"
+                continue
+            records.append((item.index, index, batch, seconds, snaps))
+            emit(f"{name}: {item.label}: {method.label}: {seconds:.1f} s ({index + 1}/{len(methods)})")
+        emit(f"{name}: {item.label} done")
+    gathered = processes.gather((records, notes))
+    if gathered is None:
+        return None
+    measured = _Measured([[] for _ in methods], [[] for _ in methods], [[] for _ in methods], [""] * len(methods))
+    for _records, process_notes in gathered:
+        for index, note in enumerate(process_notes):
+            measured.notes[index] = measured.notes[index] or note
+    every = sorted((r for process_records, _ in gathered for r in process_records), key=lambda r: (r[0], r[1]))
+    for _item, index, batch, seconds, snaps in every:
+        measured.images[index].append(batch)
+        measured.times[index].append(seconds)
+        measured.snapshots[index] += snaps
+    return measured
+
+
+def _score(
+    rows: list[FidelityRow],
+    measured: _Measured,
+    distance_to: Tensor | None,
+    network: nn.Module | None,
+    fid_weights: str | Path | None,
+    device: torch.device,
+    emit: Callable[[str], None],
+) -> None:
+    """Fill in the rows' metrics from every generation (the main process, once)."""
+    reference = torch.cat(measured.images[0])
+    target_features = network(distance_to) if network is not None and distance_to is not None else None  # (N, D)
+    for index, row in enumerate(rows):
+        row.note = measured.notes[index]
+        if row.note or not measured.images[index]:
+            emit(f"{row.model}: {row.method}: skipped ({row.note})")
+            continue
+        stacked = torch.cat(measured.images[index])
+        row.seconds = min(measured.times[index])
+        row.speedup = min(measured.times[0]) / row.seconds
+        row.merged = 0.0 if row.family == "plain" else _merged_fraction(measured.snapshots[index])
+        row.psnr = psnr(stacked, reference)
+        row.ssim = float(ssim(stacked, reference).mean())
+        if network is not None and target_features is not None and stacked.shape[0] >= 2:
+            row.distance = frechet_distance(network(stacked), target_features)
+        if fid_weights is not None and distance_to is not None:
+            fid = inception_fid(stacked, distance_to, fid_weights, device=device)
+            row.note = (row.note + "; " if row.note else "") + f"Inception FID {fid:.2f}"
+        emit(_row_line(row))
+
+
+def _with_plain(methods: Sequence[FidelityMethod]) -> list[FidelityMethod]:
+    methods = list(methods)
+    if not methods or methods[0].family != "plain":
+        methods = [FidelityMethod("plain", "plain", "unmerged"), *[m for m in methods if m.family != "plain"]]
+    return methods
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
 
 
 def run_fidelity(
@@ -510,8 +630,14 @@ def run_fidelity(
     fid_weights: str | Path | None = None,
     weights_dir: str | Path | None = None,
     log: Callable[[str], None] | None = None,
-) -> FidelityResult:
+    processes: Processes | None = None,
+) -> FidelityResult | None:
     """Run the fidelity benchmark on one reference model.
+
+    Under ``accelerate launch`` the seeds are split over the processes (contiguous shares,
+    `tokenmerge.tools.distributed.Processes`), each process generates its share on its own
+    device, and the main process gathers every image and computes the metrics once: the
+    rows equal a one-process run's with the same seeds, but for the timing columns.
 
     Args:
         model: a `tokenmerge.tools.zoo` model name.
@@ -521,14 +647,16 @@ def run_fidelity(
         images_per_seed: images per generation (its batch, doubled by guidance).
         methods: the rows; `default_methods` for the model's kind by default. A plain
             row is added first when missing (the reference of PSNR/SSIM and speed).
-        device, dtype: where and in what precision the model runs.
+        device, dtype: where and in what precision the model runs (with several processes,
+            a CUDA device is each process's own GPU).
         distance: compute the RFD to the held-out crops (needs >= 2 images per method).
         fid_weights: also compute the real Inception FID with these local weights.
         weights_dir: load the model from here instead of the shipped weights.
-        log: progress lines go here (None: silent).
+        log: progress lines go here (None: silent); prefixed with the process when several run.
+        processes: the processes of the run; `Processes.current()` by default.
 
     Returns:
-        A `FidelityResult` with one `FidelityRow` per method.
+        A `FidelityResult` with one `FidelityRow` per method on the main process; None on the others.
     """
     from . import zoo
 
@@ -537,66 +665,27 @@ def run_fidelity(
         isinstance(images_per_seed, int) and images_per_seed >= 1,
         f"images_per_seed must be >= 1; got {images_per_seed!r}",
     )
-    device = resolve_device(device)
+    processes = processes or Processes.current()
+    device = processes.device(device)
     pipe = zoo.load(model, device=device, dtype=dtype, weights_dir=weights_dir)
     kind = "dit" if hasattr(pipe, "transformer") else "unet"
     num_blocks = len(pipe.transformer.transformer_blocks) if kind == "dit" else 0
-    methods = list(methods) if methods is not None else default_methods(kind, num_steps, num_blocks=num_blocks)
-    if not methods or methods[0].family != "plain":
-        methods = [FidelityMethod("plain", "plain", "unmerged"), *[m for m in methods if m.family != "plain"]]
-    labels = {seed: _labels(seed, images_per_seed, pipe.num_classes) for seed in seeds}
-    emit = log or (lambda _line: None)
+    methods = _with_plain(methods if methods is not None else default_methods(kind, num_steps, num_blocks=num_blocks))
+    items = [
+        _Item(i, seed, f"seed {seed}", {"class_labels": _labels(seed, images_per_seed, pipe.num_classes)})
+        for i, seed in enumerate(seeds)
+    ]
+    emit = processes.progress(log)
     emit(
-        f"{model}: {len(methods)} methods x {len(seeds)} seeds, {num_steps} steps, {len(labels[seeds[0]])} images each"
+        f"{model}: {len(methods)} methods x {len(seeds)} seeds, {num_steps} steps, {images_per_seed} images each"
+        + (f", {processes.count} processes" if processes.count > 1 else "")
     )
-    _generate(pipe, labels[seeds[0]], seeds[0], 1, guidance_scale, None)  # warm-up
-    network = RandomFeatures(0) if distance else None
-    heldout = zoo.heldout(weights_dir)[0] if (distance or fid_weights) else None
-    heldout_features = network(heldout) if network is not None and heldout is not None else None  # (N, 256)
+    measured = _measure(pipe, methods, items, num_steps, guidance_scale, model, emit, processes)
+    if measured is None:
+        return None
     rows = [FidelityRow(model=model, method=m.label, family=m.family, setting=m.setting) for m in methods]
-    images: list[list[Tensor]] = [[] for _ in methods]
-    times: list[list[float]] = [[] for _ in methods]
-    snapshots: list[list[dict[str, tuple[int, int]]]] = [[] for _ in methods]
-    for row, method in zip(rows, methods):
-        if method.library is not None:
-            row.note = _library_available(method.library) or ""
-    # Seed-major order: every method runs right after the others on the same seed, so a change
-    # in machine load between seeds hits all rows alike (speed-ups are per-seed ratios).
-    for seed in seeds:
-        for index, (row, method) in enumerate(zip(rows, methods)):
-            if row.note:  # a reference library that is missing or failed
-                continue
-            try:
-                batch, seconds, snaps = _run_once(method, pipe, seed, labels[seed], num_steps, guidance_scale)
-            except TokenMergeError:
-                raise
-            except Exception as error:  # a reference library that does not work with this diffusers
-                if method.library is None:
-                    raise
-                row.note = f"failed: {type(error).__name__}: {str(error)[:120]}"
-                continue
-            images[index].append(batch)
-            times[index].append(seconds)
-            snapshots[index] += snaps
-            emit(f"{model}: seed {seed}: {row.method}: {seconds:.1f} s ({index + 1}/{len(methods)})")
-        emit(f"{model}: seed {seed} done")
-    reference = torch.cat(images[0])
-    for index, row in enumerate(rows):
-        if row.note:
-            emit(f"{model}: {row.method}: skipped ({row.note})")
-            continue
-        stacked = torch.cat(images[index])
-        row.seconds = min(times[index])
-        row.speedup = min(times[0]) / row.seconds
-        row.merged = 0.0 if row.family == "plain" else _merged_fraction(snapshots[index])
-        row.psnr = psnr(stacked, reference)
-        row.ssim = float(ssim(stacked, reference).mean())
-        if network is not None and heldout_features is not None and stacked.shape[0] >= 2:
-            row.distance = frechet_distance(network(stacked), heldout_features)
-        if fid_weights is not None and heldout is not None:
-            fid = inception_fid(stacked, heldout, fid_weights, device=device)
-            row.note = (row.note + "; " if row.note else "") + f"Inception FID {fid:.2f}"
-        emit(_row_line(row))
+    heldout = zoo.heldout(weights_dir)[0] if (distance or fid_weights) else None
+    _score(rows, measured, heldout, RandomFeatures(0) if distance else None, fid_weights, device, emit)
     meta = {
         "model": model,
         "seeds": list(seeds),
@@ -605,14 +694,151 @@ def run_fidelity(
         "images_per_seed": images_per_seed,
         "scheduler": type(pipe.scheduler).__name__,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
+        "device_name": _device_name(device),
+        "processes": processes.count,
         "dtype": str(dtype).replace("torch.", ""),
         "torch": torch.__version__,
         "diffusers": __import__("diffusers").__version__,
         "weights": zoo.info(model, weights_dir)["training"].get("hardware"),
         "distance": "RFD: Fréchet distance to the held-out crops in RandomFeatures(seed=0) space (not Inception FID)",
+        "merged": "tokens removed / tokens entering, over the merging layers, averaged over steps",
+    }
+    return FidelityResult(rows=rows, meta=meta)
+
+
+# ---------------------------------------------------------------------- prompts and a user's checkpoint
+def read_prompts(path: str | Path) -> list[str]:
+    """The prompts of a text file: one per line, blank lines skipped, surrounding spaces stripped.
+
+    Raises:
+        TokenMergeError: when the file is missing or lists no prompt.
+    """
+    file = Path(path)
+    check(file.is_file(), f"--prompts must name a text file with one prompt per line; got {str(path)!r}")
+    prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    check(len(prompts) >= 1, f"--prompts must list at least one prompt; {str(path)!r} has none")
+    return prompts
+
+
+def load_pipeline(
+    model: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **options: Any
+) -> Any:
+    """A diffusers pipeline from a hub id or a local directory (``DiffusionPipeline.from_pretrained``).
+
+    A hub id downloads into the Hugging Face cache (under ``accelerate launch`` the main process
+    downloads first, the others then read the cache); a local directory is read as is.
+
+    Args:
+        model: hub id (``"stable-diffusion-v1-5/stable-diffusion-v1-5"``) or directory of ``save_pretrained``.
+        device, dtype: where and in what precision the pipeline runs.
+        options: more ``from_pretrained`` arguments (``variant=``, ``safety_checker=None``...).
+    """
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import deprecation_utils
+
+    device = resolve_device(device)
+    # diffusers renamed torch_dtype= to dtype= (and warns about the old name) where it has _resolve_dtype.
+    dtype_name = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+    pipe = DiffusionPipeline.from_pretrained(str(model), **{dtype_name: dtype}, **options)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def pipeline_kind(pipe: Any) -> tuple[str, int]:
+    """``("unet", 0)`` for a UNet pipeline, ``("dit", blocks)`` for a transformer one (for `default_methods`)."""
+    if hasattr(pipe, "unet") and getattr(pipe, "unet", None) is not None:
+        return "unet", 0
+    transformer = getattr(pipe, "transformer", None)
+    check(transformer is not None, f"the pipeline must have a unet or a transformer; got {type(pipe).__name__}")
+    blocks = getattr(transformer, "transformer_blocks", None)
+    return "dit", len(blocks) if blocks is not None else 0
+
+
+def run_prompts(
+    pipe: Any,
+    prompts: Sequence[str],
+    *,
+    name: str = "model",
+    seeds: Sequence[int] = (0,),
+    num_steps: int = 25,
+    guidance_scale: float = 7.5,
+    images_per_seed: int = 1,
+    methods: Sequence[FidelityMethod] | None = None,
+    distance: bool = True,
+    fid_weights: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
+    processes: Processes | None = None,
+) -> FidelityResult | None:
+    """The fidelity benchmark on a user's text-to-image pipeline and prompts.
+
+    Every prompt is generated with every seed (noise from a CPU generator seeded with the
+    seed, ``images_per_seed`` images per generation), first unmerged and then with each method.
+    The rows are those of `run_fidelity`, but the distance columns (RFD, and Inception FID
+    with ``fid_weights``) compare each method's images to the **unmerged model's** images of
+    the same prompts and seeds (there are no held-out photographs for a user's model).
+
+    Under ``accelerate launch`` the (prompt, seed) pairs are split over the processes, and
+    the main process gathers the images and scores them once.
+
+    Args:
+        pipe: a diffusers pipeline taking ``prompt=`` (`load_pipeline`), already on its device.
+        prompts: the prompts (`read_prompts`).
+        name: the model's name in the rows (its hub id or path).
+        seeds, num_steps, guidance_scale: as in `run_fidelity`.
+        images_per_seed: ``num_images_per_prompt`` of each generation.
+        methods: the rows; `default_methods` for the pipeline's kind by default (plain first).
+        distance, fid_weights: the distances to the unmerged images (>= 2 images for RFD).
+        log, processes: as in `run_fidelity`.
+
+    Returns:
+        A `FidelityResult` on the main process; None on the others.
+    """
+    check(len(prompts) >= 1, "prompts must list at least one prompt")
+    check(len(seeds) >= 1, "seeds must list at least one seed")
+    check(
+        isinstance(images_per_seed, int) and images_per_seed >= 1,
+        f"images_per_seed must be >= 1; got {images_per_seed!r}",
+    )
+    processes = processes or Processes.current()
+    kind, num_blocks = pipeline_kind(pipe)
+    methods = _with_plain(
+        methods
+        if methods is not None
+        else default_methods(kind, num_steps, num_blocks=num_blocks, libraries=kind == "unet")
+    )
+    pairs = [(p, prompt, seed) for p, prompt in enumerate(prompts) for seed in seeds]
+    items = [
+        _Item(i, seed, f"prompt {p} seed {seed}", {"prompt": prompt, "num_images_per_prompt": images_per_seed})
+        for i, (p, prompt, seed) in enumerate(pairs)
+    ]
+    emit = processes.progress(log)
+    emit(
+        f"{name}: {len(methods)} methods x {len(items)} generations ({len(prompts)} prompts x {len(seeds)} seeds), "
+        f"{num_steps} steps" + (f", {processes.count} processes" if processes.count > 1 else "")
+    )
+    measured = _measure(pipe, methods, items, num_steps, guidance_scale, name, emit, processes)
+    if measured is None:
+        return None
+    rows = [FidelityRow(model=name, method=m.label, family=m.family, setting=m.setting) for m in methods]
+    plain_images = torch.cat(measured.images[0]) if (distance or fid_weights) else None
+    device = pipe._execution_device
+    _score(rows, measured, plain_images, RandomFeatures(0) if distance else None, fid_weights, device, emit)
+    meta = {
+        "model": name,
+        "pipeline": type(pipe).__name__,
+        "prompts": len(prompts),
+        "seeds": list(seeds),
+        "num_steps": num_steps,
+        "guidance_scale": guidance_scale,
+        "images_per_seed": images_per_seed,
+        "scheduler": type(pipe.scheduler).__name__,
+        "device": str(device),
+        "device_name": _device_name(torch.device(device)),
+        "processes": processes.count,
+        "dtype": str(pipe.dtype).replace("torch.", ""),
+        "torch": torch.__version__,
+        "diffusers": __import__("diffusers").__version__,
+        "distance": "RFD to the unmerged model's images of the same prompts and seeds (not Inception FID)",
         "merged": "tokens removed / tokens entering, over the merging layers, averaged over steps",
     }
     return FidelityResult(rows=rows, meta=meta)
@@ -710,6 +936,14 @@ def add_fidelity_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--weights-dir", default=None, help="load the models from here instead of the shipped weights")
     parser.add_argument("--json", default=None, help="write the results as JSON here")
+    prompts = parser.add_argument_group(
+        "a text-to-image checkpoint (--prompts FILE --model ID_OR_PATH): every prompt with every seed, "
+        "distances to the unmerged images"
+    )
+    prompts.add_argument("--prompts", default=None, help="text file, one prompt per line (instead of --models)")
+    prompts.add_argument(
+        "--model", default=None, help="diffusers pipeline for --prompts: hub id or local directory (from_pretrained)"
+    )
     parser.add_argument("--plot", default=None, help="write a speed-vs-PSNR plot (PNG) here")
     accuracy = parser.add_argument_group("classifier models (--models vit-photos): top-1 accuracy against speed")
     accuracy.add_argument("--r", default="0,4,8,12,16", help="ToMe's r per block of the merged rows")
@@ -749,23 +983,75 @@ def _floats(text: str, name: str) -> list[float]:
         raise TokenMergeError(f"{name} must be comma-separated numbers; got {text!r}") from None
 
 
+def _prompts_main(
+    args: argparse.Namespace, dtype: torch.dtype, families: set[str], processes: Processes
+) -> FidelityResult | None:
+    """The ``--prompts FILE --model ID_OR_PATH`` mode of `fidelity_main`."""
+    check(args.model is not None, "--prompts needs --model: a diffusers pipeline's hub id or local directory")
+    prompts = read_prompts(args.prompts)
+    with processes.main_first():
+        pipe = load_pipeline(args.model, device=processes.device(args.device), dtype=dtype)
+    kind, num_blocks = pipeline_kind(pipe)
+    methods = default_methods(
+        kind,
+        args.steps,
+        num_blocks=num_blocks,
+        ratios=_floats(args.ratios, "--ratios"),
+        thresholds=_floats(args.thresholds, "--thresholds"),
+        libraries=kind == "unet" and not args.no_libraries,
+    )
+    if families:
+        methods = [m for m in methods if m.family == "plain" or m.family in families]
+    return run_prompts(
+        pipe,
+        prompts,
+        name=str(args.model),
+        seeds=tuple(range(args.seeds)),
+        num_steps=args.steps,
+        guidance_scale=args.guidance,
+        images_per_seed=args.images_per_seed,
+        methods=methods,
+        distance=not args.no_distance,
+        fid_weights=args.fid_weights,
+        log=_stderr,
+        processes=processes,
+    )
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def fidelity_main(args: argparse.Namespace) -> int:
-    """Run the benchmark from parsed `add_fidelity_arguments` options; prints a Markdown table."""
+    """Run the benchmark from parsed `add_fidelity_arguments` options; prints a Markdown table.
+
+    Under ``accelerate launch`` the generations are split over the processes and only the
+    main process prints the table and writes the JSON and the plot (the others print their
+    progress on stderr); the accuracy mode (``vit-photos``) runs on the main process alone.
+    """
     from . import zoo
 
-    models = [m for m in args.models.split(",") if m]
-    for name in models:
-        check(name in zoo.names(), f"--models must name {', '.join(zoo.names())}; got {name!r}")
     check(args.seeds >= 1 and args.steps >= 1, "--seeds and --steps must be >= 1")
+    check(args.model is None or args.prompts is not None, "--model needs --prompts FILE (one prompt per line)")
     families = {f.strip() for f in args.families.split(",") if f.strip()}
     dtype = getattr(torch, args.dtype)
+    processes = Processes.current(cpu=resolve_device(args.device).type == "cpu")
     rows: list[FidelityRow] = []
     metas = []
     classifiers = []
+    models = [] if args.prompts is not None else [m for m in args.models.split(",") if m]
+    for name in models:
+        check(name in zoo.names(), f"--models must name {', '.join(zoo.names())}; got {name!r}")
+    if args.prompts is not None:
+        result = _prompts_main(args, dtype, families, processes)
+        if result is not None:
+            rows += result.rows
+            metas.append(result.meta)
     for name in models:
         kind = zoo.info(name, args.weights_dir)["spec"]["kind"]
         if kind == "vit":
-            classifiers.append(_accuracy_main(name, args, dtype))
+            if processes.is_main:
+                classifiers.append(_accuracy_main(name, args, dtype))
             continue
         num_blocks = zoo.info(name, args.weights_dir)["spec"]["denoiser"].get("num_layers", 0)
         methods = default_methods(
@@ -790,10 +1076,15 @@ def fidelity_main(args: argparse.Namespace) -> int:
             distance=not args.no_distance,
             fid_weights=args.fid_weights,
             weights_dir=args.weights_dir,
-            log=lambda line: print(line, file=sys.stderr, flush=True),
+            log=_stderr,
+            processes=processes,
         )
-        rows += result.rows
-        metas.append(result.meta)
+        if result is not None:
+            rows += result.rows
+            metas.append(result.meta)
+    processes.wait()
+    if not processes.is_main:
+        return 0
     if rows:
         print(format_table(rows))
     if args.json:
