@@ -27,6 +27,11 @@ instead (`tokenmerge.tools.fidelity_vit.run_accuracy`): top-1 accuracy on held-o
 agreement with the unmerged model and speed for ToMe at several r, with and without
 proportional attention.
 
+With ``--prompts FILE --model ID_OR_PATH`` it runs on a user's diffusers text-to-image
+pipeline instead (`run_prompts`). Under ``accelerate launch`` the generations are split over
+the processes and the main process computes the metrics once
+(`tokenmerge.tools.distributed.Processes`; how-to: *Evaluate at scale*).
+
 Command line: ``tokenmerge fidelity --help`` or ``python -m tokenmerge.tools.fidelity --help``.
 """
 
@@ -56,7 +61,7 @@ from ..policies.caches import NoCache
 from ..policies.matchers import RandomGrid
 from ..policies.thresholds import FixedRatio
 from ..presets import CAToMe, ToDo, ToMeSD
-from .common import device_argument, psnr, resolve_device, seeded, synchronize
+from .common import device_argument, psnr_from_mse, resolve_device, seeded, synchronize
 from .distributed import Processes
 
 __all__ = [
@@ -75,6 +80,7 @@ __all__ = [
     "ssim",
     "frechet_distance",
     "feature_distance",
+    "InceptionFeatures",
     "inception_fid",
     "format_table",
     "write_plot",
@@ -195,6 +201,50 @@ def feature_distance(images: Tensor, reference: Tensor, network: nn.Module | Non
     return frechet_distance(network(images.float().cpu()), network(reference.float().cpu()))
 
 
+class InceptionFeatures:
+    """The 2048-d pool features of the TF-ported FID Inception-v3 (what FID compares).
+
+    Nothing is downloaded: ``weights_path`` must point to the PyTorch FID Inception weights
+    (``weights-inception-2015-12-05-6726825d.pth``, as used by torch-fidelity), and
+    ``torch-fidelity`` must be installed (``pip install torch-fidelity``).
+
+    Args:
+        weights_path: path of the Inception weights file.
+        device: where the network runs.
+        batch_size: images per forward.
+
+    Raises:
+        TokenMergeError: when ``weights_path`` is missing or torch-fidelity is not installed.
+    """
+
+    def __init__(
+        self, weights_path: str | Path | None, device: str | torch.device = "cpu", batch_size: int = 50
+    ) -> None:
+        if weights_path is None or not Path(weights_path).is_file():
+            raise TokenMergeError(
+                "weights_path must name a local file with the FID Inception-v3 weights "
+                "(weights-inception-2015-12-05-6726825d.pth from torch-fidelity); nothing is downloaded. "
+                f"Got {weights_path!r}. Use the offline RFD distance (feature_distance) otherwise."
+            )
+        try:
+            from torch_fidelity import FeatureExtractorInceptionV3
+        except ImportError:
+            raise TokenMergeError("inception_fid needs torch-fidelity: pip install torch-fidelity") from None
+        self.device, self.batch_size = torch.device(device), batch_size
+        self.extractor = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights_path)
+        ).to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> Tensor:
+        """``(N, 3, H, W)`` images in [0, 1] (resized to 299 inside) to ``(N, 2048)`` float64 features on the CPU."""
+        chunks = []
+        for start in range(0, images.shape[0], self.batch_size):
+            chunk = images[start : start + self.batch_size].mul(255).round().clamp(0, 255).to(torch.uint8)  # (b,3,H,W)
+            chunks.append(self.extractor(chunk.to(self.device))[0].double().cpu())  # (b, 2048)
+        return torch.cat(chunks)
+
+
 @torch.no_grad()
 def inception_fid(
     images: Tensor,
@@ -205,9 +255,7 @@ def inception_fid(
 ) -> float:
     """Real FID (2048-d pool features of the TF-ported FID Inception-v3) between two image sets.
 
-    Nothing is downloaded: ``weights_path`` must point to the PyTorch FID Inception weights
-    (``weights-inception-2015-12-05-6726825d.pth``, as used by torch-fidelity), and
-    ``torch-fidelity`` must be installed (``pip install torch-fidelity``).
+    The features are `InceptionFeatures`' (local weights, nothing downloaded).
 
     Args:
         images, reference: ``(N, 3, H, W)`` in [0, 1] (resized to 299 inside), N >= 2.
@@ -218,27 +266,7 @@ def inception_fid(
     Raises:
         TokenMergeError: when ``weights_path`` is missing or torch-fidelity is not installed.
     """
-    if weights_path is None or not Path(weights_path).is_file():
-        raise TokenMergeError(
-            "weights_path must name a local file with the FID Inception-v3 weights "
-            "(weights-inception-2015-12-05-6726825d.pth from torch-fidelity); "
-            f"nothing is downloaded. Got {weights_path!r}. Use the offline RFD distance (feature_distance) otherwise."
-        )
-    try:
-        from torch_fidelity import FeatureExtractorInceptionV3
-    except ImportError:
-        raise TokenMergeError("inception_fid needs torch-fidelity: pip install torch-fidelity") from None
-    extractor = FeatureExtractorInceptionV3(
-        "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights_path)
-    ).to(device)
-
-    def features(batch: Tensor) -> Tensor:
-        chunks = []
-        for start in range(0, batch.shape[0], batch_size):
-            chunk = batch[start : start + batch_size].mul(255).round().clamp(0, 255).to(torch.uint8)  # (b, 3, H, W)
-            chunks.append(extractor(chunk.to(device))[0].double().cpu())  # (b, 2048)
-        return torch.cat(chunks)
-
+    features = InceptionFeatures(weights_path, device, batch_size)
     return frechet_distance(features(images), features(reference))
 
 
@@ -512,12 +540,27 @@ def _run_once(
 
 
 @dataclass
-class _Measured:
-    """Every method's generations over all items, in item order (on the main process)."""
+class _Scores:
+    """What one generation of one method contributes to its row, against the plain images of the item.
 
-    images: list[list[Tensor]]
-    times: list[list[float]]
-    snapshots: list[list[dict[str, tuple[int, int]]]]
+    Computed where the generation ran, so only these (not the images) travel to the main process.
+    """
+
+    item: int
+    seconds: float
+    snapshots: list[dict[str, tuple[int, int]]]
+    squared_error: float  # summed over every element, float64
+    elements: int
+    ssim: Tensor  # (B,)
+    features: Tensor | None  # (B, 256) RandomFeatures
+    inception: Tensor | None  # (B, 2048) InceptionFeatures
+
+
+@dataclass
+class _Measured:
+    """Every method's scores over all items, in item order (on the main process)."""
+
+    scores: list[list[_Scores]]
     notes: list[str]
 
 
@@ -530,20 +573,25 @@ def _measure(
     name: str,
     emit: Callable[[str], None],
     processes: Processes,
+    network: nn.Module | None,
+    inception: InceptionFeatures | None,
 ) -> _Measured | None:
-    """Generate this process's share of ``items`` with every method; gathered on the main process.
+    """Generate this process's share of ``items`` with every method and score it; gathered on the main process.
 
-    Returns the items' results in item order on the main process, None on the others. A row
-    whose reference library is missing or failed on any process is left out (its note says why).
+    Each item's plain images stay on its process; each method's images are scored there
+    against them (squared error, SSIM, features), and only the scores travel. Returns every
+    item's scores in item order on the main process, None on the others. A row whose
+    reference library is missing or failed on any process is left out (its note says why).
     """
     mine = processes.share(items)
     notes = [(_library_available(m.library) or "") if m.library is not None else "" for m in methods]
-    records: list[tuple[int, int, Tensor, float, list[dict[str, tuple[int, int]]]]] = []
+    scores: list[tuple[int, _Scores]] = []
     if mine:
         _generate(pipe, mine[0].inputs, mine[0].seed, 1, guidance, None)  # warm-up
     # Item-major order: every method runs right after the others on the same item, so a change
     # in machine load between items hits all rows alike.
     for item in mine:
+        plain: Tensor | None = None
         for index, method in enumerate(methods):
             if notes[index]:  # a reference library that is missing or failed
                 continue
@@ -556,51 +604,72 @@ def _measure(
                     raise
                 notes[index] = f"failed: {type(error).__name__}: {str(error)[:120]}"
                 continue
-            records.append((item.index, index, batch, seconds, snaps))
+            plain = batch if plain is None else plain  # (B, 3, H, W): methods[0] is plain
+            scores.append(
+                (
+                    index,
+                    _Scores(
+                        item=item.index,
+                        seconds=seconds,
+                        snapshots=snaps,
+                        squared_error=float((batch.double() - plain.double()).pow(2).sum()),
+                        elements=batch.numel(),
+                        ssim=ssim(batch, plain),
+                        features=network(batch) if network is not None else None,
+                        inception=inception(batch) if inception is not None else None,
+                    ),
+                )
+            )
             emit(f"{name}: {item.label}: {method.label}: {seconds:.1f} s ({index + 1}/{len(methods)})")
         emit(f"{name}: {item.label} done")
-    gathered = processes.gather((records, notes))
+    gathered = processes.gather((scores, notes))
     if gathered is None:
         return None
-    measured = _Measured([[] for _ in methods], [[] for _ in methods], [[] for _ in methods], [""] * len(methods))
-    for _records, process_notes in gathered:
+    measured = _Measured([[] for _ in methods], [""] * len(methods))
+    for _scores, process_notes in gathered:
         for index, note in enumerate(process_notes):
             measured.notes[index] = measured.notes[index] or note
-    every = sorted((r for process_records, _ in gathered for r in process_records), key=lambda r: (r[0], r[1]))
-    for _item, index, batch, seconds, snaps in every:
-        measured.images[index].append(batch)
-        measured.times[index].append(seconds)
-        measured.snapshots[index] += snaps
+    every = sorted((s for process_scores, _ in gathered for s in process_scores), key=lambda s: (s[1].item, s[0]))
+    for index, score in every:
+        measured.scores[index].append(score)
     return measured
+
+
+def _cat(tensors: list[Tensor | None]) -> Tensor | None:
+    return None if not tensors or any(t is None for t in tensors) else torch.cat(tensors)  # type: ignore[arg-type]
 
 
 def _score(
     rows: list[FidelityRow],
     measured: _Measured,
-    distance_to: Tensor | None,
-    network: nn.Module | None,
-    fid_weights: str | Path | None,
-    device: torch.device,
+    distance_to: tuple[Tensor | None, Tensor | None],
     emit: Callable[[str], None],
 ) -> None:
-    """Fill in the rows' metrics from every generation (the main process, once)."""
-    reference = torch.cat(measured.images[0])
-    target_features = network(distance_to) if network is not None and distance_to is not None else None  # (N, D)
+    """Fill in the rows' metrics from every generation's scores (the main process, once).
+
+    ``distance_to``: the (RandomFeatures, Inception) features of the distance's target set,
+    None where not measured. PSNR pools the squared errors over every item (in item order).
+    """
+    target_features, target_inception = distance_to
+    fastest_plain = min(s.seconds for s in measured.scores[0])
     for index, row in enumerate(rows):
         row.note = measured.notes[index]
-        if row.note or not measured.images[index]:
+        scores = measured.scores[index]
+        if row.note or not scores:
             emit(f"{row.model}: {row.method}: skipped ({row.note})")
             continue
-        stacked = torch.cat(measured.images[index])
-        row.seconds = min(measured.times[index])
-        row.speedup = min(measured.times[0]) / row.seconds
-        row.merged = 0.0 if row.family == "plain" else _merged_fraction(measured.snapshots[index])
-        row.psnr = psnr(stacked, reference)
-        row.ssim = float(ssim(stacked, reference).mean())
-        if network is not None and target_features is not None and stacked.shape[0] >= 2:
-            row.distance = frechet_distance(network(stacked), target_features)
-        if fid_weights is not None and distance_to is not None:
-            fid = inception_fid(stacked, distance_to, fid_weights, device=device)
+        row.seconds = min(s.seconds for s in scores)
+        row.speedup = fastest_plain / row.seconds
+        row.merged = 0.0 if row.family == "plain" else _merged_fraction([x for s in scores for x in s.snapshots])
+        mse = sum(s.squared_error for s in scores) / sum(s.elements for s in scores)
+        row.psnr = psnr_from_mse(mse)
+        row.ssim = float(torch.cat([s.ssim for s in scores]).mean())
+        features = _cat([s.features for s in scores])
+        if features is not None and target_features is not None and features.shape[0] >= 2:
+            row.distance = frechet_distance(features, target_features)
+        inception = _cat([s.inception for s in scores])
+        if inception is not None and target_inception is not None:
+            fid = frechet_distance(inception, target_inception)
             row.note = (row.note + "; " if row.note else "") + f"Inception FID {fid:.2f}"
         emit(_row_line(row))
 
@@ -636,8 +705,10 @@ def run_fidelity(
 
     Under ``accelerate launch`` the seeds are split over the processes (contiguous shares,
     `tokenmerge.tools.distributed.Processes`), each process generates its share on its own
-    device, and the main process gathers every image and computes the metrics once: the
-    rows equal a one-process run's with the same seeds, but for the timing columns.
+    device and scores it there against the plain images of the same seed (squared errors,
+    SSIM, features: no image leaves its process), and the main process gathers the scores in
+    seed order and computes the rows once. The rows equal a one-process run's with the same
+    seeds, but for the timing columns (bit for bit with the same CPU threads per process).
 
     Args:
         model: a `tokenmerge.tools.zoo` model name.
@@ -680,12 +751,18 @@ def run_fidelity(
         f"{model}: {len(methods)} methods x {len(seeds)} seeds, {num_steps} steps, {images_per_seed} images each"
         + (f", {processes.count} processes" if processes.count > 1 else "")
     )
-    measured = _measure(pipe, methods, items, num_steps, guidance_scale, model, emit, processes)
+    network = RandomFeatures(0) if distance else None
+    inception = InceptionFeatures(fid_weights, device) if fid_weights is not None else None
+    measured = _measure(pipe, methods, items, num_steps, guidance_scale, model, emit, processes, network, inception)
     if measured is None:
         return None
     rows = [FidelityRow(model=model, method=m.label, family=m.family, setting=m.setting) for m in methods]
-    heldout = zoo.heldout(weights_dir)[0] if (distance or fid_weights) else None
-    _score(rows, measured, heldout, RandomFeatures(0) if distance else None, fid_weights, device, emit)
+    heldout = zoo.heldout(weights_dir)[0] if (network or inception) else None  # (N, 3, H, W)
+    targets = (
+        network(heldout) if network is not None and heldout is not None else None,
+        inception(heldout) if inception is not None and heldout is not None else None,
+    )
+    _score(rows, measured, targets, emit)
     meta = {
         "model": model,
         "seeds": list(seeds),
@@ -778,7 +855,7 @@ def run_prompts(
     the same prompts and seeds (there are no held-out photographs for a user's model).
 
     Under ``accelerate launch`` the (prompt, seed) pairs are split over the processes, and
-    the main process gathers the images and scores them once.
+    the main process gathers their scores (not the images) and computes the rows once.
 
     Args:
         pipe: a diffusers pipeline taking ``prompt=`` (`load_pipeline`), already on its device.
@@ -816,13 +893,15 @@ def run_prompts(
         f"{name}: {len(methods)} methods x {len(items)} generations ({len(prompts)} prompts x {len(seeds)} seeds), "
         f"{num_steps} steps" + (f", {processes.count} processes" if processes.count > 1 else "")
     )
-    measured = _measure(pipe, methods, items, num_steps, guidance_scale, name, emit, processes)
+    device = pipe._execution_device
+    network = RandomFeatures(0) if distance else None
+    inception = InceptionFeatures(fid_weights, device) if fid_weights is not None else None
+    measured = _measure(pipe, methods, items, num_steps, guidance_scale, name, emit, processes, network, inception)
     if measured is None:
         return None
     rows = [FidelityRow(model=name, method=m.label, family=m.family, setting=m.setting) for m in methods]
-    plain_images = torch.cat(measured.images[0]) if (distance or fid_weights) else None
-    device = pipe._execution_device
-    _score(rows, measured, plain_images, RandomFeatures(0) if distance else None, fid_weights, device, emit)
+    plain = measured.scores[0]
+    _score(rows, measured, (_cat([s.features for s in plain]), _cat([s.inception for s in plain])), emit)
     meta = {
         "model": name,
         "pipeline": type(pipe).__name__,
