@@ -39,7 +39,8 @@ def test_psnr_refuses_different_shapes() -> None:
 def test_every_tool_uses_the_one_psnr() -> None:
     assert demo.PSNR.measure is common.psnr
     assert bench.psnr is common.psnr
-    assert fidelity.psnr is common.psnr
+    assert fidelity.psnr_from_mse is common.psnr_from_mse  # pooled over the processes' squared errors
+    assert common.psnr(torch.ones(2), torch.zeros(2)) == common.psnr_from_mse(1.0) == 0.0
     for module in (demo, bench, fidelity):
         assert "psnr" not in getattr(module, "__all__", ())  # not re-exported under a second name
 

@@ -407,3 +407,7 @@ def _run_reporting(prog: str, run: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+if __name__ == "__main__":  # python -m tokenmerge.tools.cli (accelerate launch -m tokenmerge.tools.cli ...)
+    raise SystemExit(main())

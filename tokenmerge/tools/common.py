@@ -125,7 +125,11 @@ def psnr(output: Tensor, reference: Tensor) -> float:
         output.shape == reference.shape,
         f"output must have the reference's shape {tuple(reference.shape)}; got {tuple(output.shape)}",
     )
-    mse = float((output.detach().double() - reference.detach().double()).pow(2).mean())
+    return psnr_from_mse(float((output.detach().double() - reference.detach().double()).pow(2).mean()))
+
+
+def psnr_from_mse(mse: float) -> float:
+    """`psnr` of a mean squared error: ``10 * log10(1 / mse)`` dB, ``inf`` for 0 (pooled errors of several sets)."""
     return math.inf if mse == 0.0 else 10.0 * math.log10(PSNR_PEAK * PSNR_PEAK / mse)
 
 

@@ -27,6 +27,11 @@ instead (`tokenmerge.tools.fidelity_vit.run_accuracy`): top-1 accuracy on held-o
 agreement with the unmerged model and speed for ToMe at several r, with and without
 proportional attention.
 
+With ``--prompts FILE --model ID_OR_PATH`` it runs on a user's diffusers text-to-image
+pipeline instead (`run_prompts`). Under ``accelerate launch`` the generations are split over
+the processes and the main process computes the metrics once
+(`tokenmerge.tools.distributed.Processes`; how-to: *Evaluate at scale*).
+
 Command line: ``tokenmerge fidelity --help`` or ``python -m tokenmerge.tools.fidelity --help``.
 """
 
@@ -56,7 +61,8 @@ from ..policies.caches import NoCache
 from ..policies.matchers import RandomGrid
 from ..policies.thresholds import FixedRatio
 from ..presets import CAToMe, ToDo, ToMeSD
-from .common import device_argument, psnr, resolve_device, seeded, synchronize
+from .common import device_argument, psnr_from_mse, resolve_device, seeded, synchronize
+from .distributed import Processes
 
 __all__ = [
     "CA_TOME_CONFIGS",
@@ -67,9 +73,14 @@ __all__ = [
     "scale_schedule",
     "default_methods",
     "run_fidelity",
+    "read_prompts",
+    "load_pipeline",
+    "pipeline_kind",
+    "run_prompts",
     "ssim",
     "frechet_distance",
     "feature_distance",
+    "InceptionFeatures",
     "inception_fid",
     "format_table",
     "write_plot",
@@ -190,6 +201,50 @@ def feature_distance(images: Tensor, reference: Tensor, network: nn.Module | Non
     return frechet_distance(network(images.float().cpu()), network(reference.float().cpu()))
 
 
+class InceptionFeatures:
+    """The 2048-d pool features of the TF-ported FID Inception-v3 (what FID compares).
+
+    Nothing is downloaded: ``weights_path`` must point to the PyTorch FID Inception weights
+    (``weights-inception-2015-12-05-6726825d.pth``, as used by torch-fidelity), and
+    ``torch-fidelity`` must be installed (``pip install torch-fidelity``).
+
+    Args:
+        weights_path: path of the Inception weights file.
+        device: where the network runs.
+        batch_size: images per forward.
+
+    Raises:
+        TokenMergeError: when ``weights_path`` is missing or torch-fidelity is not installed.
+    """
+
+    def __init__(
+        self, weights_path: str | Path | None, device: str | torch.device = "cpu", batch_size: int = 50
+    ) -> None:
+        if weights_path is None or not Path(weights_path).is_file():
+            raise TokenMergeError(
+                "weights_path must name a local file with the FID Inception-v3 weights "
+                "(weights-inception-2015-12-05-6726825d.pth from torch-fidelity); nothing is downloaded. "
+                f"Got {weights_path!r}. Use the offline RFD distance (feature_distance) otherwise."
+            )
+        try:
+            from torch_fidelity import FeatureExtractorInceptionV3
+        except ImportError:
+            raise TokenMergeError("inception_fid needs torch-fidelity: pip install torch-fidelity") from None
+        self.device, self.batch_size = torch.device(device), batch_size
+        self.extractor = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights_path)
+        ).to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> Tensor:
+        """``(N, 3, H, W)`` images in [0, 1] (resized to 299 inside) to ``(N, 2048)`` float64 features on the CPU."""
+        chunks = []
+        for start in range(0, images.shape[0], self.batch_size):
+            chunk = images[start : start + self.batch_size].mul(255).round().clamp(0, 255).to(torch.uint8)  # (b,3,H,W)
+            chunks.append(self.extractor(chunk.to(self.device))[0].double().cpu())  # (b, 2048)
+        return torch.cat(chunks)
+
+
 @torch.no_grad()
 def inception_fid(
     images: Tensor,
@@ -200,9 +255,7 @@ def inception_fid(
 ) -> float:
     """Real FID (2048-d pool features of the TF-ported FID Inception-v3) between two image sets.
 
-    Nothing is downloaded: ``weights_path`` must point to the PyTorch FID Inception weights
-    (``weights-inception-2015-12-05-6726825d.pth``, as used by torch-fidelity), and
-    ``torch-fidelity`` must be installed (``pip install torch-fidelity``).
+    The features are `InceptionFeatures`' (local weights, nothing downloaded).
 
     Args:
         images, reference: ``(N, 3, H, W)`` in [0, 1] (resized to 299 inside), N >= 2.
@@ -213,27 +266,7 @@ def inception_fid(
     Raises:
         TokenMergeError: when ``weights_path`` is missing or torch-fidelity is not installed.
     """
-    if weights_path is None or not Path(weights_path).is_file():
-        raise TokenMergeError(
-            "weights_path must name a local file with the FID Inception-v3 weights "
-            "(weights-inception-2015-12-05-6726825d.pth from torch-fidelity); "
-            f"nothing is downloaded. Got {weights_path!r}. Use the offline RFD distance (feature_distance) otherwise."
-        )
-    try:
-        from torch_fidelity import FeatureExtractorInceptionV3
-    except ImportError:
-        raise TokenMergeError("inception_fid needs torch-fidelity: pip install torch-fidelity") from None
-    extractor = FeatureExtractorInceptionV3(
-        "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights_path)
-    ).to(device)
-
-    def features(batch: Tensor) -> Tensor:
-        chunks = []
-        for start in range(0, batch.shape[0], batch_size):
-            chunk = batch[start : start + batch_size].mul(255).round().clamp(0, 255).to(torch.uint8)  # (b, 3, H, W)
-            chunks.append(extractor(chunk.to(device))[0].double().cpu())  # (b, 2048)
-        return torch.cat(chunks)
-
+    features = InceptionFeatures(weights_path, device, batch_size)
     return frechet_distance(features(images), features(reference))
 
 
@@ -431,12 +464,22 @@ def _labels(seed: int, count: int, num_classes: int) -> list[int]:
     return [(seed * count + i) % num_classes for i in range(count)]
 
 
+@dataclass
+class _Item:
+    """One generation: its place in the run, its noise seed and the pipeline's inputs."""
+
+    index: int
+    seed: int
+    label: str
+    inputs: dict[str, Any]
+
+
 def _generate(
-    pipe: Any, labels: list[int], seed: int, num_steps: int, guidance: float, step_hook: StepHook | None
+    pipe: Any, inputs: dict[str, Any], seed: int, num_steps: int, guidance: float, step_hook: StepHook | None
 ) -> tuple[Tensor, float]:
     """One generation: ``(B, 3, H, W)`` images in [0, 1] on the CPU and its wall time."""
     device = pipe._execution_device
-    generator = torch.Generator().manual_seed(seed)  # CPU noise: the same images on every device
+    generator = torch.Generator().manual_seed(seed)  # CPU noise: the same images on every device and process
     callback = None
     if step_hook is not None:
         step_hook(0)
@@ -448,7 +491,7 @@ def _generate(
     synchronize(device)
     start = time.perf_counter()
     out = pipe(
-        labels,
+        **inputs,
         num_inference_steps=num_steps,
         guidance_scale=guidance,
         generator=generator,
@@ -466,7 +509,7 @@ def _merged_fraction(snapshots: list[dict[str, tuple[int, int]]]) -> float | Non
 
 
 def _run_once(
-    method: FidelityMethod, pipe: Any, seed: int, labels: list[int], num_steps: int, guidance: float
+    method: FidelityMethod, pipe: Any, item: _Item, num_steps: int, guidance: float
 ) -> tuple[Tensor, float, list[dict[str, tuple[int, int]]]]:
     """One generation with ``method`` attached (and detached after): images, seconds, per-step token counts."""
     snapshots: list[dict[str, tuple[int, int]]] = []
@@ -487,13 +530,159 @@ def _run_once(
 
     hook = step_hook if (handle is not None or library_hook is not None) else None
     # Library rows draw their random grids from the global RNG: seed it, and restore it afterwards.
-    context = seeded(seed, pipe._execution_device) if method.library else contextlib.nullcontext()
+    context = seeded(item.seed, pipe._execution_device) if method.library else contextlib.nullcontext()
     try:
         with context:
-            images, seconds = _generate(pipe, labels, seed, num_steps, guidance, hook)
+            images, seconds = _generate(pipe, item.inputs, item.seed, num_steps, guidance, hook)
     finally:
         detach()
     return images, seconds, snapshots
+
+
+@dataclass
+class _Scores:
+    """What one generation of one method contributes to its row, against the plain images of the item.
+
+    Computed where the generation ran, so only these (not the images) travel to the main process.
+    """
+
+    item: int
+    seconds: float
+    snapshots: list[dict[str, tuple[int, int]]]
+    squared_error: float  # summed over every element, float64
+    elements: int
+    ssim: Tensor  # (B,)
+    features: Tensor | None  # (B, 256) RandomFeatures
+    inception: Tensor | None  # (B, 2048) InceptionFeatures
+
+
+@dataclass
+class _Measured:
+    """Every method's scores over all items, in item order (on the main process)."""
+
+    scores: list[list[_Scores]]
+    notes: list[str]
+
+
+def _measure(
+    pipe: Any,
+    methods: Sequence[FidelityMethod],
+    items: Sequence[_Item],
+    num_steps: int,
+    guidance: float,
+    name: str,
+    emit: Callable[[str], None],
+    processes: Processes,
+    network: nn.Module | None,
+    inception: InceptionFeatures | None,
+) -> _Measured | None:
+    """Generate this process's share of ``items`` with every method and score it; gathered on the main process.
+
+    Each item's plain images stay on its process; each method's images are scored there
+    against them (squared error, SSIM, features), and only the scores travel. Returns every
+    item's scores in item order on the main process, None on the others. A row whose
+    reference library is missing or failed on any process is left out (its note says why).
+    """
+    mine = processes.share(items)
+    notes = [(_library_available(m.library) or "") if m.library is not None else "" for m in methods]
+    scores: list[tuple[int, _Scores]] = []
+    if mine:
+        _generate(pipe, mine[0].inputs, mine[0].seed, 1, guidance, None)  # warm-up
+    # Item-major order: every method runs right after the others on the same item, so a change
+    # in machine load between items hits all rows alike.
+    for item in mine:
+        plain: Tensor | None = None
+        for index, method in enumerate(methods):
+            if notes[index]:  # a reference library that is missing or failed
+                continue
+            try:
+                batch, seconds, snaps = _run_once(method, pipe, item, num_steps, guidance)
+            except TokenMergeError:
+                raise
+            except Exception as error:  # a reference library that does not work with this diffusers
+                if method.library is None:
+                    raise
+                notes[index] = f"failed: {type(error).__name__}: {str(error)[:120]}"
+                continue
+            plain = batch if plain is None else plain  # (B, 3, H, W): methods[0] is plain
+            scores.append(
+                (
+                    index,
+                    _Scores(
+                        item=item.index,
+                        seconds=seconds,
+                        snapshots=snaps,
+                        squared_error=float((batch.double() - plain.double()).pow(2).sum()),
+                        elements=batch.numel(),
+                        ssim=ssim(batch, plain),
+                        features=network(batch) if network is not None else None,
+                        inception=inception(batch) if inception is not None else None,
+                    ),
+                )
+            )
+            emit(f"{name}: {item.label}: {method.label}: {seconds:.1f} s ({index + 1}/{len(methods)})")
+        emit(f"{name}: {item.label} done")
+    gathered = processes.gather((scores, notes))
+    if gathered is None:
+        return None
+    measured = _Measured([[] for _ in methods], [""] * len(methods))
+    for _scores, process_notes in gathered:
+        for index, note in enumerate(process_notes):
+            measured.notes[index] = measured.notes[index] or note
+    every = sorted((s for process_scores, _ in gathered for s in process_scores), key=lambda s: (s[1].item, s[0]))
+    for index, score in every:
+        measured.scores[index].append(score)
+    return measured
+
+
+def _cat(tensors: list[Tensor | None]) -> Tensor | None:
+    return None if not tensors or any(t is None for t in tensors) else torch.cat(tensors)  # type: ignore[arg-type]
+
+
+def _score(
+    rows: list[FidelityRow],
+    measured: _Measured,
+    distance_to: tuple[Tensor | None, Tensor | None],
+    emit: Callable[[str], None],
+) -> None:
+    """Fill in the rows' metrics from every generation's scores (the main process, once).
+
+    ``distance_to``: the (RandomFeatures, Inception) features of the distance's target set,
+    None where not measured. PSNR pools the squared errors over every item (in item order).
+    """
+    target_features, target_inception = distance_to
+    fastest_plain = min(s.seconds for s in measured.scores[0])
+    for index, row in enumerate(rows):
+        row.note = measured.notes[index]
+        scores = measured.scores[index]
+        if row.note or not scores:
+            emit(f"{row.model}: {row.method}: skipped ({row.note})")
+            continue
+        row.seconds = min(s.seconds for s in scores)
+        row.speedup = fastest_plain / row.seconds
+        row.merged = 0.0 if row.family == "plain" else _merged_fraction([x for s in scores for x in s.snapshots])
+        mse = sum(s.squared_error for s in scores) / sum(s.elements for s in scores)
+        row.psnr = psnr_from_mse(mse)
+        row.ssim = float(torch.cat([s.ssim for s in scores]).mean())
+        features = _cat([s.features for s in scores])
+        if features is not None and target_features is not None and features.shape[0] >= 2:
+            row.distance = frechet_distance(features, target_features)
+        inception = _cat([s.inception for s in scores])
+        if inception is not None and target_inception is not None:
+            fid = frechet_distance(inception, target_inception)
+            row.note = (row.note + "; " if row.note else "") + f"Inception FID {fid:.2f}"
+        emit(_row_line(row))
+
+
+def _with_plain(methods: Sequence[FidelityMethod]) -> list[FidelityMethod]:
+    methods = list(methods)
+    if not methods or methods[0].family != "plain":
+        methods = [FidelityMethod("plain", "plain", "unmerged"), *[m for m in methods if m.family != "plain"]]
+    return methods
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
 
 
 def run_fidelity(
@@ -510,8 +699,16 @@ def run_fidelity(
     fid_weights: str | Path | None = None,
     weights_dir: str | Path | None = None,
     log: Callable[[str], None] | None = None,
-) -> FidelityResult:
+    processes: Processes | None = None,
+) -> FidelityResult | None:
     """Run the fidelity benchmark on one reference model.
+
+    Under ``accelerate launch`` the seeds are split over the processes (contiguous shares,
+    `tokenmerge.tools.distributed.Processes`), each process generates its share on its own
+    device and scores it there against the plain images of the same seed (squared errors,
+    SSIM, features: no image leaves its process), and the main process gathers the scores in
+    seed order and computes the rows once. The rows equal a one-process run's with the same
+    seeds, but for the timing columns (bit for bit with the same CPU threads per process).
 
     Args:
         model: a `tokenmerge.tools.zoo` model name.
@@ -521,14 +718,16 @@ def run_fidelity(
         images_per_seed: images per generation (its batch, doubled by guidance).
         methods: the rows; `default_methods` for the model's kind by default. A plain
             row is added first when missing (the reference of PSNR/SSIM and speed).
-        device, dtype: where and in what precision the model runs.
+        device, dtype: where and in what precision the model runs (with several processes,
+            a CUDA device is each process's own GPU).
         distance: compute the RFD to the held-out crops (needs >= 2 images per method).
         fid_weights: also compute the real Inception FID with these local weights.
         weights_dir: load the model from here instead of the shipped weights.
-        log: progress lines go here (None: silent).
+        log: progress lines go here (None: silent); prefixed with the process when several run.
+        processes: the processes of the run; `Processes.current()` by default.
 
     Returns:
-        A `FidelityResult` with one `FidelityRow` per method.
+        A `FidelityResult` with one `FidelityRow` per method on the main process; None on the others.
     """
     from . import zoo
 
@@ -537,66 +736,33 @@ def run_fidelity(
         isinstance(images_per_seed, int) and images_per_seed >= 1,
         f"images_per_seed must be >= 1; got {images_per_seed!r}",
     )
-    device = resolve_device(device)
+    processes = processes or Processes.current()
+    device = processes.device(device)
     pipe = zoo.load(model, device=device, dtype=dtype, weights_dir=weights_dir)
     kind = "dit" if hasattr(pipe, "transformer") else "unet"
     num_blocks = len(pipe.transformer.transformer_blocks) if kind == "dit" else 0
-    methods = list(methods) if methods is not None else default_methods(kind, num_steps, num_blocks=num_blocks)
-    if not methods or methods[0].family != "plain":
-        methods = [FidelityMethod("plain", "plain", "unmerged"), *[m for m in methods if m.family != "plain"]]
-    labels = {seed: _labels(seed, images_per_seed, pipe.num_classes) for seed in seeds}
-    emit = log or (lambda _line: None)
+    methods = _with_plain(methods if methods is not None else default_methods(kind, num_steps, num_blocks=num_blocks))
+    items = [
+        _Item(i, seed, f"seed {seed}", {"class_labels": _labels(seed, images_per_seed, pipe.num_classes)})
+        for i, seed in enumerate(seeds)
+    ]
+    emit = processes.progress(log)
     emit(
-        f"{model}: {len(methods)} methods x {len(seeds)} seeds, {num_steps} steps, {len(labels[seeds[0]])} images each"
+        f"{model}: {len(methods)} methods x {len(seeds)} seeds, {num_steps} steps, {images_per_seed} images each"
+        + (f", {processes.count} processes" if processes.count > 1 else "")
     )
-    _generate(pipe, labels[seeds[0]], seeds[0], 1, guidance_scale, None)  # warm-up
     network = RandomFeatures(0) if distance else None
-    heldout = zoo.heldout(weights_dir)[0] if (distance or fid_weights) else None
-    heldout_features = network(heldout) if network is not None and heldout is not None else None  # (N, 256)
+    inception = InceptionFeatures(fid_weights, device) if fid_weights is not None else None
+    measured = _measure(pipe, methods, items, num_steps, guidance_scale, model, emit, processes, network, inception)
+    if measured is None:
+        return None
     rows = [FidelityRow(model=model, method=m.label, family=m.family, setting=m.setting) for m in methods]
-    images: list[list[Tensor]] = [[] for _ in methods]
-    times: list[list[float]] = [[] for _ in methods]
-    snapshots: list[list[dict[str, tuple[int, int]]]] = [[] for _ in methods]
-    for row, method in zip(rows, methods):
-        if method.library is not None:
-            row.note = _library_available(method.library) or ""
-    # Seed-major order: every method runs right after the others on the same seed, so a change
-    # in machine load between seeds hits all rows alike (speed-ups are per-seed ratios).
-    for seed in seeds:
-        for index, (row, method) in enumerate(zip(rows, methods)):
-            if row.note:  # a reference library that is missing or failed
-                continue
-            try:
-                batch, seconds, snaps = _run_once(method, pipe, seed, labels[seed], num_steps, guidance_scale)
-            except TokenMergeError:
-                raise
-            except Exception as error:  # a reference library that does not work with this diffusers
-                if method.library is None:
-                    raise
-                row.note = f"failed: {type(error).__name__}: {str(error)[:120]}"
-                continue
-            images[index].append(batch)
-            times[index].append(seconds)
-            snapshots[index] += snaps
-            emit(f"{model}: seed {seed}: {row.method}: {seconds:.1f} s ({index + 1}/{len(methods)})")
-        emit(f"{model}: seed {seed} done")
-    reference = torch.cat(images[0])
-    for index, row in enumerate(rows):
-        if row.note:
-            emit(f"{model}: {row.method}: skipped ({row.note})")
-            continue
-        stacked = torch.cat(images[index])
-        row.seconds = min(times[index])
-        row.speedup = min(times[0]) / row.seconds
-        row.merged = 0.0 if row.family == "plain" else _merged_fraction(snapshots[index])
-        row.psnr = psnr(stacked, reference)
-        row.ssim = float(ssim(stacked, reference).mean())
-        if network is not None and heldout_features is not None and stacked.shape[0] >= 2:
-            row.distance = frechet_distance(network(stacked), heldout_features)
-        if fid_weights is not None and heldout is not None:
-            fid = inception_fid(stacked, heldout, fid_weights, device=device)
-            row.note = (row.note + "; " if row.note else "") + f"Inception FID {fid:.2f}"
-        emit(_row_line(row))
+    heldout = zoo.heldout(weights_dir)[0] if (network or inception) else None  # (N, 3, H, W)
+    targets = (
+        network(heldout) if network is not None and heldout is not None else None,
+        inception(heldout) if inception is not None and heldout is not None else None,
+    )
+    _score(rows, measured, targets, emit)
     meta = {
         "model": model,
         "seeds": list(seeds),
@@ -605,14 +771,153 @@ def run_fidelity(
         "images_per_seed": images_per_seed,
         "scheduler": type(pipe.scheduler).__name__,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
+        "device_name": _device_name(device),
+        "processes": processes.count,
         "dtype": str(dtype).replace("torch.", ""),
         "torch": torch.__version__,
         "diffusers": __import__("diffusers").__version__,
         "weights": zoo.info(model, weights_dir)["training"].get("hardware"),
         "distance": "RFD: Fréchet distance to the held-out crops in RandomFeatures(seed=0) space (not Inception FID)",
+        "merged": "tokens removed / tokens entering, over the merging layers, averaged over steps",
+    }
+    return FidelityResult(rows=rows, meta=meta)
+
+
+# ---------------------------------------------------------------------- prompts and a user's checkpoint
+def read_prompts(path: str | Path) -> list[str]:
+    """The prompts of a text file: one per line, blank lines skipped, surrounding spaces stripped.
+
+    Raises:
+        TokenMergeError: when the file is missing or lists no prompt.
+    """
+    file = Path(path)
+    check(file.is_file(), f"--prompts must name a text file with one prompt per line; got {str(path)!r}")
+    prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    check(len(prompts) >= 1, f"--prompts must list at least one prompt; {str(path)!r} has none")
+    return prompts
+
+
+def load_pipeline(
+    model: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **options: Any
+) -> Any:
+    """A diffusers pipeline from a hub id or a local directory (``DiffusionPipeline.from_pretrained``).
+
+    A hub id downloads into the Hugging Face cache (under ``accelerate launch`` the main process
+    downloads first, the others then read the cache); a local directory is read as is.
+
+    Args:
+        model: hub id (``"stable-diffusion-v1-5/stable-diffusion-v1-5"``) or directory of ``save_pretrained``.
+        device, dtype: where and in what precision the pipeline runs.
+        options: more ``from_pretrained`` arguments (``variant=``, ``safety_checker=None``...).
+    """
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import deprecation_utils
+
+    device = resolve_device(device)
+    # diffusers renamed torch_dtype= to dtype= (and warns about the old name) where it has _resolve_dtype.
+    dtype_name = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+    pipe = DiffusionPipeline.from_pretrained(str(model), **{dtype_name: dtype}, **options)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def pipeline_kind(pipe: Any) -> tuple[str, int]:
+    """``("unet", 0)`` for a UNet pipeline, ``("dit", blocks)`` for a transformer one (for `default_methods`)."""
+    if hasattr(pipe, "unet") and getattr(pipe, "unet", None) is not None:
+        return "unet", 0
+    transformer = getattr(pipe, "transformer", None)
+    check(transformer is not None, f"the pipeline must have a unet or a transformer; got {type(pipe).__name__}")
+    blocks = getattr(transformer, "transformer_blocks", None)
+    return "dit", len(blocks) if blocks is not None else 0
+
+
+def run_prompts(
+    pipe: Any,
+    prompts: Sequence[str],
+    *,
+    name: str = "model",
+    seeds: Sequence[int] = (0,),
+    num_steps: int = 25,
+    guidance_scale: float = 7.5,
+    images_per_seed: int = 1,
+    methods: Sequence[FidelityMethod] | None = None,
+    distance: bool = True,
+    fid_weights: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
+    processes: Processes | None = None,
+) -> FidelityResult | None:
+    """The fidelity benchmark on a user's text-to-image pipeline and prompts.
+
+    Every prompt is generated with every seed (noise from a CPU generator seeded with the
+    seed, ``images_per_seed`` images per generation), first unmerged and then with each method.
+    The rows are those of `run_fidelity`, but the distance columns (RFD, and Inception FID
+    with ``fid_weights``) compare each method's images to the **unmerged model's** images of
+    the same prompts and seeds (there are no held-out photographs for a user's model).
+
+    Under ``accelerate launch`` the (prompt, seed) pairs are split over the processes, and
+    the main process gathers their scores (not the images) and computes the rows once.
+
+    Args:
+        pipe: a diffusers pipeline taking ``prompt=`` (`load_pipeline`), already on its device.
+        prompts: the prompts (`read_prompts`).
+        name: the model's name in the rows (its hub id or path).
+        seeds, num_steps, guidance_scale: as in `run_fidelity`.
+        images_per_seed: ``num_images_per_prompt`` of each generation.
+        methods: the rows; `default_methods` for the pipeline's kind by default (plain first).
+        distance, fid_weights: the distances to the unmerged images (>= 2 images for RFD).
+        log, processes: as in `run_fidelity`.
+
+    Returns:
+        A `FidelityResult` on the main process; None on the others.
+    """
+    check(len(prompts) >= 1, "prompts must list at least one prompt")
+    check(len(seeds) >= 1, "seeds must list at least one seed")
+    check(
+        isinstance(images_per_seed, int) and images_per_seed >= 1,
+        f"images_per_seed must be >= 1; got {images_per_seed!r}",
+    )
+    processes = processes or Processes.current()
+    kind, num_blocks = pipeline_kind(pipe)
+    methods = _with_plain(
+        methods
+        if methods is not None
+        else default_methods(kind, num_steps, num_blocks=num_blocks, libraries=kind == "unet")
+    )
+    pairs = [(p, prompt, seed) for p, prompt in enumerate(prompts) for seed in seeds]
+    items = [
+        _Item(i, seed, f"prompt {p} seed {seed}", {"prompt": prompt, "num_images_per_prompt": images_per_seed})
+        for i, (p, prompt, seed) in enumerate(pairs)
+    ]
+    emit = processes.progress(log)
+    emit(
+        f"{name}: {len(methods)} methods x {len(items)} generations ({len(prompts)} prompts x {len(seeds)} seeds), "
+        f"{num_steps} steps" + (f", {processes.count} processes" if processes.count > 1 else "")
+    )
+    device = pipe._execution_device
+    network = RandomFeatures(0) if distance else None
+    inception = InceptionFeatures(fid_weights, device) if fid_weights is not None else None
+    measured = _measure(pipe, methods, items, num_steps, guidance_scale, name, emit, processes, network, inception)
+    if measured is None:
+        return None
+    rows = [FidelityRow(model=name, method=m.label, family=m.family, setting=m.setting) for m in methods]
+    plain = measured.scores[0]
+    _score(rows, measured, (_cat([s.features for s in plain]), _cat([s.inception for s in plain])), emit)
+    meta = {
+        "model": name,
+        "pipeline": type(pipe).__name__,
+        "prompts": len(prompts),
+        "seeds": list(seeds),
+        "num_steps": num_steps,
+        "guidance_scale": guidance_scale,
+        "images_per_seed": images_per_seed,
+        "scheduler": type(pipe.scheduler).__name__,
+        "device": str(device),
+        "device_name": _device_name(torch.device(device)),
+        "processes": processes.count,
+        "dtype": str(pipe.dtype).replace("torch.", ""),
+        "torch": torch.__version__,
+        "diffusers": __import__("diffusers").__version__,
+        "distance": "RFD to the unmerged model's images of the same prompts and seeds (not Inception FID)",
         "merged": "tokens removed / tokens entering, over the merging layers, averaged over steps",
     }
     return FidelityResult(rows=rows, meta=meta)
@@ -710,6 +1015,14 @@ def add_fidelity_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--weights-dir", default=None, help="load the models from here instead of the shipped weights")
     parser.add_argument("--json", default=None, help="write the results as JSON here")
+    prompts = parser.add_argument_group(
+        "a text-to-image checkpoint (--prompts FILE --model ID_OR_PATH): every prompt with every seed, "
+        "distances to the unmerged images"
+    )
+    prompts.add_argument("--prompts", default=None, help="text file, one prompt per line (instead of --models)")
+    prompts.add_argument(
+        "--model", default=None, help="diffusers pipeline for --prompts: hub id or local directory (from_pretrained)"
+    )
     parser.add_argument("--plot", default=None, help="write a speed-vs-PSNR plot (PNG) here")
     accuracy = parser.add_argument_group("classifier models (--models vit-photos): top-1 accuracy against speed")
     accuracy.add_argument("--r", default="0,4,8,12,16", help="ToMe's r per block of the merged rows")
@@ -749,23 +1062,75 @@ def _floats(text: str, name: str) -> list[float]:
         raise TokenMergeError(f"{name} must be comma-separated numbers; got {text!r}") from None
 
 
+def _prompts_main(
+    args: argparse.Namespace, dtype: torch.dtype, families: set[str], processes: Processes
+) -> FidelityResult | None:
+    """The ``--prompts FILE --model ID_OR_PATH`` mode of `fidelity_main`."""
+    check(args.model is not None, "--prompts needs --model: a diffusers pipeline's hub id or local directory")
+    prompts = read_prompts(args.prompts)
+    with processes.main_first():
+        pipe = load_pipeline(args.model, device=processes.device(args.device), dtype=dtype)
+    kind, num_blocks = pipeline_kind(pipe)
+    methods = default_methods(
+        kind,
+        args.steps,
+        num_blocks=num_blocks,
+        ratios=_floats(args.ratios, "--ratios"),
+        thresholds=_floats(args.thresholds, "--thresholds"),
+        libraries=kind == "unet" and not args.no_libraries,
+    )
+    if families:
+        methods = [m for m in methods if m.family == "plain" or m.family in families]
+    return run_prompts(
+        pipe,
+        prompts,
+        name=str(args.model),
+        seeds=tuple(range(args.seeds)),
+        num_steps=args.steps,
+        guidance_scale=args.guidance,
+        images_per_seed=args.images_per_seed,
+        methods=methods,
+        distance=not args.no_distance,
+        fid_weights=args.fid_weights,
+        log=_stderr,
+        processes=processes,
+    )
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def fidelity_main(args: argparse.Namespace) -> int:
-    """Run the benchmark from parsed `add_fidelity_arguments` options; prints a Markdown table."""
+    """Run the benchmark from parsed `add_fidelity_arguments` options; prints a Markdown table.
+
+    Under ``accelerate launch`` the generations are split over the processes and only the
+    main process prints the table and writes the JSON and the plot (the others print their
+    progress on stderr); the accuracy mode (``vit-photos``) runs on the main process alone.
+    """
     from . import zoo
 
-    models = [m for m in args.models.split(",") if m]
-    for name in models:
-        check(name in zoo.names(), f"--models must name {', '.join(zoo.names())}; got {name!r}")
     check(args.seeds >= 1 and args.steps >= 1, "--seeds and --steps must be >= 1")
+    check(args.model is None or args.prompts is not None, "--model needs --prompts FILE (one prompt per line)")
     families = {f.strip() for f in args.families.split(",") if f.strip()}
     dtype = getattr(torch, args.dtype)
+    processes = Processes.current(cpu=resolve_device(args.device).type == "cpu")
     rows: list[FidelityRow] = []
     metas = []
     classifiers = []
+    models = [] if args.prompts is not None else [m for m in args.models.split(",") if m]
+    for name in models:
+        check(name in zoo.names(), f"--models must name {', '.join(zoo.names())}; got {name!r}")
+    if args.prompts is not None:
+        result = _prompts_main(args, dtype, families, processes)
+        if result is not None:
+            rows += result.rows
+            metas.append(result.meta)
     for name in models:
         kind = zoo.info(name, args.weights_dir)["spec"]["kind"]
         if kind == "vit":
-            classifiers.append(_accuracy_main(name, args, dtype))
+            if processes.is_main:
+                classifiers.append(_accuracy_main(name, args, dtype))
             continue
         num_blocks = zoo.info(name, args.weights_dir)["spec"]["denoiser"].get("num_layers", 0)
         methods = default_methods(
@@ -790,10 +1155,15 @@ def fidelity_main(args: argparse.Namespace) -> int:
             distance=not args.no_distance,
             fid_weights=args.fid_weights,
             weights_dir=args.weights_dir,
-            log=lambda line: print(line, file=sys.stderr, flush=True),
+            log=_stderr,
+            processes=processes,
         )
-        rows += result.rows
-        metas.append(result.meta)
+        if result is not None:
+            rows += result.rows
+            metas.append(result.meta)
+    processes.wait()
+    if not processes.is_main:
+        return 0
     if rows:
         print(format_table(rows))
     if args.json:
