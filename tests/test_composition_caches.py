@@ -1,4 +1,4 @@
-"""Merging together with diffusers' caches (``enable_cache``) on the tiny Flux and Wan pipelines.
+"""Merging together with diffusers' caches (``enable_cache``) on the tiny MM-DiT and video pipelines.
 
 Each pipeline calls its transformer inside ``cache_context`` as it does for the real
 models. For every cache that acts on the family: the outputs stay finite, merging plus
@@ -39,7 +39,10 @@ from tokenmerge.policies import FixedRatio, RandomGrid  # noqa: E402
 from tokenmerge.tools.tiny import (  # noqa: E402
     FLUX_POOLED_DIM,
     JOINT_TEXT_DIM,
+    tiny_cogvideox_pipeline,
     tiny_flux_pipeline,
+    tiny_hunyuan_video_pipeline,
+    tiny_qwen_image_pipeline,
     tiny_wan_pipeline,
 )
 
@@ -75,7 +78,54 @@ def _wan() -> tuple[Any, dict[str, Any]]:
     return pipe, call
 
 
-FAMILIES: dict[str, Callable[[], tuple[Any, dict[str, Any]]]] = {"flux": _flux, "wan": _wan}
+def _qwen() -> tuple[Any, dict[str, Any]]:
+    pipe = tiny_qwen_image_pipeline(0)
+    call = dict(
+        prompt_embeds=_randn(1, 5, JOINT_TEXT_DIM, seed=1),  # (B, T, D)
+        prompt_embeds_mask=torch.ones(1, 5, dtype=torch.long),  # (B, T)
+        height=64,
+        width=64,
+        output_type="latent",
+    )
+    return pipe, call
+
+
+def _cogvideox() -> tuple[Any, dict[str, Any]]:
+    pipe = tiny_cogvideox_pipeline(0)
+    embeds = _randn(1, 5, JOINT_TEXT_DIM, seed=1)  # (B, T, D)
+    call = dict(
+        prompt_embeds=embeds,
+        negative_prompt_embeds=torch.zeros_like(embeds),  # guidance: both branches in one batched call
+        guidance_scale=6.0,
+        num_frames=9,
+        height=64,
+        width=48,
+        output_type="latent",
+    )
+    return pipe, call
+
+
+def _hunyuan_video() -> tuple[Any, dict[str, Any]]:
+    pipe = tiny_hunyuan_video_pipeline(0)
+    call = dict(
+        prompt_embeds=_randn(1, 5, JOINT_TEXT_DIM, seed=1),  # (B, T, D)
+        pooled_prompt_embeds=_randn(1, FLUX_POOLED_DIM, seed=2),  # (B, D)
+        prompt_attention_mask=torch.ones(1, 5, dtype=torch.long),  # (B, T)
+        num_frames=9,
+        height=64,
+        width=48,
+        output_type="latent",
+    )
+    return pipe, call
+
+
+FAMILIES: dict[str, Callable[[], tuple[Any, dict[str, Any]]]] = {
+    "flux": _flux,
+    "wan": _wan,
+    "qwen-image": _qwen,
+    "cogvideox": _cogvideox,
+    "hunyuan-video": _hunyuan_video,
+}
 
 
 def _pab(pipe: Any) -> PyramidAttentionBroadcastConfig:
@@ -111,6 +161,12 @@ CASES = [
     ("wan", "mag"),
     ("wan", "sea"),
     ("wan", "taylorseer_lite"),
+    ("qwen-image", "first_block"),
+    ("qwen-image", "pab"),
+    ("cogvideox", "first_block"),
+    ("cogvideox", "pab"),
+    ("hunyuan-video", "first_block"),
+    ("hunyuan-video", "pab"),
 ]
 
 
@@ -136,6 +192,17 @@ def _flops(pipe: Any, call: dict[str, Any]) -> int:
     return counter.get_total_flops()
 
 
+_MERGED_FLOPS: dict[str, int] = {}
+
+
+def _merged_flops(pipe: Any, call: dict[str, Any], family: str) -> int:
+    """FLOPs of one merged generation without a cache (once per family)."""
+    if family not in _MERGED_FLOPS:
+        with tokenmerge.apply(pipe, _config()):
+            _MERGED_FLOPS[family] = _flops(pipe, call)
+    return _MERGED_FLOPS[family]
+
+
 def _config() -> tokenmerge.MergeConfig:
     return tokenmerge.ToMeSD(ratio=0.5, seed=0)
 
@@ -153,8 +220,7 @@ def test_merging_with_a_cache(pipelines: dict[str, Any], family: str, cache: str
     model = pipe.transformer
     with torch.no_grad():
         plain = _run(pipe, call)
-        with tokenmerge.apply(pipe, _config()):
-            merged_flops = _flops(pipe, call)
+        merged_flops = _merged_flops(pipe, call, family)
         model.enable_cache(CACHES[cache](pipe))
         try:
             cached = _run(pipe, call)
@@ -193,7 +259,7 @@ def test_pyramid_attention_broadcast_reuses_the_full_output(pipelines: dict[str,
     pipe, call = pipelines[family]
     model = pipe.transformer
     blocks = getattr(model, "transformer_blocks", None) or model.blocks
-    attn = blocks[0].attn if hasattr(blocks[0], "attn") else blocks[0].attn1
+    attn = blocks[0].attn if hasattr(blocks[0], "attn") else blocks[0].attn1  # the first block's self-attention
     model.enable_cache(_pab(pipe))
     try:
         with torch.no_grad(), tokenmerge.apply(pipe, _config()) as handle:
@@ -272,3 +338,44 @@ def test_keys_values_merging_with_taylorseer_on_attention(pipelines: dict[str, A
         model.disable_cache()
     assert torch.isfinite(both).all() and not torch.equal(both, cached)
     assert torch.equal(again, cached)
+
+
+def _composes(pipe: Any, call: dict[str, Any], cache: Any, config: tokenmerge.MergeConfig) -> None:
+    """Merging with ``config`` beside ``cache``: finite, fewer FLOPs than the cache alone, remove() exact."""
+    model = pipe.transformer
+    model.enable_cache(cache)
+    try:
+        with torch.no_grad():
+            cached = _run(pipe, call)
+            cached_flops = _flops(pipe, call)
+            with tokenmerge.apply(pipe, config) as handle:
+                both = _run(pipe, call)
+                both_flops = _flops(pipe, call)
+                assert handle.state.merged_tokens
+            again = _run(pipe, call)
+    finally:
+        model.disable_cache()
+    assert torch.isfinite(both).all() and not torch.equal(both, cached)
+    assert both_flops < cached_flops
+    assert torch.equal(again, cached)
+
+
+def test_feed_forward_merging_with_taylorseer_on_attention(pipelines: dict[str, Any]) -> None:
+    """Only the feed-forward merges: the attention outputs TaylorSeer predicts are on all tokens."""
+    pipe, call = pipelines["flux"]
+    only_mlp = tokenmerge.ToMeSD(ratio=0.5, merge_attn=False, merge_mlp=True, seed=0)
+    _composes(pipe, call, CACHES["taylorseer"](pipe), only_mlp)
+
+
+def test_keys_values_merging_with_faster_cache(pipelines: dict[str, Any]) -> None:
+    """FasterCache (batched guidance, CogVideoX) beside ToDo, whose attention outputs are on all tokens."""
+    pipe, call = pipelines["cogvideox"]
+    cache = FasterCacheConfig(
+        spatial_attention_block_skip_range=2,
+        spatial_attention_timestep_skip_range=(-1, 1001),
+        unconditional_batch_skip_range=2,
+        unconditional_batch_timestep_skip_range=(-1, 1001),
+        current_timestep_callback=lambda: pipe.current_timestep,
+        tensor_format="BFCHW",
+    )
+    _composes(pipe, call, cache, tokenmerge.ToDo(downsample=2, seed=0))

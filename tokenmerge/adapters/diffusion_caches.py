@@ -63,7 +63,8 @@ def cache_problem(cache_config: Any, placement: Placement) -> str | None:
         return (
             f"{name} predicts attention outputs from those of earlier steps, each on tokens merged with its own "
             f"plan, which no plan unmerges; with placement {placement.describe()} use "
-            "KeyValues (ToDo), SubLayers(attn=False, cross_attn=False), TaylorSeerCacheConfig(use_lite_mode=True) "
+            "KeyValues (ToDo), SubLayers(attn=False, cross_attn=False) (ToMeSD(merge_attn=False, merge_mlp=True)), "
+            "TaylorSeerCacheConfig(use_lite_mode=True) "
             "or another cache, or disable_cache() first"
         )
     return None
