@@ -1,4 +1,4 @@
-"""Merging together with what diffusers users already combine: ControlNet, LoRA, compile_repeated_blocks.
+"""Merging together with what diffusers users already combine: ControlNet, LoRA, compile_repeated_blocks, CPU offload.
 
 Tiny models built in code, on the CPU: the outputs stay finite, ``remove()`` gives the plain
 outputs back bit for bit, and merging plus the other feature computes fewer FLOPs than the
@@ -132,3 +132,54 @@ def test_merging_with_a_lora_adapter() -> None:
     assert torch.isfinite(merged).all() and not torch.equal(merged, plain)
     assert torch.equal(again, plain)
     assert merged_flops < lora_flops
+
+
+def test_merging_with_model_cpu_offload() -> None:
+    """accelerate's offload hooks on each model of the pipeline, merging's hooks on the transformer's blocks.
+
+    On a machine without an accelerator diffusers refuses ``enable_model_cpu_offload()``;
+    with ``device="cpu"`` it installs the same accelerate hooks, which then move nothing.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from tokenmerge.tools.tiny import FLUX_POOLED_DIM, JOINT_TEXT_DIM, tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline(0)
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator().manual_seed(1)
+    call = dict(
+        prompt_embeds=torch.randn(1, 5, JOINT_TEXT_DIM, generator=gen),  # (B, T, D)
+        pooled_prompt_embeds=torch.randn(1, FLUX_POOLED_DIM, generator=gen),  # (B, D)
+        height=64,
+        width=64,
+        output_type="latent",
+    )
+
+    def run() -> torch.Tensor:
+        return pipe(num_inference_steps=3, generator=torch.Generator().manual_seed(0), **call).images
+
+    def flops() -> int:
+        with sdpa_kernel(SDPBackend.MATH):  # attention as matmuls the counter sees
+            return _flops(run)
+
+    with torch.no_grad():
+        plain = run()
+        if not torch.cuda.is_available() and not torch.backends.mps.is_available():
+            with pytest.raises(RuntimeError, match="requires accelerator"):
+                pipe.enable_model_cpu_offload()
+        pipe.enable_model_cpu_offload(device="cpu")
+        assert hasattr(pipe.transformer, "_hf_hook")  # accelerate's hook wraps the transformer's forward
+        offloaded = run()
+        offloaded_flops = flops()
+        with tokenmerge.apply(pipe, tokenmerge.ToMeSD(ratio=0.5, seed=0)) as handle:
+            merged = run()
+            merged_flops = flops()
+            assert handle.state.merged_tokens
+        again = run()
+        pipe.remove_all_hooks()
+        after = run()
+    assert torch.equal(offloaded, plain)
+    assert torch.isfinite(merged).all() and not torch.equal(merged, plain)
+    assert merged_flops < offloaded_flops
+    assert torch.equal(again, offloaded)
+    assert torch.equal(after, plain)

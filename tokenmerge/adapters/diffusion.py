@@ -41,6 +41,7 @@ from ..placements import KeyValues, Placement, ResidualRange, SubLayers
 from ..state import MergeState
 from .base import Adapter, check_layer_counts
 from .diffusion_blocks import KV_ONLY_FUSED_MESSAGE, RangeMerge, SubLayerMerge, fused_self_attention
+from .diffusion_caches import CacheGuard, check_cache
 from .diffusion_joint import check_joint_attention
 from .diffusion_layout import DenoiserLayout, describe_denoiser, supported_models
 from .diffusion_steps import StepTracker
@@ -113,6 +114,7 @@ class DiffusersAdapter(Adapter):
         model_name = type(layout.model).__name__
         check(len(layout.sites) > 0, f"target {model_name} has no transformer blocks to merge in")
         placement = self.placement(target, config)
+        check_cache(layout.model, placement)  # a diffusers cache (enable_cache) that merging cannot run beside
         if isinstance(placement, SubLayers):
             check(
                 placement.protected == 0 and placement.grid is None,
@@ -190,6 +192,7 @@ class DiffusersAdapter(Adapter):
         tracker = StepTracker(state, layout, pipeline)
         hooks.pre(layout.model, tracker, prepend=True)
         placement = self.placement(target, config)
+        tracker.on_call(CacheGuard(layout.model, placement))  # a cache enabled after merging: refused at its call
         if isinstance(placement, ResidualRange):
             RangeMerge(config, state, tracker, layout).attach(hooks)
             return

@@ -38,6 +38,7 @@ from ..placements import KeyValues, SubLayers, min_tokens_for
 from ..plan import MergePlan, proportional_attention_bias
 from ..policies.matchers import RandomGrid
 from ..state import MergeState
+from .diffusion_caches import merge_around_reusable
 from .diffusion_joint import JointAttention, SpanMergeAround, join_text, split_text
 from .diffusion_layout import BlockSite, DenoiserLayout
 from .diffusion_steps import StepTracker
@@ -145,7 +146,8 @@ class SubLayerMerge:
             (placement.mlp, "feed_forward", self.mlp),
         ):
             if wanted:
-                merge_around(hooks, site.sublayer(role), slot, config.mode, input_name=name)
+                around = merge_around if role == "feed_forward" else merge_around_reusable  # attention: PAB may skip
+                around(hooks, site.sublayer(role), slot, config.mode, input_name=name)
 
     def _attach_joint(self, hooks: HookSet, placement: Any) -> None:
         """Joint attention (MM-DiT): image tokens merged around it, text untouched, rotary selected."""
@@ -158,7 +160,7 @@ class SubLayerMerge:
             # that does not cover them); merge_around's pre-hook then merges the image tokens.
             hooks.pre(attn, self._enter_joint)
             if not keys_values:
-                merge_around(hooks, attn, self.attn, self.config.mode, input_name=site.spec.sublayer_input)
+                merge_around_reusable(hooks, attn, self.attn, self.config.mode, input_name=site.spec.sublayer_input)
             joint.attach(hooks, keys_values)
         if not keys_values and placement.mlp:
             ff = site.sublayer("feed_forward")
@@ -167,7 +169,7 @@ class SubLayerMerge:
             else:
                 merge_around(hooks, ff, self.mlp, self.config.mode)
         if not keys_values and placement.cross_attn:  # Wan: queries of the cross-attention to the text
-            merge_around(hooks, site.sublayer("cross_attention"), self.cross, self.config.mode)
+            merge_around_reusable(hooks, site.sublayer("cross_attention"), self.cross, self.config.mode)
         second = getattr(site.block, site.spec.image_attention or "", None)
         if isinstance(second, nn.Module):  # SD3.5's attn2: a self-attention over the image tokens alone
             if keys_values:
@@ -175,7 +177,7 @@ class SubLayerMerge:
                 hooks.pre(second, self._enter_image_attention)
                 self.second.attach(hooks, keys_values=True)
             elif placement.attn:
-                merge_around(hooks, second, self.attn, self.config.mode)
+                merge_around_reusable(hooks, second, self.attn, self.config.mode)
 
     def _enter_image_attention(self, attn: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         plan = self.kv.plan
