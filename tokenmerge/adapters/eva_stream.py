@@ -36,10 +36,9 @@ from typing import Any
 
 from timm.layers import AttentionRope
 from timm.models.eva import Eva, EvaAttention, EvaBlock
-from torch import nn
 
 from .specs import Argument
-from .stream import StreamBlock, StreamSpec
+from .stream import StreamSpec
 
 __all__ = ["SUPPORTED_FAMILIES", "eva_stream_spec", "eva_unsupported"]
 
@@ -67,16 +66,12 @@ def eva_unsupported(target: Any) -> str | None:
     return None
 
 
-def _eva_block(block: nn.Module) -> StreamBlock:
-    return StreamBlock(block, block.attn, block.attn.k_norm, None, block.norm2, block.drop_path2)
-
-
 def eva_stream_spec(model: Eva) -> StreamSpec:
     """The `StreamSpec` of a timm ``Eva``: rotary table in ``rope=``, the model's call as the stream."""
-    from .vit import timm_checkpointing, timm_patch_grid, timm_pool_reads_all
+    from .vit import timm_checkpointing, timm_patch_grid, timm_pool_reads_all, timm_stream_block
 
     return StreamSpec(
-        blocks=tuple(_eva_block(block) for block in model.blocks),
+        blocks=tuple(timm_stream_block(block) for block in model.blocks),
         tokens=_TOKENS,
         mask=_MASK,
         causal=_CAUSAL,

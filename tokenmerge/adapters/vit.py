@@ -161,14 +161,15 @@ def timm_patch_grid(module: nn.Module, args: tuple[Any, ...], out: Any) -> tuple
     return (int(grid[0]), int(grid[1])) if grid is not None else None
 
 
-def _vit_block(block: nn.Module) -> StreamBlock:
+def timm_stream_block(block: nn.Module) -> StreamBlock:
+    """The `StreamBlock` of a timm ``Block`` or ``EvaBlock``: attention, key norm, ``norm2``, ``drop_path2``."""
     return StreamBlock(block, block.attn, block.attn.k_norm, None, block.norm2, block.drop_path2)
 
 
 def vit_stream_spec(model: VisionTransformer) -> StreamSpec:
     """The `StreamSpec` of a timm ``VisionTransformer``: blocks run as one ``nn.Sequential``."""
     return StreamSpec(
-        blocks=tuple(_vit_block(block) for block in model.blocks),
+        blocks=tuple(timm_stream_block(block) for block in model.blocks),
         tokens=_TOKENS,
         mask=_MASK,
         causal=_CAUSAL,
