@@ -40,6 +40,7 @@ from torch import nn
 
 from .specs import Argument
 from .stream import StreamBlock, StreamSpec
+from .stream_attention import eva_attention
 
 __all__ = ["SUPPORTED_FAMILIES", "eva_stream_spec", "eva_unsupported"]
 
@@ -90,4 +91,5 @@ def eva_stream_spec(model: Eva) -> StreamSpec:
         output=model.norm,
         pool_reads_all=timm_pool_reads_all,
         checkpointing=timm_checkpointing,
+        attention=eva_attention,
     )
