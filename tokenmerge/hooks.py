@@ -1,6 +1,10 @@
-"""Attaching merges to modules with PyTorch hooks, never by rewriting a forward.
+"""Attaching merges to modules with PyTorch hooks, never by rewriting a library's forward.
 
-Removing the hooks restores the module exactly: nothing else is touched.
+Removing the hooks restores the module exactly: nothing else is touched. The one
+exception to hooks is `HookSet.forward`: an instance-level ``forward`` on one module
+(an attention whose kernel call a merge must change, `tokenmerge.attention`), which
+calls the class's own ``forward`` whenever it has nothing to change and is deleted by
+`HookSet.remove` (the class's ``forward`` is then the module's again, bit for bit).
 
 Who owns what:
 
@@ -36,12 +40,13 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .errors import TokenMergeError
+from .errors import TokenMergeError, check
 from .plan import MergeMode, MergePlan
 
 __all__ = [
     "HookSet",
     "ModuleHook",
+    "ModuleForward",
     "PerThread",
     "PlanSlot",
     "merge_around",
@@ -132,6 +137,38 @@ class ModuleHook:
         raise TokenMergeError(PICKLE_MESSAGE)
 
 
+#: The key under which a `HookSet` tracks an instance-level forward (hook handle ids are >= 0).
+_FORWARD = -1
+
+
+class ModuleForward:
+    """An instance-level ``forward`` set by `HookSet.forward`: calls ``fn(module, *args, **kwargs)``.
+
+    Like `ModuleHook`, a deep copy (of the model it sits on) calls ``fn``'s copy on the
+    copied module and joins the copied `HookSet`.
+    """
+
+    __slots__ = ("fn", "owner", "module")
+
+    def __init__(self, fn: Callable[..., Any], owner: HookSet, module: nn.Module) -> None:
+        self.fn = fn
+        self.owner = owner
+        self.module = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(self.module, *args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ModuleForward:
+        owner = copy.deepcopy(self.owner, memo)
+        module = memo.get(id(self.module), self.module)  # the module whose __dict__ is being copied
+        new = ModuleForward(copy.deepcopy(self.fn, memo), owner, module)
+        owner._track(module, _FORWARD)
+        return new
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TokenMergeError(PICKLE_MESSAGE)
+
+
 # HookSets that hold hooks now; the dynamo setting they changed, to put back after the last.
 _ACTIVE: weakref.WeakSet[HookSet] = weakref.WeakSet()
 _SAVED_GUARD_SETTING: list[bool] = []
@@ -179,12 +216,29 @@ class HookSet:
         """
         return self._register(module, hook, module.register_forward_hook, always_call=always_call, prepend=prepend)
 
+    def forward(self, module: nn.Module, fn: Callable[..., Any]) -> None:
+        """Set ``module.forward`` (on the instance) to call ``fn(module, *args, **kwargs)``.
+
+        ``fn`` computes what the module's class ``forward`` computes, and calls it
+        (``type(module).forward(module, ...)``) whenever it has nothing to change; hooks
+        on ``module`` run around it as usual. `remove` deletes it.
+        """
+        check(
+            "forward" not in module.__dict__,
+            f"{type(module).__qualname__} already has an instance-level forward; tokenmerge cannot replace it",
+        )
+        module.forward = ModuleForward(fn, self, module)  # type: ignore[method-assign]
+        self._track(module, _FORWARD)
+
     def remove(self) -> None:
         """Remove every hook, newest first; restore process-wide settings after the last set goes."""
         while self._entries:
             ref, key = self._entries.pop()
             module = ref()
-            if module is not None:
+            if module is not None and key == _FORWARD:
+                if isinstance(module.__dict__.get("forward"), ModuleForward):
+                    del module.__dict__["forward"]
+            elif module is not None:
                 for name in _HOOK_DICTS:
                     getattr(module, name).pop(key, None)
         if self in _ACTIVE:

@@ -451,5 +451,7 @@ def proportional_attention_bias(size: Tensor, dtype: torch.dtype | None = None) 
     """
     if size.dim() == 3:
         size = size.squeeze(-1)
+    if dtype is not None and dtype.is_floating_point:
+        size = size.to(torch.promote_types(size.dtype, dtype))  # float64 attention: the log in float64
     bias = size.log()[:, None, None, :]  # (B, 1, 1, N)
     return bias if dtype is None else bias.to(dtype)

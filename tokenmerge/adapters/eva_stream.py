@@ -39,6 +39,7 @@ from timm.models.eva import Eva, EvaAttention, EvaBlock
 
 from .specs import Argument
 from .stream import StreamSpec
+from .stream_attention import eva_attention
 
 __all__ = ["SUPPORTED_FAMILIES", "eva_stream_spec", "eva_unsupported"]
 
@@ -85,4 +86,5 @@ def eva_stream_spec(model: Eva) -> StreamSpec:
         output=model.norm,
         pool_reads_all=timm_pool_reads_all,
         checkpointing=timm_checkpointing,
+        attention=eva_attention,
     )

@@ -16,7 +16,14 @@ and the hooks are:
 * ``attn`` pre-hook: proportional attention. ``log(size)`` ``(B, 1, 1, N)`` is added to
   the attention's mask argument (`StreamSpec.attn_mask`), which every supported
   attention forwards to ``scaled_dot_product_attention`` or adds to its logits, so
-  attention stays one fused kernel. Nothing is added before the first merge.
+  attention stays one fused kernel. Nothing is added before the first merge. Where a
+  mask would cost the kernel (CUDA, where flash attention takes no mask:
+  `tokenmerge.attention.auto_form`) and the family describes its attention's
+  computation (`StreamSpec.attention`: timm's ``Attention``, ``EvaAttention`` and
+  ``AttentionRope``), the attention instead gets an instance-level forward
+  (`tokenmerge.hooks.HookSet.forward`) that computes the same with the value-weighted
+  form (`tokenmerge.attention.proportional_attention`, no mask) for merged calls, and
+  calls the library's forward for all others.
 * ``keys`` post-hook: the matching metric, the keys attention really uses, before any
   rotary embedding (after qk-norm when the model has it): ToMe's ``k.mean(heads)``,
   from ``(B, H, N, d)`` keys or from a key projection's ``(B, N, H * d)`` output.
@@ -82,6 +89,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import attention as _attention
 from ..config import MergeConfig
 from ..errors import TokenMergeError, check
 from ..hooks import HookSet, ModuleHook, PerThread, copied_ref
@@ -158,6 +166,10 @@ class StreamSpec:
         pool_reads_all: ``model -> bool``: the head reads more than the class token.
         checkpointing: ``model -> bool``: gradient checkpointing is on.
         pool_attn: an ``nn.MultiheadAttention`` pooling head over the final tokens, or None.
+        attention: ``(attn, sizes, args, kwargs) -> output``: the attention module's
+            forward computed with value-weighted proportional attention over ``sizes``
+            ``(B, N)`` (`tokenmerge.adapters.stream_attention`), or None (the mask form
+            only).
     """
 
     blocks: tuple[StreamBlock, ...]
@@ -175,6 +187,7 @@ class StreamSpec:
     pool_reads_all: Callable[[nn.Module], bool] = _false
     checkpointing: Callable[[nn.Module], bool] = _false
     pool_attn: nn.Module | None = None
+    attention: Callable[[nn.Module, Tensor, tuple[Any, ...], dict[str, Any]], Tensor] | None = None
 
 
 def nchw_grid(_: nn.Module, args: tuple[Any, ...], out: Any) -> tuple[int, int] | None:
@@ -597,7 +610,9 @@ class _BlockHooks:
         index: int,
         layer: tuple[int, int] | None,
         heads: int | None,
+        attention: Callable[[nn.Module, Tensor, tuple[Any, ...], dict[str, Any]], Tensor] | None = None,
     ) -> None:
+        self.attention = attention
         self.run = run
         self.state = state
         self.calls = calls
@@ -618,6 +633,8 @@ class _BlockHooks:
         hooks.post(block.module, self.block_post, prepend=True)
         if prop_attn:
             hooks.pre(block.attn, self.attn_pre)
+            if self.attention is not None:
+                hooks.forward(block.attn, self.attn_forward)
         if self.layer is None:
             return
         hooks.post(block.keys, self.keys_post)
@@ -649,10 +666,26 @@ class _BlockHooks:
             call.user_mask = mask
         return (args, kwargs) if changed else None
 
-    def attn_pre(self, _: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def value_weighted(self, attn: nn.Module, x: Tensor) -> bool:
+        """Whether this call of ``attn`` on ``x`` takes the value-weighted form (`attn_forward`)."""
+        if self.attention is None or not getattr(attn, "fused_attn", True):
+            return False  # no description, or the library's unfused path (attention maps): keep the mask
+        dropout = attn.attn_drop.p if attn.training else 0.0
+        return _attention.auto_form(x.device, int(attn.head_dim), dropout_p=dropout) == "value"
+
+    def attn_forward(self, attn: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
+        """The attention's instance-level forward: value-weighted for merged calls, else the library's."""
         sizes = self.run.call.sizes
         x = self.calls.attn_tokens.get(args, kwargs)  # (B, N, C)
-        if sizes is None or x is None or sizes.shape[1] != x.shape[1]:
+        if sizes is None or x is None or sizes.shape[1] != x.shape[1] or not self.value_weighted(attn, x):
+            return type(attn).forward(attn, *args, **kwargs)
+        assert self.attention is not None
+        return self.attention(attn, sizes, args, kwargs)  # (B, N, C)
+
+    def attn_pre(self, attn: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        sizes = self.run.call.sizes
+        x = self.calls.attn_tokens.get(args, kwargs)  # (B, N, C)
+        if sizes is None or x is None or sizes.shape[1] != x.shape[1] or self.value_weighted(attn, x):
             return None
         bias = proportional_attention_bias(sizes, dtype=attn_dtype(x))  # (B, 1, 1, N)
         mask = self.calls.attn_mask.get(args, kwargs)
@@ -819,7 +852,8 @@ def attach_stream(
     hooks.post(spec.grid, _GridPost(run, spec.grid_of))
     for index, block in enumerate(spec.blocks):
         layer = (merging.index(index), len(merging)) if index in merging else None
-        _BlockHooks(run, state, calls, index, layer, block.heads).attach(hooks, block, placement.prop_attn)
+        block_hooks = _BlockHooks(run, state, calls, index, layer, block.heads, spec.attention)
+        block_hooks.attach(hooks, block, placement.prop_attn)
     if spec.output is not None:
         hooks.post(spec.output, _OutputPost(run), prepend=True)
     if spec.pool_attn is not None:  # size-weighted pooling: what the head computes over the unmerged tokens

@@ -8,11 +8,15 @@ copied or replaced; its ``forward`` runs as written)::
     x = x + drop_path1(ls1(attn(norm1(x), attn_mask=...)))   # N tokens
     x = x + drop_path2(ls2(mlp(norm2(x))))                   # N tokens (timm) / N - r (ToMe)
 
-* ``attn`` pre-hook: proportional attention. ``log(size)`` ``(B, 1, 1, N)`` is added to
-  the ``attn_mask`` keyword timm already forwards to ``scaled_dot_product_attention``,
-  so attention stays one fused kernel (on CUDA the memory-efficient or cuDNN one: flash
-  attention takes no mask; for N not a multiple of 16 SDPA first pads the mask into a
-  full ``(B, H, N, N + pad)`` copy). Nothing is added before the first merge.
+* ``attn`` pre-hook: proportional attention. On the CPU ``log(size)`` ``(B, 1, 1, N)``
+  is added to the ``attn_mask`` keyword timm already forwards to
+  ``scaled_dot_product_attention``, so attention stays one fused kernel. On CUDA, where
+  a mask rules out flash attention (and for N not a multiple of 16 SDPA first pads it
+  into a full ``(B, H, N, N + pad)`` copy), merged calls of the attention run the
+  value-weighted form instead (no mask: `tokenmerge.attention`), computed by
+  `tokenmerge.adapters.stream_attention.timm_attention` with the module's own weights
+  from an instance-level forward that `remove` deletes. Nothing changes before the
+  first merge.
 * ``attn.k_norm`` post-hook: the matching metric, the keys attention really uses
   (after qk-norm when the model has it; ``k_norm`` is an ``nn.Identity`` otherwise,
   which makes the metric exactly ToMe's ``k.mean(heads)``).
@@ -114,6 +118,7 @@ from .stream import (
     unmerge_to_patches,
     unmerge_tokens,
 )
+from .stream_attention import timm_attention
 
 __all__ = ["TimmViTAdapter", "ViTMergeRecord", "merge_record", "unmerge_to_patches", "SUPPORTED_FAMILIES"]
 
@@ -183,6 +188,7 @@ def vit_stream_spec(model: VisionTransformer) -> StreamSpec:
         output=model.norm,
         pool_reads_all=timm_pool_reads_all,
         checkpointing=timm_checkpointing,
+        attention=timm_attention,
     )
 
 
