@@ -12,6 +12,7 @@ models with the library's own initialisation).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -343,6 +344,16 @@ JOINT_TEXT_DIM = 16
 FLUX_POOLED_DIM = 8
 
 
+def _pipeline_without_text_models(pipeline_cls: type, **components: Any) -> Any:
+    """``pipeline_cls(**components)`` on the CPU, every text encoder and tokenizer it takes set to None.
+
+    Tiny pipelines are driven with ``prompt_embeds``, so they need neither (nothing to download).
+    """
+    parameters = inspect.signature(pipeline_cls.__init__).parameters
+    text_models = {name: None for name in parameters if name.startswith(("text_encoder", "tokenizer"))}
+    return pipeline_cls(**text_models, **components).to("cpu")
+
+
 def tiny_flux(
     seed: int = 0,
     num_layers: int = 2,
@@ -424,15 +435,12 @@ def tiny_flux_pipeline(seed: int = 0, *, guidance_embeds: bool = False, **config
     of ``height / 8 x width / 8``), ``output_type="latent"`` or ``"pt"``.
     """
     vae = _vae8(seed)
-    return FluxPipeline(
+    return _pipeline_without_text_models(
+        FluxPipeline,
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae,
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
         transformer=tiny_flux(seed, guidance_embeds=guidance_embeds, **config),
-    ).to("cpu")
+    )
 
 
 #: Width of the tiny SD3's pooled text embedding (two CLIPs' in the real model).
@@ -475,17 +483,12 @@ def tiny_sd3_pipeline(seed: int = 0, **config: Any) -> StableDiffusion3Pipeline:
     ``(B, SD3_POOLED_DIM)`` (and their negatives with guidance: classifier-free guidance
     runs both branches in one batched call), a ``height``/``width`` divisible by 16.
     """
-    return StableDiffusion3Pipeline(
+    return _pipeline_without_text_models(
+        StableDiffusion3Pipeline,
         transformer=tiny_sd3(seed, **config),
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=_vae8(seed),
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        text_encoder_3=None,
-        tokenizer_3=None,
-    ).to("cpu")
+    )
 
 
 def tiny_wan(seed: int = 0, num_layers: int = 2, *, init: str = "normal", **config: Any) -> WanTransformer3DModel:
@@ -521,13 +524,12 @@ def tiny_wan_pipeline(seed: int = 0, **config: Any) -> WanPipeline:
     ``output_type="latent"``: the latent is ``(B, 4, (num_frames - 1) / 4 + 1, height / 8,
     width / 8)``, as Wan's VAE would make it.
     """
-    return WanPipeline(
-        tokenizer=None,
-        text_encoder=None,
+    return _pipeline_without_text_models(
+        WanPipeline,
         vae=None,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         transformer=tiny_wan(seed, **config),
-    ).to("cpu")
+    )
 
 
 def tiny_qwen_image(
@@ -569,13 +571,12 @@ def tiny_qwen_image_pipeline(seed: int = 0, **config: Any) -> QwenImagePipeline:
     (and the negatives with ``true_cfg_scale`` > 1: the two branches run as separate
     calls), a ``height``/``width`` divisible by 16 and ``output_type="latent"``.
     """
-    return QwenImagePipeline(
+    return _pipeline_without_text_models(
+        QwenImagePipeline,
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=None,
-        text_encoder=None,
-        tokenizer=None,
         transformer=tiny_qwen_image(seed, **config),
-    ).to("cpu")
+    )
 
 
 def tiny_cogvideox(
@@ -635,13 +636,12 @@ def tiny_cogvideox_pipeline(seed: int = 0, **config: Any) -> CogVideoXPipeline:
     classifier-free guidance batches both branches), ``num_frames = 4k + 1``,
     ``height``/``width`` divisible by 16 and ``output_type="latent"``.
     """
-    return CogVideoXPipeline(
-        tokenizer=None,
-        text_encoder=None,
+    return _pipeline_without_text_models(
+        CogVideoXPipeline,
         vae=None,
         transformer=tiny_cogvideox(seed, **config),
         scheduler=CogVideoXDDIMScheduler(timestep_spacing="trailing"),
-    ).to("cpu")
+    )
 
 
 def tiny_hunyuan_video(
@@ -700,15 +700,12 @@ def tiny_hunyuan_video_pipeline(seed: int = 0, **config: Any) -> HunyuanVideoPip
     distilled (one call per step); ``num_frames = 4k + 1``, ``height``/``width`` divisible
     by 16, ``output_type="latent"``.
     """
-    return HunyuanVideoPipeline(
-        text_encoder=None,
-        tokenizer=None,
+    return _pipeline_without_text_models(
+        HunyuanVideoPipeline,
         transformer=tiny_hunyuan_video(seed, **config),
         vae=None,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
-        text_encoder_2=None,
-        tokenizer_2=None,
-    ).to("cpu")
+    )
 
 
 def tiny_flux2(
